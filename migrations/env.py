@@ -1,0 +1,49 @@
+"""Alembic environment: Converge's tables only, in their own version table.
+
+Optuna keeps `alembic_version` for its schema; autogenerate must never touch its tables.
+"""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+from migrations import VERSION_TABLE
+from service.db.models import Base
+
+
+def include_object(obj, name, type_, reflected, compare_to):  # noqa: ANN001 - alembic's hook signature
+    if type_ == "table":
+        return bool(name) and name.startswith("converge_") and name != VERSION_TABLE
+    table = getattr(obj, "table", None)
+    return table is None or table.name.startswith("converge_")
+
+
+def run_migrations() -> None:
+    config = context.config
+    connection = config.attributes.get("connection")
+    options = dict(
+        target_metadata=Base.metadata,
+        version_table=VERSION_TABLE,
+        include_object=include_object,
+        render_as_batch=True,  # SQLite cannot ALTER most things; batch mode copies tables
+        compare_type=True,
+    )
+    if context.is_offline_mode():
+        context.configure(url=config.get_main_option("sqlalchemy.url"), literal_binds=True, **options)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    if connection is not None:
+        context.configure(connection=connection, **options)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+    with engine.connect() as conn:
+        context.configure(connection=conn, **options)
+        with context.begin_transaction():
+            context.run_migrations()
+
+
+run_migrations()

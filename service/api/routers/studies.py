@@ -1,0 +1,66 @@
+"""`/v1/studies`: submit studies and read their trials and per-epoch metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, status
+
+from service import views
+from service.api.deps import SessionDep, SettingsDep, StorageDep
+from service.api.schemas import MetricsOut, StudyOut, StudyState, TrialDetail, TrialOut
+from studies.lifecycle import submit_study
+from studies.spec import NAME_PATTERN, StudySpec
+
+router = APIRouter(prefix="/v1/studies", tags=["studies"])
+
+StudyName = Annotated[str, Path(pattern=NAME_PATTERN, description="the study's unique name")]
+TrialNumber = Annotated[int, Path(ge=0, description="the trial's number within its study")]
+
+_ERRORS = {404: {"description": "no such study or trial"}}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=StudyOut,
+             responses={409: {"description": "a study of that name exists"},
+                        422: {"description": "the spec is invalid; `detail` lists every problem"}})
+def create_study(spec: StudySpec, settings: SettingsDep, session: SessionDep, storage: StorageDep) -> StudyOut:
+    """Submit a study. It is queued; workers claim its trials. Every spec field but `name` has a default."""
+    submit_study(settings, spec)
+    return views.get_study_out(session, storage, spec.name)
+
+
+@router.get("", response_model=list[StudyOut])
+def list_studies(session: SessionDep, storage: StorageDep,
+                 state: Annotated[StudyState | None, Query(description="only studies in this state")] = None,
+                 ) -> list[StudyOut]:
+    """All studies, newest first, with trial counts and the best trial so far."""
+    return views.list_study_outs(session, storage, state)
+
+
+@router.get("/{name}", response_model=StudyOut, responses=_ERRORS)
+def get_study(name: StudyName, session: SessionDep, storage: StorageDep) -> StudyOut:
+    """One study: state, spec, trial counts by state, best trial."""
+    return views.get_study_out(session, storage, name)
+
+
+@router.get("/{name}/trials", response_model=list[TrialOut], responses=_ERRORS)
+def list_trials(name: StudyName, session: SessionDep, storage: StorageDep) -> list[TrialOut]:
+    """The study's trials in order: params, state, objective value, epochs recorded so far, error if failed."""
+    return views.list_trial_outs(session, storage, name)
+
+
+@router.get("/{name}/trials/{number}", response_model=TrialDetail, responses=_ERRORS)
+def get_trial(name: StudyName, number: TrialNumber, session: SessionDep, storage: StorageDep) -> TrialDetail:
+    """One trial, with the objective values reported to Optuna at each epoch."""
+    return views.get_trial_detail(session, storage, name, number)
+
+
+@router.get("/{name}/trials/{number}/metrics", response_model=MetricsOut, responses=_ERRORS)
+def get_trial_metrics(name: StudyName, number: TrialNumber, session: SessionDep,
+                      storage: StorageDep) -> MetricsOut:
+    """Per-epoch metrics, written as each epoch ends (so a running trial shows its progress).
+
+    The body is a history in the diagnosis input format; NaN and infinities are sent as the
+    strings "NaN", "Infinity" and "-Infinity".
+    """
+    return views.get_trial_metrics(session, storage, name, number)

@@ -1,0 +1,262 @@
+"""The `converge` command line. Every command reads CONVERGE_DATABASE_URL.
+
+Heavy modules (optuna, the API, the worker) are imported inside the commands so that
+`converge --help` answers at once. Exit codes: 0 ok, 1 a service error (database
+unreachable, name taken, not found), 2 bad input (invalid spec, bad option).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from service.db.errors import ServiceError
+from service.settings import get_settings
+from service.version import VERSION
+from studies.spec import SpecError, load_spec_file
+
+
+class ConvergeGroup(click.Group):
+    """Turns Converge's own errors into one line on stderr and an exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SpecError as exc:
+            click.echo(f"converge: {exc}", err=True)
+            ctx.exit(2)
+        except ServiceError as exc:
+            click.echo(f"converge: {exc}", err=True)
+            ctx.exit(1)
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group(cls=ConvergeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(VERSION, prog_name="converge")
+def cli() -> None:
+    """Converge: hyperparameter sweeps with a convergence diagnosis for every trial.
+
+    The database is CONVERGE_DATABASE_URL (default sqlite:///./converge.db); run
+    `converge db upgrade` once before anything else.
+    """
+
+
+# ---------------------------------------------------------------- db
+
+
+@cli.group(cls=ConvergeGroup)
+def db() -> None:
+    """Database schema commands."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Create or upgrade Optuna's and Converge's schemas (idempotent)."""
+    from service.db.engine import safe_url
+    from service.db.migrate import upgrade
+
+    url = get_settings().database_url
+    versions = upgrade(url)
+    click.echo(f"{safe_url(url)}: optuna schema {versions['optuna']}, converge schema {versions['converge']}")
+
+
+# ---------------------------------------------------------------- serve / worker
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="port to bind")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(0, 64),
+              help="local `converge worker` processes to start (0: API only)")
+@click.option("--demo-spec", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="submit this study spec when the database holds no study yet")
+def serve(host: str, port: int, workers: int, demo_spec: Path | None) -> None:
+    """The API, the dashboard at /dashboard, and local worker(s), on one port."""
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.db.engine import get_engine, session_scope
+    from service.db.migrate import check_schema
+    from service.db import repo
+
+    _setup_logging()
+    settings = get_settings()
+    check_schema(settings.database_url)
+    if demo_spec is not None:
+        spec = load_spec_file(demo_spec)
+        with session_scope(get_engine(settings.database_url)) as session:
+            empty = repo.count_studies(session) == 0
+        if empty:
+            from studies.lifecycle import submit_study
+
+            submit_study(settings, spec)
+            click.echo(f"submitted demo study {spec.name!r}")
+    children = [_start_local_worker() for _ in range(workers)]
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    finally:
+        _stop_processes(children)
+
+
+def _start_local_worker() -> subprocess.Popen[bytes]:
+    """A `converge worker` of its own: the API process never imports torch."""
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=os.environ.copy())
+
+
+def _stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 30.0) -> None:
+    for p in processes:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for p in processes:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+@cli.command()
+@click.option("--devices", default="auto", show_default=True,
+              help="auto (every visible GPU, else the CPU), cpu, or cuda:0,1,...")
+@click.option("--slots-per-device", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="trials run at once on each device")
+@click.option("--exit-when-idle", is_flag=True, help="exit once no study has trial slots left (batch jobs)")
+def worker(devices: str, slots_per_device: int, exit_when_idle: bool) -> None:
+    """Claim trials of queued and running studies and run each in a child process."""
+    from service.db.migrate import check_schema
+    from studies.devices import parse_devices, plan_slots
+    from studies.worker import Worker
+
+    _setup_logging()
+    settings = get_settings()
+    try:
+        slots = plan_slots(parse_devices(devices), slots_per_device)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--devices") from None
+    check_schema(settings.database_url)
+    Worker(settings, slots, exit_when_idle=exit_when_idle).run()
+
+
+# ---------------------------------------------------------------- sweep
+
+
+@cli.command()
+@click.option("--spec", "spec_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="study spec, YAML or JSON")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def sweep(spec_path: Path, quiet: bool) -> None:
+    """Run one study to completion here, with a progress bar, then print its trials.
+
+    Re-running the same spec resumes an unfinished study of that name.
+    """
+    import optuna
+
+    from service.db.migrate import check_schema
+    from studies.sweep import run_sweep
+
+    spec = load_spec_file(spec_path)
+    settings = get_settings()
+    check_schema(settings.database_url)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    run_sweep(settings, spec, progress=not quiet)
+    _show_study(spec.name)
+
+
+# ---------------------------------------------------------------- study
+
+
+@cli.group(cls=ConvergeGroup)
+def study() -> None:
+    """Submit and inspect studies."""
+
+
+@study.command("create")
+@click.option("--spec", "spec_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="study spec, YAML or JSON")
+def study_create(spec_path: Path) -> None:
+    """Submit a study for the workers (it starts as queued)."""
+    from studies.lifecycle import submit_study
+
+    spec = load_spec_file(spec_path)
+    created = submit_study(get_settings(), spec)
+    click.echo(f"study {created.name!r} queued: {created.n_trials} trials")
+
+
+@study.command("list")
+def study_list() -> None:
+    """Every study with its state and trial counts."""
+    from service import views
+    from service.db.engine import get_engine, session_scope
+    from studies.storage import storage_for
+
+    settings = get_settings()
+    with session_scope(get_engine(settings.database_url)) as session:
+        studies = views.list_study_outs(session, storage_for(settings))
+    rows = [["name", "state", "trials", "complete", "pruned", "failed", "running", "best"]]
+    for s in studies:
+        best = f"{s.best.value:.4g} (#{s.best.number})" if s.best and s.best.value is not None else "-"
+        rows.append([s.name, s.state, str(s.n_trials), str(s.trials.complete), str(s.trials.pruned),
+                     str(s.trials.failed), str(s.trials.running), best])
+    click.echo(_table(rows))
+
+
+@study.command("show")
+@click.argument("name")
+def study_show(name: str) -> None:
+    """One study: its state, best trial and every trial."""
+    _show_study(name)
+
+
+def _show_study(name: str) -> None:
+    from service import views
+    from service.db.engine import get_engine, session_scope
+    from studies.storage import storage_for
+
+    settings = get_settings()
+    storage = storage_for(settings)
+    with session_scope(get_engine(settings.database_url)) as session:
+        s = views.get_study_out(session, storage, name)
+        trials = views.list_trial_outs(session, storage, name)
+    click.echo(f"study {s.name}: {s.state}" + (f" ({s.detail})" if s.detail else ""))
+    click.echo(f"  {s.spec['task']['model']} on {s.spec['task']['dataset']}, "
+               f"{s.spec['objective']['direction']} {s.spec['objective']['metric']}, {s.n_trials} trials")
+    if s.best is not None:
+        click.echo(f"  best: trial {s.best.number} = {s.best.value:.6g} {s.best.params}")
+    rows = [["#", "state", "lr", "batch_size", "epochs", "weight_decay", "dropout", "value", "epochs run", "error"]]
+    for t in trials:
+        p = t.params
+        rows.append([str(t.number), t.state, *(_fmt(p.get(k)) for k in
+                     ("lr", "batch_size", "epochs", "weight_decay", "dropout")),
+                     _fmt(t.value), str(t.epochs_recorded), (t.error or "")[:60]])
+    click.echo(_table(rows))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def main() -> None:
+    cli(prog_name="converge")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Converge's own tables (prefix `converge_`); Optuna's tables are Optuna's business."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import math
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class _UnconvertedFloat(Float):
+    """Float without the driver-side float() on binding, so the "NaN" text reaches SQLite."""
+
+    def bind_processor(self, dialect: Dialect) -> None:
+        return None
+
+
+class MetricFloat(TypeDecorator[float]):
+    """A float column that keeps NaN on SQLite too (SQLite stores a NaN REAL as NULL).
+
+    A diverged trial's NaN loss is evidence; losing it to NULL would hide the divergence.
+    """
+
+    impl = Float
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        return dialect.type_descriptor(_UnconvertedFloat() if dialect.name == "sqlite" else Float())
+
+    def process_bind_param(self, value: float | None, dialect: Dialect) -> float | str | None:
+        if value is not None and dialect.name == "sqlite" and math.isnan(value):
+            return "NaN"  # stored with TEXT storage class, read back below
+        return value
+
+    def process_result_value(self, value: float | str | None, dialect: Dialect) -> float | None:
+        return float(value) if isinstance(value, str) else value
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+STUDY_STATES = ("queued", "running", "done", "cancelled", "failed")
+ACTIVE_STATES = ("queued", "running")
+
+
+class Study(Base):
+    """A study as submitted, with the counter that hands out its trial slots."""
+
+    __tablename__ = "converge_studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    detail: Mapped[str | None] = mapped_column(Text, default=None)
+    n_trials: Mapped[int] = mapped_column(Integer)
+    # Trial slots handed to workers so far; a worker claims one by incrementing it.
+    n_claimed: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class TrialMetric(Base):
+    """One epoch of one trial, written as the epoch ends."""
+
+    __tablename__ = "converge_trial_metrics"
+    __table_args__ = (
+        UniqueConstraint("study_id", "trial_number", "epoch", name="uq_converge_trial_metrics_epoch"),
+        Index("ix_converge_trial_metrics_trial_id", "trial_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("converge_studies.id", ondelete="CASCADE"))
+    trial_number: Mapped[int] = mapped_column(Integer)
+    trial_id: Mapped[int] = mapped_column(Integer, comment="Optuna's trial_id")
+    epoch: Mapped[int] = mapped_column(Integer)
+    train_loss: Mapped[float | None] = mapped_column(MetricFloat)
+    val_loss: Mapped[float | None] = mapped_column(MetricFloat)
+    val_acc: Mapped[float | None] = mapped_column(MetricFloat)
+    grad_norm: Mapped[float | None] = mapped_column(MetricFloat)
+    param_norm: Mapped[float | None] = mapped_column(MetricFloat)
+    lr: Mapped[float | None] = mapped_column(MetricFloat)
+    epoch_seconds: Mapped[float | None] = mapped_column(MetricFloat)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+METRIC_COLUMNS = ("train_loss", "val_loss", "val_acc", "grad_norm", "param_norm", "lr", "epoch_seconds")
+
+
+class Worker(Base):
+    """A running `converge worker`, kept alive by its heartbeat."""
+
+    __tablename__ = "converge_workers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    devices: Mapped[str] = mapped_column(String(255))
+    slots: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    current_trials: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

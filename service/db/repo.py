@@ -1,0 +1,214 @@
+"""Repository functions: every query Converge runs on its tables. They never commit.
+
+The caller owns the transaction through `session_scope()`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.db.errors import Conflict, NotFound
+from service.db.models import ACTIVE_STATES, METRIC_COLUMNS, Study, TrialMetric, Worker, utcnow
+from service.db.optuna_tables import FINISHED_TRIAL_STATES, optuna_studies, optuna_trials
+
+# ---------------------------------------------------------------- studies
+
+
+def add_study(session: Session, name: str, spec: dict[str, Any], n_trials: int) -> Study:
+    """Insert a queued study; Conflict if the name is taken."""
+    study = Study(name=name, spec=spec, n_trials=n_trials, state="queued")
+    session.add(study)
+    try:
+        session.flush()
+    except IntegrityError:
+        raise Conflict(f"a study named {name!r} already exists") from None
+    return study
+
+
+def get_study(session: Session, name: str) -> Study:
+    study = session.scalar(select(Study).where(Study.name == name))
+    if study is None:
+        raise NotFound(f"no study named {name!r}")
+    return study
+
+
+def list_studies(session: Session, state: str | None = None) -> list[Study]:
+    query = select(Study).order_by(Study.created_at.desc(), Study.id.desc())
+    if state is not None:
+        query = query.where(Study.state == state)
+    return list(session.scalars(query))
+
+
+def count_studies(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Study)) or 0
+
+
+@dataclass(frozen=True)
+class ClaimedSlot:
+    """One trial slot of one study, handed to exactly one worker."""
+
+    study_id: int
+    study_name: str
+    spec: dict[str, Any]
+    slot: int  # 0-based index of this slot within the study
+
+
+def claim_trial_slot(session: Session, study_name: str | None = None) -> ClaimedSlot | None:
+    """Hand out the next trial slot of the oldest active study, in one statement.
+
+    The increment and its guard `n_claimed < n_trials` are one UPDATE, so racing workers
+    can never hand out more than `n_trials` slots; on PostgreSQL `SKIP LOCKED` lets a
+    second worker move on to another study instead of waiting on the row.
+    """
+    candidate = (
+        select(Study.id)
+        .where(Study.state.in_(ACTIVE_STATES), Study.n_claimed < Study.n_trials)
+        .order_by(Study.created_at, Study.id)
+        .limit(1)
+    )
+    if study_name is not None:
+        candidate = candidate.where(Study.name == study_name)
+    if session.get_bind().dialect.name == "postgresql":
+        candidate = candidate.with_for_update(skip_locked=True)
+    statement = (
+        update(Study)
+        .where(Study.id == candidate.scalar_subquery(), Study.n_claimed < Study.n_trials,
+               Study.state.in_(ACTIVE_STATES))
+        .values(n_claimed=Study.n_claimed + 1, state="running",
+                started_at=func.coalesce(Study.started_at, utcnow()))
+        .returning(Study.id, Study.name, Study.spec, Study.n_claimed)
+        .execution_options(synchronize_session=False)
+    )
+    row = session.execute(statement).first()
+    if row is None:
+        return None
+    return ClaimedSlot(study_id=row.id, study_name=row.name, spec=row.spec, slot=row.n_claimed - 1)
+
+
+def release_trial_slot(session: Session, study_id: int) -> None:
+    """Give back a slot whose trial never started (its process died before asking Optuna)."""
+    session.execute(
+        update(Study).where(Study.id == study_id, Study.n_claimed > 0)
+        .values(n_claimed=Study.n_claimed - 1).execution_options(synchronize_session=False)
+    )
+
+
+def fail_study(session: Session, study_id: int, detail: str) -> None:
+    session.execute(
+        update(Study).where(Study.id == study_id, Study.state.in_(ACTIVE_STATES))
+        .values(state="failed", detail=detail[:4000], finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def finish_study_if_complete(session: Session, study_id: int) -> str | None:
+    """Mark a running study done (or failed, when every trial failed) once n_trials have finished.
+
+    Returns the new state, or None while trials remain.
+    """
+    study = session.get(Study, study_id)
+    if study is None or study.state != "running":
+        return None
+    counts = trial_state_counts(session, [study.name]).get(study.name, Counter())
+    finished = sum(counts[s] for s in FINISHED_TRIAL_STATES)
+    if finished < study.n_trials:
+        return None
+    new_state = "failed" if counts["FAIL"] == finished else "done"
+    detail = f"all {finished} trials failed" if new_state == "failed" else None
+    result = session.execute(
+        update(Study).where(Study.id == study_id, Study.state == "running")
+        .values(state=new_state, finished_at=utcnow(), detail=detail)
+        .execution_options(synchronize_session=False)
+    )
+    return new_state if result.rowcount else None
+
+
+def trial_state_counts(session: Session, study_names: list[str]) -> dict[str, Counter[str]]:
+    """Optuna trial counts by state for each named study, in one GROUP BY."""
+    if not study_names:
+        return {}
+    rows = session.execute(
+        select(optuna_studies.c.study_name, optuna_trials.c.state, func.count())
+        .join(optuna_trials, optuna_trials.c.study_id == optuna_studies.c.study_id)
+        .where(optuna_studies.c.study_name.in_(study_names))
+        .group_by(optuna_studies.c.study_name, optuna_trials.c.state)
+    )
+    counts: dict[str, Counter[str]] = {name: Counter() for name in study_names}
+    for name, state, n in rows:
+        counts[name][state] = n
+    return counts
+
+
+# ---------------------------------------------------------------- per-epoch metrics
+
+
+def _as_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def record_epoch(session: Session, study_id: int, trial_id: int, trial_number: int,
+                 metrics: dict[str, Any]) -> None:
+    """Store one epoch's metrics (NaN and infinities kept: they are the evidence of divergence)."""
+    session.add(TrialMetric(
+        study_id=study_id, trial_id=trial_id, trial_number=trial_number, epoch=int(metrics["epoch"]),
+        **{name: _as_float(metrics.get(name)) for name in METRIC_COLUMNS},
+    ))
+
+
+def trial_metrics(session: Session, study_id: int, trial_number: int) -> list[TrialMetric]:
+    return list(session.scalars(
+        select(TrialMetric).where(TrialMetric.study_id == study_id, TrialMetric.trial_number == trial_number)
+        .order_by(TrialMetric.epoch)
+    ))
+
+
+def epochs_recorded(session: Session, study_id: int) -> dict[int, int]:
+    """Epoch rows per trial number of one study."""
+    rows = session.execute(
+        select(TrialMetric.trial_number, func.count()).where(TrialMetric.study_id == study_id)
+        .group_by(TrialMetric.trial_number)
+    )
+    return {number: n for number, n in rows}
+
+
+def metric_row(metric: TrialMetric) -> dict[str, Any]:
+    """One epoch in the history format of the diagnosis contract."""
+    row: dict[str, Any] = {"epoch": metric.epoch}
+    for name in METRIC_COLUMNS:
+        row[name] = getattr(metric, name)
+    return row
+
+
+# ---------------------------------------------------------------- workers
+
+
+def register_worker(session: Session, worker_id: str, host: str, pid: int, devices: str, slots: int) -> None:
+    session.add(Worker(id=worker_id, host=host, pid=pid, devices=devices, slots=slots, state="running",
+                       current_trials=[]))
+
+
+def heartbeat_worker(session: Session, worker_id: str, current_trials: list[dict[str, Any]],
+                     state: str = "running") -> None:
+    session.execute(
+        update(Worker).where(Worker.id == worker_id)
+        .values(last_heartbeat=utcnow(), current_trials=current_trials, state=state)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def list_workers(session: Session) -> list[Worker]:
+    return list(session.scalars(select(Worker).order_by(Worker.started_at)))
+
+
+def prune_dead_workers(session: Session, older_than: timedelta) -> int:
+    """Forget workers whose heartbeat stopped long ago (their trials fail by Optuna's heartbeat)."""
+    cutoff: datetime = utcnow() - older_than
+    result = session.execute(delete(Worker).where(Worker.last_heartbeat < cutoff))
+    return result.rowcount or 0

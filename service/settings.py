@@ -1,0 +1,26 @@
+"""One Settings object, read from `CONVERGE_*` environment variables once per process."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONVERGE_", extra="ignore")
+
+    database_url: str = Field(
+        default="sqlite:///./converge.db",
+        description="SQLAlchemy URL shared by the API, the workers and Optuna.",
+    )
+    sqlite_busy_timeout_s: float = Field(default=30.0, gt=0, description="how long SQLite waits on a lock")
+    heartbeat_interval_s: int = Field(default=10, gt=0, description="Optuna trial heartbeat period")
+    grace_period_s: int = Field(default=60, gt=0, description="a RUNNING trial silent this long is failed")
+    worker_poll_s: float = Field(default=1.0, gt=0, description="how often an idle worker looks for work")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,38 @@
+"""Submitting a study: one Optuna study plus Converge's row, both or neither."""
+
+from __future__ import annotations
+
+import optuna
+
+from service.db import repo
+from service.db.engine import get_engine, session_scope
+from service.db.errors import Conflict
+from service.db.models import Study
+from service.settings import Settings
+from studies.spec import StudySpec
+from studies.storage import storage_for
+
+
+def submit_study(settings: Settings, spec: StudySpec) -> Study:
+    """Create the Optuna study, then the queued Converge row that workers claim from.
+
+    Optuna's study comes first because on SQLite a write transaction held open across
+    Optuna's own connection would wait on itself; if Converge's insert then fails, the
+    Optuna study is removed again.
+    """
+    storage = storage_for(settings)
+    try:
+        study_id = storage.create_new_study(
+            [optuna.study.StudyDirection.MAXIMIZE if spec.objective.direction == "maximize"
+             else optuna.study.StudyDirection.MINIMIZE],
+            study_name=spec.name,
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        raise Conflict(f"a study named {spec.name!r} already exists") from None
+    try:
+        storage.set_study_user_attr(study_id, "converge_spec", spec.model_dump(mode="json"))
+        with session_scope(get_engine(settings.database_url)) as session:
+            return repo.add_study(session, spec.name, spec.model_dump(mode="json"), spec.n_trials)
+    except BaseException:
+        storage.delete_study(study_id)
+        raise

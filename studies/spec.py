@@ -1,0 +1,375 @@
+"""The study spec: what a user submits, validated in full before anything is stored.
+
+Pure pydantic: the API validates specs with this module and must not import torch,
+so the names of built-in models and datasets are listed here (a test keeps them
+equal to `trainers`' own registries).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from studies.registry import PRUNERS, SAMPLERS
+
+NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
+MODELS = frozenset({"mlp", "cnn"})
+SKLEARN_DATASETS = frozenset({"digits", "wine", "breast_cancer", "iris"})
+IMAGE_DATASETS = frozenset({"sklearn:digits"})
+MAX_TRIALS = 10_000
+
+_CSV_REF = re.compile(r"^csv:(?P<path>[^?]+)\?target=(?P<target>[^&]+)(&task=(classification|regression))?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FloatRange(_Strict):
+    """A continuous interval; `log` samples it on a log scale."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _bounds(self) -> FloatRange:
+        problems = []
+        if self.low >= self.high:
+            problems.append(f"low ({self.low:g}) must be below high ({self.high:g}); use {{value: x}} to fix a value")
+        if self.log and self.low <= 0:
+            problems.append(f"a log scale needs positive bounds, got low={self.low:g}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def values(self) -> list[float]:
+        return [self.low, self.high]
+
+
+class IntRange(_Strict):
+    low: int
+    high: int
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _bounds(self) -> IntRange:
+        problems = []
+        if self.low >= self.high:
+            problems.append(f"low ({self.low}) must be below high ({self.high}); use {{value: x}} to fix a value")
+        if self.log and self.low <= 0:
+            problems.append(f"a log scale needs positive bounds, got low={self.low}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def values(self) -> list[int]:
+        return [self.low, self.high]
+
+
+class IntChoices(_Strict):
+    choices: list[int]
+
+    @field_validator("choices")
+    @classmethod
+    def _not_empty(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("choices must not be empty")
+        if len(set(v)) != len(v):
+            raise ValueError(f"choices must not repeat a value: {v}")
+        return v
+
+    def values(self) -> list[int]:
+        return list(self.choices)
+
+
+class FloatFixed(_Strict):
+    value: float
+
+    def values(self) -> list[float]:
+        return [self.value]
+
+
+class IntFixed(_Strict):
+    value: int
+
+    def values(self) -> list[int]:
+        return [self.value]
+
+
+def _param_kind(v: Any) -> str:
+    """Pick the union member from the keys given, so errors name one shape, not all three.
+
+    A bare number is shorthand for a fixed value.
+    """
+    if isinstance(v, BaseModel):
+        return {FloatFixed: "Fixed", IntFixed: "Fixed", IntChoices: "Choices"}.get(type(v), "Range")
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return "Number"
+    if isinstance(v, dict) and "value" in v:
+        return "Fixed"
+    if isinstance(v, dict) and "choices" in v:
+        return "Choices"
+    return "Range"
+
+
+def _number_as_fixed(v: Any) -> Any:
+    return {"value": v}
+
+
+FloatParam = Annotated[
+    Union[
+        Annotated[FloatRange, Tag("Range")],
+        Annotated[FloatFixed, Tag("Fixed")],
+        Annotated[Annotated[FloatFixed, BeforeValidator(_number_as_fixed)], Tag("Number")],
+    ],
+    Discriminator(_param_kind),
+]
+IntParam = Annotated[
+    Union[
+        Annotated[IntRange, Tag("Range")],
+        Annotated[IntChoices, Tag("Choices")],
+        Annotated[IntFixed, Tag("Fixed")],
+        Annotated[Annotated[IntFixed, BeforeValidator(_number_as_fixed)], Tag("Number")],
+    ],
+    Discriminator(_param_kind),
+]
+AnyParam = Union[FloatRange, IntRange, IntChoices, FloatFixed, IntFixed]
+
+
+def _check_bounds(name: str, param: AnyParam, minimum: float, *, inclusive: bool = True,
+                  maximum: float | None = None) -> None:
+    """Reject values a trainer cannot use (negative lr, dropout of 1, zero batch)."""
+    for value in param.values():
+        too_low = value < minimum if inclusive else value <= minimum
+        if too_low:
+            bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+            raise ValueError(f"{name} values must be {bound}, got {value:g}")
+        if maximum is not None and value >= maximum:
+            raise ValueError(f"{name} values must be < {maximum:g}, got {value:g}")
+
+
+class SearchSpace(_Strict):
+    """The five swept hyperparameters; each may be narrowed, fixed or left at its default."""
+
+    lr: FloatParam = Field(default_factory=lambda: FloatRange(low=1e-5, high=1.0, log=True))
+    batch_size: IntParam = Field(default_factory=lambda: IntChoices(choices=[16, 32, 64, 128, 256]))
+    epochs: IntParam = Field(default_factory=lambda: IntRange(low=5, high=50))
+    weight_decay: FloatParam = Field(default_factory=lambda: FloatRange(low=1e-6, high=1e-1, log=True))
+    dropout: FloatParam = Field(default_factory=lambda: FloatRange(low=0.0, high=0.7))
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: FloatParam) -> FloatParam:
+        _check_bounds("lr", v, 0.0, inclusive=False)
+        return v
+
+    @field_validator("batch_size", "epochs")
+    @classmethod
+    def _positive_int(cls, v: IntParam, info: Any) -> IntParam:
+        _check_bounds(info.field_name, v, 1)
+        return v
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _weight_decay(cls, v: FloatParam) -> FloatParam:
+        _check_bounds("weight_decay", v, 0.0)
+        return v
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout(cls, v: FloatParam) -> FloatParam:
+        _check_bounds("dropout", v, 0.0, maximum=1.0)
+        return v
+
+    def max_epochs(self) -> int:
+        """The largest epoch count a trial may get: the budget axis for pruning."""
+        return max(self.epochs.values())
+
+
+class Task(_Strict):
+    """What to train: a built-in model on a built-in or CSV dataset."""
+
+    model: str = "mlp"
+    dataset: str = "sklearn:digits"
+    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    params: dict[str, Any] = Field(default_factory=dict, description="model parameters, e.g. width, depth")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; known models: {', '.join(sorted(MODELS))}")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v.startswith("sklearn:"):
+            if v.removeprefix("sklearn:") not in SKLEARN_DATASETS:
+                known = ", ".join(f"sklearn:{n}" for n in sorted(SKLEARN_DATASETS))
+                raise ValueError(f"unknown dataset {v!r}; known: {known}, or csv:PATH?target=COLUMN")
+            return v
+        if v.startswith("csv:"):
+            if not _CSV_REF.match(v):
+                raise ValueError(
+                    f"bad CSV dataset {v!r}; expected csv:PATH?target=COLUMN[&task=classification|regression]"
+                )
+            return v
+        raise ValueError(f"unknown dataset {v!r}; use sklearn:NAME or csv:PATH?target=COLUMN")
+
+    @model_validator(mode="after")
+    def _model_fits_dataset(self) -> Task:
+        if self.model == "cnn" and self.dataset not in IMAGE_DATASETS:
+            raise ValueError(f"model 'cnn' needs an image dataset ({', '.join(sorted(IMAGE_DATASETS))})")
+        return self
+
+
+class Objective(_Strict):
+    metric: str = "val_loss"
+    direction: Literal["minimize", "maximize"] = "minimize"
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        known = {"val_loss", "val_acc", "train_loss"}
+        if v not in known:
+            raise ValueError(f"unknown objective metric {v!r}; known: {', '.join(sorted(known))}")
+        return v
+
+
+class Sampler(_Strict):
+    name: str = "tpe"
+    seed: int | None = 0
+    grid_points: int = Field(default=3, ge=2, le=20, description="grid sampler: points per continuous axis")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in SAMPLERS:
+            raise ValueError(f"unknown sampler {v!r}; known samplers: {', '.join(SAMPLERS)}")
+        return v
+
+
+class Pruner(_Strict):
+    name: str = "median"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in PRUNERS:
+            raise ValueError(f"unknown pruner {v!r}; known pruners: {', '.join(PRUNERS)}")
+        return v
+
+
+class StudySpec(_Strict):
+    """A study as submitted. Every field but `name` has a default."""
+
+    name: Annotated[str, Field(description="unique, [A-Za-z0-9._-]{1,100}")]
+    task: Task = Field(default_factory=Task)
+    objective: Objective = Field(default_factory=Objective)
+    search_space: SearchSpace = Field(default_factory=SearchSpace)
+    n_trials: int = Field(default=40, description=f"1..{MAX_TRIALS}")
+    sampler: Sampler = Field(default_factory=Sampler)
+    pruner: Pruner = Field(default_factory=Pruner)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "digits-mlp",
+                    "task": {"model": "mlp", "dataset": "sklearn:digits"},
+                    "search_space": {"epochs": {"low": 3, "high": 10}},
+                    "n_trials": 12,
+                }
+            ]
+        },
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(NAME_PATTERN, v):
+            raise ValueError(f"name {v!r} must be 1-100 characters of A-Z a-z 0-9 . _ -")
+        return v
+
+    @field_validator("n_trials")
+    @classmethod
+    def _n_trials(cls, v: int) -> int:
+        if not 1 <= v <= MAX_TRIALS:
+            raise ValueError(f"n_trials must be between 1 and {MAX_TRIALS}, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _metric_fits_task(self) -> StudySpec:
+        if self.objective.metric == "val_acc" and self.task.dataset.endswith("&task=regression"):
+            raise ValueError("objective val_acc needs a classification dataset")
+        return self
+
+
+class SpecError(ValueError):
+    """A spec with problems; `problems` lists each as 'field.path: what is wrong'."""
+
+    def __init__(self, problems: list[str], what: str = "study spec"):
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"invalid {what} ({count}):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def describe_errors(errors: Iterable[Mapping[str, Any]], skip_prefix: str | None = None) -> list[str]:
+    """Turn pydantic's error items into one readable line per problem.
+
+    `skip_prefix` drops a leading location part such as FastAPI's "body".
+    """
+    problems: list[str] = []
+    for item in errors:
+        loc = [str(part) for part in item["loc"]]
+        if skip_prefix and loc[:1] == [skip_prefix]:
+            loc = loc[1:]
+        # Union members appear in `loc` (e.g. lr.FloatRange.low); keep the user's own path.
+        path = ".".join(p for p in loc if not p[:1].isupper() and not p.startswith("function-"))
+        message = item["msg"].removeprefix("Value error, ")
+        line = f"{path or 'spec'}: {message}"
+        if line not in problems:
+            problems.append(line)
+    return problems
+
+
+def parse_spec(data: Any) -> StudySpec:
+    """Validate a spec mapping; raise SpecError naming every problem at once."""
+    if not isinstance(data, dict):
+        raise SpecError([f"spec: expected a mapping of fields, got {type(data).__name__}"])
+    try:
+        return StudySpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(describe_errors(exc.errors())) from None
+
+
+def load_spec_file(path: str | Path) -> StudySpec:
+    """Read a JSON or YAML spec file (YAML is a superset of JSON)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SpecError([f"spec file {path}: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text) if not str(path).endswith(".json") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise SpecError([f"spec file {path}: not valid YAML/JSON ({exc})"]) from None
+    return parse_spec(data)

@@ -1,0 +1,107 @@
+"""Shared fixtures: every database test runs on SQLite and on PostgreSQL.
+
+PostgreSQL tests use a fresh database per test on 127.0.0.1:5432. Where that server is
+down they are skipped, unless CONVERGE_REQUIRE_POSTGRES=1 (CI), where they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from service.db.engine import get_engine
+from service.db.migrate import upgrade
+from service.settings import Settings
+
+PG_ADMIN_URL = os.environ.get("CONVERGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REQUIRE_PG = os.environ.get("CONVERGE_REQUIRE_POSTGRES") == "1"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pg_admin() -> sa.Engine:
+    return sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+
+
+def _postgres_available() -> str | None:
+    try:
+        with _pg_admin().connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available here"
+        return str(exc).splitlines()[0]
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> sa.Engine:
+    problem = _postgres_available()
+    if problem is not None:
+        if REQUIRE_PG:
+            pytest.fail(f"PostgreSQL required (CONVERGE_REQUIRE_POSTGRES=1) but unreachable: {problem}")
+        pytest.skip(f"PostgreSQL not reachable: {problem}")
+    return _pg_admin()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL to an empty database of each kind (no tables)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'converge.db'}"
+        return
+    admin = request.getfixturevalue("postgres_admin")
+    name = f"converge_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        get_engine(url).dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def db_url(empty_db_url: str) -> str:
+    """A database of each kind with both schemas upgraded."""
+    upgrade(empty_db_url)
+    return empty_db_url
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    return Settings(database_url=db_url, heartbeat_interval_s=1, grace_period_s=5, worker_poll_s=0.2)
+
+
+def tiny_spec(name: str = "tiny", **overrides: Any) -> dict[str, Any]:
+    """A study that trains in about a second per trial."""
+    spec: dict[str, Any] = {
+        "name": name,
+        "task": {"model": "mlp", "dataset": "sklearn:digits", "params": {"width": 16, "depth": 1}},
+        "search_space": {
+            "lr": {"low": 1e-3, "high": 1e-1, "log": True},
+            "batch_size": {"choices": [64, 128]},
+            "epochs": {"low": 2, "high": 3},
+            "weight_decay": 1e-4,
+            "dropout": 0.0,
+        },
+        "n_trials": 3,
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def converge_env(db_url: str, **extra: str) -> dict[str, str]:
+    """Environment for a `converge` subprocess on this database."""
+    env = dict(os.environ)
+    env.update({"CONVERGE_DATABASE_URL": db_url, "CONVERGE_HEARTBEAT_INTERVAL_S": "1",
+                "CONVERGE_GRACE_PERIOD_S": "5", "CONVERGE_WORKER_POLL_S": "0.2", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env

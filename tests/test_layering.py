@@ -1,0 +1,44 @@
+"""The package layering holds: checked statically by import-linter and at run time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_import_contracts_are_kept() -> None:
+    done = subprocess.run([str(REPO / ".venv" / "bin" / "lint-imports") if (REPO / ".venv").exists()
+                           else "lint-imports"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 broken" in done.stdout
+
+
+def test_the_api_process_never_imports_torch(db_url: str) -> None:
+    """Serve real requests (dashboard included) through the ASGI app, then look at sys.modules."""
+    script = f"""
+import sys
+from fastapi.testclient import TestClient
+from service.api.app import create_app
+from service.settings import Settings
+client = TestClient(create_app(Settings(database_url={db_url!r})))
+assert client.post("/v1/studies", json={{"name": "no-torch", "n_trials": 1}}).status_code == 201
+assert client.get("/v1/studies/no-torch/trials").status_code == 200
+assert client.get("/v1/health").status_code == 200
+assert client.get("/api/studies").status_code == 200
+assert client.get("/dashboard").status_code == 200
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "pytorch_lightning", "lightning", "trainers"))
+print(heavy)
+sys.exit(1 if heavy else 0)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_spec_names_match_the_trainers_registries() -> None:
+    import trainers
+    from studies import spec
+
+    assert spec.MODELS == trainers.MODEL_NAMES
+    assert spec.SKLEARN_DATASETS == trainers.SKLEARN_DATASETS
