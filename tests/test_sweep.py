@@ -1,0 +1,105 @@
+"""Sweeps end to end: real training, every epoch stored, failures recorded, on both databases."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from conftest import tiny_spec
+from service.db import repo
+from service.db.engine import get_engine, session_scope
+from service.db.migrate import upgrade
+from service.db.models import METRIC_COLUMNS
+from service.settings import Settings
+from studies.runner import sampler_seed
+from studies.spec import parse_spec
+from studies.storage import storage_for
+from studies.sweep import run_sweep
+
+pytestmark = pytest.mark.slow
+
+
+def _trials(settings: Settings, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=storage_for(settings)).get_trials(deepcopy=False)
+
+
+def test_a_three_trial_sweep_stores_every_epoch(settings: Settings) -> None:
+    spec = parse_spec(tiny_spec("sweep-3"))
+    assert run_sweep(settings, spec, progress=False) == "done"
+
+    trials = _trials(settings, "sweep-3")
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert len({t.params["lr"] for t in trials}) == 3  # a distinct sampler seed per trial slot
+    with session_scope(get_engine(settings.database_url)) as session:
+        study = repo.get_study(session, "sweep-3")
+        assert study.state == "done" and study.finished_at is not None and study.n_claimed == 3
+        for trial in trials:
+            rows = repo.trial_metrics(session, study.id, trial.number)
+            assert [r.epoch for r in rows] == list(range(trial.params["epochs"]))
+            for row in rows:
+                assert all(getattr(row, c) is not None for c in METRIC_COLUMNS)
+                assert row.trial_id == trial._trial_id
+            # Optuna got the objective of every epoch, for pruning; the last one is the trial's value
+            assert trial.intermediate_values == {r.epoch: pytest.approx(r.val_loss) for r in rows}
+            assert trial.value == pytest.approx(rows[-1].val_loss)
+
+
+def test_a_trial_that_raises_is_failed_with_its_error_and_the_study_goes_on(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainers
+
+    real_fit = trainers.fit
+    calls = {"n": 0}
+
+    def flaky_fit(config, on_epoch_end=None, split=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_fit(config, on_epoch_end=on_epoch_end, split=split)
+
+    monkeypatch.setattr(trainers, "fit", flaky_fit)
+    assert run_sweep(settings, parse_spec(tiny_spec("flaky")), progress=False) == "done"
+    states = [t.state.name for t in _trials(settings, "flaky")]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE"]
+    failed = _trials(settings, "flaky")[1]
+    assert failed.user_attrs["error"] == "RuntimeError: CUDA out of memory (simulated)"
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_keeps_its_nan_epoch(settings: Settings) -> None:
+    spec = tiny_spec("diverge", n_trials=1)
+    spec["search_space"].update(lr=1e6, epochs=3)
+    assert run_sweep(settings, parse_spec(spec), progress=False) == "failed"
+    (trial,) = _trials(settings, "diverge")
+    assert trial.state.name == "FAIL"
+    assert "the trial diverged" in trial.user_attrs["error"]
+    with session_scope(get_engine(settings.database_url)) as session:
+        study = repo.get_study(session, "diverge")
+        assert study.detail == "all 1 trials failed"
+        rows = repo.trial_metrics(session, study.id, 0)
+    assert rows and not all(r.val_loss == r.val_loss and abs(r.val_loss) < 1e30 for r in rows)
+
+
+def test_pruned_trials_count_as_finished(settings: Settings) -> None:
+    spec = tiny_spec("pruned", n_trials=8, pruner={"name": "median"})
+    spec["search_space"]["epochs"] = 3
+    assert run_sweep(settings, parse_spec(spec), progress=False) == "done"
+    states = {t.state.name for t in _trials(settings, "pruned")}
+    assert states <= {"COMPLETE", "PRUNED"}
+
+
+def test_sampler_seeds_differ_per_slot_except_for_shared_sequences() -> None:
+    tpe = parse_spec({"name": "x", "sampler": {"name": "tpe", "seed": 3}})
+    assert len({sampler_seed(tpe, slot) for slot in range(10)}) == 10
+    qmc = parse_spec({"name": "x", "sampler": {"name": "qmc", "seed": 3}})
+    assert {sampler_seed(qmc, slot) for slot in range(10)} == {3}
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp", "qmc", "grid"])
+def test_every_sampler_runs(tmp_path, sampler: str) -> None:
+    """Sampler plumbing does not depend on the database: SQLite only."""
+    url = f"sqlite:///{tmp_path / 'samplers.db'}"
+    upgrade(url)
+    settings = Settings(database_url=url)
+    spec = tiny_spec(f"s-{sampler}", n_trials=2, sampler={"name": sampler, "seed": 1})
+    spec["search_space"]["epochs"] = 2
+    assert run_sweep(settings, parse_spec(spec), progress=False) == "done"
