@@ -29,7 +29,9 @@ from pydantic import (
 from studies.registry import PRUNERS, SAMPLERS
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
-MODELS = frozenset({"mlp", "cnn"})
+# Each built-in model and the integer params it takes, with their minimum (depth 0 is linear).
+MODEL_PARAMS: dict[str, dict[str, int]] = {"mlp": {"width": 1, "depth": 0}, "cnn": {"channels": 1}}
+MODELS = frozenset(MODEL_PARAMS)
 SKLEARN_DATASETS = frozenset({"digits", "wine", "breast_cancer", "iris"})
 IMAGE_DATASETS = frozenset({"sklearn:digits"})
 MAX_TRIALS = 10_000
@@ -235,9 +237,18 @@ class Task(_Strict):
         raise ValueError(f"unknown dataset {v!r}; use sklearn:NAME or csv:PATH?target=COLUMN")
 
     @model_validator(mode="after")
-    def _model_fits_dataset(self) -> Task:
+    def _model_fits_dataset_and_params(self) -> Task:
+        problems = []
         if self.model == "cnn" and self.dataset not in IMAGE_DATASETS:
-            raise ValueError(f"model 'cnn' needs an image dataset ({', '.join(sorted(IMAGE_DATASETS))})")
+            problems.append(f"model 'cnn' needs an image dataset ({', '.join(sorted(IMAGE_DATASETS))})")
+        known = MODEL_PARAMS[self.model]
+        for name, value in self.params.items():
+            if name not in known:
+                problems.append(f"model {self.model!r} has no param {name!r}; it takes {', '.join(sorted(known))}")
+            elif not isinstance(value, int) or isinstance(value, bool) or value < known[name]:
+                problems.append(f"params.{name} must be an integer >= {known[name]}, got {value!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

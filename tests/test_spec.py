@@ -89,6 +89,13 @@ def test_cnn_needs_images_and_csv_refs_are_checked() -> None:
     parse_spec({"name": "x", "task": {"dataset": "csv:/data/houses.csv?target=price&task=regression"}})
 
 
+def test_model_params_are_checked() -> None:
+    text = "\n".join(problems_of({"name": "x", "task": {"model": "mlp", "params": {"channels": 8, "width": 0}}}))
+    assert "model 'mlp' has no param 'channels'; it takes depth, width" in text
+    assert "params.width must be an integer >= 1, got 0" in text
+    parse_spec({"name": "x", "task": {"model": "mlp", "params": {"width": 8, "depth": 0}}})
+
+
 def test_not_a_mapping() -> None:
     assert problems_of([1, 2]) == ["spec: expected a mapping of fields, got list"]
 

@@ -1,0 +1,80 @@
+"""Per-epoch metrics for the convergence diagnosis, and the hook that lets a sweep stop a run early."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+EpochHook = Callable[[dict[str, float | int | None]], bool]
+
+
+def global_norm(tensors: Iterable[Tensor]) -> Tensor:
+    """L2 norm of all tensors taken together, as a 0-d tensor (no device sync)."""
+    norms = [t.detach().float().norm(2) for t in tensors]
+    if not norms:
+        return torch.tensor(float("nan"))
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def gradient_norm(network: nn.Module) -> Tensor:
+    """Global L2 norm of the gradients the next optimizer step will apply."""
+    return global_norm(p.grad for p in network.parameters() if p.grad is not None)
+
+
+class EpochMetricsCallback(pl.Callback):
+    """Records one metrics dict per epoch and passes it to `on_epoch_end`; a True answer stops training.
+
+    It runs at `on_train_epoch_end`, which Lightning 2.x calls after the epoch's validation
+    pass, so each dict carries that epoch's `val_loss` and `val_acc`.
+    """
+
+    def __init__(self, on_epoch_end: EpochHook | None = None):
+        self.on_epoch_end = on_epoch_end
+        self.epochs: list[dict[str, float | int | None]] = []
+        self.stopped_early = False
+        self._started = 0.0
+        self._grad_norm_sum: Tensor | None = None
+        self._steps = 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
+        self._grad_norm_sum = None
+        self._steps = 0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        # Summed as a tensor so a GPU is not synchronised on every step.
+        norm = gradient_norm(pl_module)
+        self._grad_norm_sum = norm if self._grad_norm_sum is None else self._grad_norm_sum + norm
+        self._steps += 1
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logged = trainer.callback_metrics
+        grad_norm = _float(self._grad_norm_sum) / self._steps if self._grad_norm_sum is not None else math.nan
+        metrics: dict[str, float | int | None] = {
+            "epoch": trainer.current_epoch,
+            "train_loss": _float(logged.get("train_loss")),
+            "val_loss": _float(logged.get("val_loss")),
+            "val_acc": _float(logged["val_acc"]) if "val_acc" in logged else None,
+            "grad_norm": grad_norm,
+            "param_norm": _float(global_norm(pl_module.parameters())),
+            "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
+        }
+        metrics["epoch_seconds"] = time.perf_counter() - self._started  # after the syncs above: GPU work included
+        self.epochs.append(metrics)
+        if self.on_epoch_end is not None and self.on_epoch_end(dict(metrics)):
+            self.stopped_early = True
+            trainer.should_stop = True
+
+
+def _float(value: Any) -> float:
+    """A plain float; a missing metric reads as NaN, so a dict always has every key."""
+    if value is None:
+        return math.nan
+    return float(value.item() if isinstance(value, Tensor) else value)
