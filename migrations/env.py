@@ -8,15 +8,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from migrations import VERSION_TABLE
+from migrations import VERSION_TABLE, include_object
 from service.db.models import Base
-
-
-def include_object(obj, name, type_, reflected, compare_to):  # noqa: ANN001 - alembic's hook signature
-    if type_ == "table":
-        return bool(name) and name.startswith("converge_") and name != VERSION_TABLE
-    table = getattr(obj, "table", None)
-    return table is None or table.name.startswith("converge_")
 
 
 def run_migrations() -> None:

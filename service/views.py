@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import datetime, timezone
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -71,11 +72,16 @@ def _optuna_trials(storage: optuna.storages.BaseStorage, name: str) -> list[Froz
     return storage.get_all_trials(study_id, deepcopy=False)
 
 
+def _aware(value: datetime | None) -> datetime | None:
+    """Optuna hands out naive local times; the API speaks UTC with an offset."""
+    return value.astimezone(timezone.utc) if value is not None else None
+
+
 def _trial_fields(trial: FrozenTrial, epochs: int) -> dict:
     duration = trial.duration.total_seconds() if trial.duration is not None else None
     return dict(
         number=trial.number, state=_STATE_NAMES[trial.state], params=trial.params, value=trial.value,
-        datetime_start=trial.datetime_start, datetime_complete=trial.datetime_complete,
+        datetime_start=_aware(trial.datetime_start), datetime_complete=_aware(trial.datetime_complete),
         duration_s=duration, epochs_recorded=epochs, error=trial.user_attrs.get("error"),
     )
 

@@ -43,15 +43,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class FloatRange(_Strict):
-    """A continuous interval; `log` samples it on a log scale."""
+class _Range(_Strict):
+    """An interval [low, high]; `log` samples it on a log scale."""
 
     low: float
     high: float
     log: bool = False
 
     @model_validator(mode="after")
-    def _bounds(self) -> FloatRange:
+    def _bounds(self) -> _Range:
         problems = []
         if self.low >= self.high:
             problems.append(f"low ({self.low:g}) must be below high ({self.high:g}); use {{value: x}} to fix a value")
@@ -65,24 +65,13 @@ class FloatRange(_Strict):
         return [self.low, self.high]
 
 
-class IntRange(_Strict):
+class FloatRange(_Range):
+    pass
+
+
+class IntRange(_Range):
     low: int
     high: int
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _bounds(self) -> IntRange:
-        problems = []
-        if self.low >= self.high:
-            problems.append(f"low ({self.low}) must be below high ({self.high}); use {{value: x}} to fix a value")
-        if self.log and self.low <= 0:
-            problems.append(f"a log scale needs positive bounds, got low={self.low}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-    def values(self) -> list[int]:
-        return [self.low, self.high]
 
 
 class IntChoices(_Strict):

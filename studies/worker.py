@@ -13,6 +13,7 @@ import signal
 import socket
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -188,7 +189,9 @@ class Worker:
             studies: list[Study] = repo.list_studies(session, state="running")
         storage = storage_for(self.settings)
         for study in studies:
-            optuna.storages.fail_stale_trials(optuna.load_study(study_name=study.name, storage=storage))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(optuna.load_study(study_name=study.name, storage=storage))
             with session_scope(self.engine) as session:
                 repo.finish_study_if_complete(session, study.id)
 

@@ -109,3 +109,24 @@ def test_metrics_keep_nan_and_infinity(db_url: str) -> None:
         assert math.isnan(row.train_loss)
         assert row.val_loss == math.inf
         assert row.val_acc is None and row.grad_norm == 1.5
+
+
+def test_models_and_migrations_agree(db_url: str) -> None:
+    """Autogenerate against an upgraded database finds nothing to do (and ignores Optuna's tables)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from migrations import include_object
+    from service.db.models import Base
+
+    with get_engine(db_url).connect() as conn:
+        context = MigrationContext.configure(conn, opts={"include_object": include_object, "compare_type": True,
+                                                         "version_table": VERSION_TABLE})
+        assert compare_metadata(context, Base.metadata) == []
+
+
+def test_timestamps_are_utc_aware(db_url: str) -> None:
+    with session_scope(get_engine(db_url)) as session:
+        repo.add_study(session, "tz", tiny_spec("tz"), n_trials=1)
+    with session_scope(get_engine(db_url)) as session:
+        assert repo.get_study(session, "tz").created_at.utcoffset().total_seconds() == 0

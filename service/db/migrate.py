@@ -6,6 +6,8 @@ database with `skip_table_creation=True` and checks that the schema is current.
 
 from __future__ import annotations
 
+import logging
+
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -16,6 +18,10 @@ from sqlalchemy.exc import OperationalError
 from migrations import MIGRATIONS_DIR, VERSION_TABLE
 from service.db.engine import get_engine, safe_url, translate_db_error
 from service.db.errors import SchemaNotReady
+
+
+# Alembic announces its dialect at INFO on every schema check; that is noise in service logs.
+logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
 
 def _alembic_config(url: str) -> Config:

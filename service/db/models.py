@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from typing import Any
-
-import math
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.engine import Dialect
@@ -45,6 +44,18 @@ class MetricFloat(TypeDecorator[float]):
         return float(value) if isinstance(value, str) else value
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every database (SQLite returns naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -66,9 +77,9 @@ class Study(Base):
     n_trials: Mapped[int] = mapped_column(Integer)
     # Trial slots handed to workers so far; a worker claims one by incrementing it.
     n_claimed: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
 
 class TrialMetric(Base):
@@ -92,7 +103,7 @@ class TrialMetric(Base):
     param_norm: Mapped[float | None] = mapped_column(MetricFloat)
     lr: Mapped[float | None] = mapped_column(MetricFloat)
     epoch_seconds: Mapped[float | None] = mapped_column(MetricFloat)
-    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 METRIC_COLUMNS = ("train_loss", "val_loss", "val_acc", "grad_norm", "param_norm", "lr", "epoch_seconds")
@@ -110,5 +121,5 @@ class Worker(Base):
     slots: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16), default="running")
     current_trials: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_heartbeat: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
