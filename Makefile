@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint-imports clean
+.PHONY: setup run test lint lint-imports clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check service studies trainers migrations tests benchmarks
 
 lint-imports: setup
 	$(BIN)/lint-imports

@@ -85,13 +85,15 @@ def main() -> None:
     run_converge(config, split)  # warm-up: imports, first-call allocations
     run_plain(config, split)
 
-    print(f"{'rep':>3}  {'converge s':>10}  {'plain s':>8}  {'ratio':>6}  {'converge val_loss':>17}  {'plain val_loss':>14}")
+    print(f"{'rep':>3}  {'converge s':>10}  {'plain s':>8}  {'ratio':>6}  "
+          f"{'converge val_loss':>17}  {'plain val_loss':>14}")
     ratios = []
     for rep in range(1, args.reps + 1):
         converge_s, converge_val = run_converge(config, split)
         plain_s, plain_val = run_plain(config, split)
         ratios.append(converge_s / plain_s)
-        print(f"{rep:>3}  {converge_s:>10.3f}  {plain_s:>8.3f}  {ratios[-1]:>6.2f}  {converge_val:>17.4f}  {plain_val:>14.4f}")
+        print(f"{rep:>3}  {converge_s:>10.3f}  {plain_s:>8.3f}  {ratios[-1]:>6.2f}  "
+              f"{converge_val:>17.4f}  {plain_val:>14.4f}")
     print(f"median ratio (converge / plain): {statistics.median(ratios):.2f}")
 
 

@@ -87,9 +87,9 @@ def serve(host: str, port: int, workers: int, demo_spec: Path | None) -> None:
     import uvicorn
 
     from service.api.app import create_app
+    from service.db import repo
     from service.db.engine import get_engine, session_scope
     from service.db.migrate import check_schema
-    from service.db import repo
 
     _setup_logging()
     settings = get_settings()

@@ -180,7 +180,8 @@ def test_registries() -> None:
 
 
 def test_split_is_deterministic_by_seed() -> None:
-    a, b, c = load_dataset("sklearn:iris", 0.2, 1), load_dataset("sklearn:iris", 0.2, 1), load_dataset("sklearn:iris", 0.2, 2)
+    a, b = load_dataset("sklearn:iris", 0.2, 1), load_dataset("sklearn:iris", 0.2, 1)
+    c = load_dataset("sklearn:iris", 0.2, 2)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_val, b.y_val)
     assert not torch.equal(a.x_train, c.x_train)
 

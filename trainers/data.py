@@ -98,7 +98,8 @@ def _read_csv(ref: str, rest: str) -> tuple[np.ndarray, np.ndarray, str]:
     raw_target = [v.strip() for v in columns[target_index]]
     numeric_target = _as_floats(raw_target)
     if task is None:
-        task = "regression" if numeric_target is not None and not _looks_like_labels(numeric_target) else "classification"
+        is_regression = numeric_target is not None and not _looks_like_labels(numeric_target)
+        task = "regression" if is_regression else "classification"
     if task == "regression":
         if numeric_target is None:
             raise ValueError(f"target column {target!r} in {path} is not numeric, so it cannot be a regression target")

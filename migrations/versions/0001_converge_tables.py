@@ -1,13 +1,12 @@
 """Converge's first tables: studies as submitted, per-epoch trial metrics, workers.
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-26 18:39:22.677082
 """
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001'
 down_revision = None

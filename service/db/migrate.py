@@ -19,7 +19,6 @@ from migrations import MIGRATIONS_DIR, VERSION_TABLE
 from service.db.engine import get_engine, safe_url, translate_db_error
 from service.db.errors import SchemaNotReady
 
-
 # Alembic announces its dialect at INFO on every schema check; that is noise in service logs.
 logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
@@ -73,7 +72,8 @@ def check_schema(url: str) -> None:
             tables = set(inspect(connection).get_table_names())
             current = None
             if VERSION_TABLE in tables:
-                current = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
+                context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+                current = context.get_current_revision()
     except OperationalError as exc:
         raise translate_db_error(exc, url) from None
     if "alembic_version" not in tables or current is None:
