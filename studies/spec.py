@@ -254,6 +254,12 @@ class Objective(_Strict):
         return v
 
 
+def _registered(kind: str, name: str, registry: Mapping[str, Any]) -> str:
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; known {kind}s: {', '.join(registry)}")
+    return name
+
+
 class Sampler(_Strict):
     name: str = "tpe"
     seed: int | None = 0
@@ -262,9 +268,7 @@ class Sampler(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in SAMPLERS:
-            raise ValueError(f"unknown sampler {v!r}; known samplers: {', '.join(SAMPLERS)}")
-        return v
+        return _registered("sampler", v, SAMPLERS)
 
 
 class Pruner(_Strict):
@@ -273,9 +277,7 @@ class Pruner(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in PRUNERS:
-            raise ValueError(f"unknown pruner {v!r}; known pruners: {', '.join(PRUNERS)}")
-        return v
+        return _registered("pruner", v, PRUNERS)
 
 
 class StudySpec(_Strict):
