@@ -60,24 +60,23 @@ def _cnn(config: TrainConfig, split: DataSplit, n_outputs: int) -> nn.Module:
                     dropout=config.dropout)
 
 
-# Each model's builder and the `params` names it reads.
-_BUILDERS: Mapping[str, tuple[Callable[[TrainConfig, DataSplit, int], nn.Module], frozenset[str]]] = {
-    "mlp": (_mlp, frozenset({"width", "depth"})),
-    "cnn": (_cnn, frozenset({"channels"})),
+# Each model's builder and the integer `params` it reads, with their minimum (depth 0 is a linear model).
+_BUILDERS: Mapping[str, tuple[Callable[[TrainConfig, DataSplit, int], nn.Module], Mapping[str, int]]] = {
+    "mlp": (_mlp, {"width": 1, "depth": 0}),
+    "cnn": (_cnn, {"channels": 1}),
 }
 MODEL_NAMES = frozenset(_BUILDERS)
-MODEL_PARAMS = {name: params for name, (_, params) in _BUILDERS.items()}
+MODEL_PARAMS = {name: dict(params) for name, (_, params) in _BUILDERS.items()}
 
 
 def build_network(config: TrainConfig, split: DataSplit) -> nn.Module:
     """The network named by `config.model`, sized for `split`; unknown model params are an error, not ignored."""
     builder, known = _BUILDERS[config.model]
-    unknown = set(config.params) - known
+    unknown = set(config.params) - set(known)
     if unknown:
         raise ValueError(f"unknown params for model {config.model!r}: {sorted(unknown)}; expected {sorted(known)}")
     for name, value in config.params.items():
-        minimum = 0 if name == "depth" else 1  # depth 0 is a linear model
-        if int(value) < minimum:
-            raise ValueError(f"model param {name!r} must be at least {minimum}, got {value}")
+        if int(value) < known[name]:
+            raise ValueError(f"model param {name!r} must be at least {known[name]}, got {value}")
     n_outputs = split.n_classes if split.task == "classification" else 1
     return builder(config, split, n_outputs)
