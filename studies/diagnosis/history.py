@@ -1,0 +1,155 @@
+"""The diagnosis input: a trial's per-epoch history, parsed and checked once into numpy arrays.
+
+Accepts what the contract allows (bare NaN/Infinity or the strings "NaN", "Infinity",
+"-Infinity"; absent or null optional metrics) and refuses, with every reason at once,
+what would make a diagnosis meaningless (no epochs, epochs out of order or repeated,
+a missing `train_loss`, more than `MAX_EPOCHS` epochs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MAX_EPOCHS = 10_000
+OPTIONAL_METRICS = ("val_loss", "val_acc", "grad_norm", "param_norm", "lr")
+_NON_FINITE = {"nan": math.nan, "infinity": math.inf, "+infinity": math.inf, "-infinity": -math.inf,
+               "inf": math.inf, "+inf": math.inf, "-inf": -math.inf}
+
+
+class HistoryError(ValueError):
+    """The history cannot be diagnosed; `problems` lists every reason."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid history: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class History:
+    """One run as arrays aligned by epoch; an absent metric is all-NaN and listed in `missing`."""
+
+    epochs: np.ndarray
+    train_loss: np.ndarray
+    val_loss: np.ndarray
+    val_acc: np.ndarray
+    grad_norm: np.ndarray
+    param_norm: np.ndarray
+    lr: np.ndarray
+    metric: str
+    direction: str
+    max_epochs: int | None
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    def has(self, name: str) -> bool:
+        """True when the metric has at least one finite value."""
+        return bool(np.isfinite(getattr(self, name)).any())
+
+    @property
+    def loss(self) -> np.ndarray:
+        """The loss the verdicts read: validation where measured, else training."""
+        return self.val_loss if self.has("val_loss") else self.train_loss
+
+
+def parse_history(data: Any) -> History:
+    """Validate a history dict (already JSON-decoded) and return it as arrays."""
+    if not isinstance(data, Mapping):
+        raise HistoryError([f"a history is a JSON object with an 'epochs' list, got {type(data).__name__}"])
+    problems: list[str] = []
+    metric, direction = _objective(data.get("objective"), problems)
+    max_epochs = _max_epochs(data.get("max_epochs"), problems)
+    rows = data.get("epochs")
+    if not isinstance(rows, list) or not rows:
+        problems.append("'epochs' must be a non-empty list of per-epoch objects")
+        raise HistoryError(problems)
+    if len(rows) > MAX_EPOCHS:
+        problems.append(f"the history has {len(rows)} epochs; at most {MAX_EPOCHS} are diagnosed")
+        raise HistoryError(problems)
+    columns: dict[str, list[float]] = {name: [] for name in ("epoch", "train_loss", *OPTIONAL_METRICS)}
+    for index, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            problems.append(f"epochs[{index}] is not an object")
+            continue
+        columns["epoch"].append(_epoch_number(row.get("epoch"), index, problems))
+        columns["train_loss"].append(_number(row.get("train_loss"), f"epochs[{index}].train_loss", problems,
+                                             required=True))
+        for name in OPTIONAL_METRICS:
+            columns[name].append(_number(row.get(name), f"epochs[{index}].{name}", problems, required=False))
+    _check_order(columns["epoch"], problems)
+    if problems:
+        raise HistoryError(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
+    arrays = {name: np.asarray(values, dtype=float) for name, values in columns.items()}
+    return History(epochs=arrays.pop("epoch").astype(int), metric=metric, direction=direction,
+                   max_epochs=max_epochs, **arrays)
+
+
+def _objective(value: Any, problems: list[str]) -> tuple[str, str]:
+    if value is None:
+        return "val_loss", "minimize"
+    if not isinstance(value, Mapping):
+        problems.append("'objective' must be an object like {\"metric\": \"val_loss\", \"direction\": \"minimize\"}")
+        return "val_loss", "minimize"
+    metric = value.get("metric", "val_loss")
+    direction = value.get("direction", "minimize")
+    if not isinstance(metric, str) or not metric:
+        problems.append("objective.metric must be a metric name such as 'val_loss'")
+        metric = "val_loss"
+    if direction not in ("minimize", "maximize"):
+        problems.append(f"objective.direction must be 'minimize' or 'maximize', got {direction!r}")
+        direction = "minimize"
+    return metric, direction
+
+
+def _max_epochs(value: Any, problems: list[str]) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        problems.append(f"max_epochs must be a positive integer, got {value!r}")
+        return None
+    return value
+
+
+def _epoch_number(value: Any, index: int, problems: list[str]) -> float:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, float) and value.is_integer() and value >= 0:
+            return value
+        problems.append(f"epochs[{index}].epoch must be a non-negative integer, got {value!r}")
+        return math.nan
+    return float(value)
+
+
+def _number(value: Any, where: str, problems: list[str], *, required: bool) -> float:
+    if value is None:
+        if required:
+            problems.append(f"{where} is required")
+        return math.nan
+    if isinstance(value, str):
+        parsed = _NON_FINITE.get(value.strip().lower())
+        if parsed is None:
+            problems.append(f"{where} must be a number or one of \"NaN\", \"Infinity\", \"-Infinity\", got {value!r}")
+            return math.nan
+        return parsed
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        problems.append(f"{where} must be a number, got {type(value).__name__}")
+        return math.nan
+    return float(value)
+
+
+def _check_order(epochs: list[float], problems: list[str]) -> None:
+    """Epochs must strictly increase: a repeat or a step back means two runs were mixed up."""
+    previous = None
+    for index, epoch in enumerate(epochs):
+        if math.isnan(epoch):
+            continue
+        if previous is not None and epoch <= previous:
+            kind = "repeated" if epoch == previous else "out of order"
+            problems.append(f"epoch {int(epoch)} at epochs[{index}] is {kind} (after epoch {int(previous)}); "
+                            "epochs must strictly increase")
+            return
+        previous = epoch

@@ -1,0 +1,251 @@
+"""One detector per unhealthy verdict, plus the trend reading that decides between the rest.
+
+Each detector looks at a `History` and returns a `Candidate` (verdict, score, onset, findings)
+or None. A score is the detector's confidence in [0, 1]: 0.5 at its threshold, rising with
+the margin by which the evidence clears it (see `margin_confidence`). Sources of the rules:
+AUTOTRAINER (ICSE 2021) for gradient ratios, swing counts and slow best-so-far gains,
+DeepDiagnosis (ICSE 2022) for non-finite and unchanged losses and the effective learning
+rate, UMLAUT for validation loss rising while training loss falls; here every threshold is
+relative to the curve's own level, and curves are median-smoothed before trends are read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from studies.diagnosis import signals as sig
+from studies.diagnosis.history import History
+from studies.diagnosis.result import Finding
+
+# Thresholds from the diagnosis contract (docs/architecture.md, "Convergence diagnosis").
+DIVERGE_FACTOR = 3.0        # loss above 3x its first value, and staying there
+EXPLODE_RATIO = 100.0       # gradient norm above 100x its early median
+VANISH_MAX_MOVE = 0.05      # loss moves < 5% over the whole run
+OSCILLATE_SWING = 0.15      # swings of at least 15% of the loss level
+OVERFIT_RISE = 0.20         # val loss 20% above its minimum
+IMPROVING_DROP = 0.05       # > 5% fall over the last fifth: still improving
+FLAT_DROP = 0.02            # < 2% over the last fifth: flat
+NEAR_MINIMUM = 0.10         # converged: within 10% of the minimum
+
+
+@dataclass
+class Candidate:
+    verdict: str
+    score: float
+    onset: int | None = None
+    findings: list[Finding] = field(default_factory=list)
+    facts: dict[str, float] = field(default_factory=dict)  # numbers the remedies are sized from
+
+
+def margin_confidence(value: float, threshold: float, *, scale: float = 1.0, log: bool = False) -> float:
+    """0.5 at the threshold, approaching 0.99 as `value` clears it by a few `scale`s (in log10 when `log`)."""
+    if log:
+        value, threshold = math.log10(max(value, 1e-300)), math.log10(max(threshold, 1e-300))
+    margin = (value - threshold) / scale
+    return float(min(0.99, max(0.01, 0.5 + 0.49 * math.tanh(margin))))
+
+
+def _epoch(h: History, index: int | None) -> int | None:
+    return None if index is None else int(h.epochs[index])
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%" if abs(x) >= 0.01 else f"{100 * x:.1f}%".replace("-0.0%", "0.0%")
+
+
+def diverged(h: History) -> Candidate | None:
+    """Loss NaN/Inf, or above 3x its first value with no way back so far."""
+    bad = sig.first_non_finite(h.train_loss)
+    if bad is not None:
+        e = _epoch(h, bad)
+        before = f" (it was {h.train_loss[0]:.4g} at epoch {h.epochs[0]})" if bad > 0 else ""
+        return Candidate("diverged", 0.99, e, [Finding("diverged", e, f"train_loss became {h.train_loss[bad]} at "
+                                                                      f"epoch {e}{before}")])
+    if h.has("val_loss"):
+        vbad = sig.first_non_finite(h.val_loss)
+        if vbad is not None and not np.isfinite(h.val_loss[vbad:]).any() and np.isfinite(h.val_loss[:vbad]).any():
+            e = _epoch(h, vbad)
+            return Candidate("diverged", 0.8, e, [Finding("diverged", e, f"val_loss became {h.val_loss[vbad]} at "
+                                                          f"epoch {e} and stayed so, while train_loss stayed finite")])
+    t = h.train_loss
+    first = float(t[0])
+    limit = first + (DIVERGE_FACTOR - 1) * abs(first)
+    above = t > limit
+    if len(t) < 2 or not above[-1]:
+        return None
+    start = len(t) - int(np.argmin(above[::-1])) if not above.all() else 0
+    e = _epoch(h, start)
+    ratio = (t[-1] - first) / max(abs(first), 1e-12) + 1
+    score = margin_confidence(ratio, DIVERGE_FACTOR, scale=1.0, log=True) if first > 0 else 0.8
+    return Candidate("diverged", max(score, 0.6), e, [Finding(
+        "diverged", e, f"train_loss climbed from {first:.4g} at epoch {h.epochs[0]} to {t[-1]:.4g} "
+                       f"({ratio:.1f}x) and has stayed above {DIVERGE_FACTOR:g}x since epoch {e}")])
+
+
+def exploding_gradients(h: History) -> Candidate | None:
+    """Gradient norm above 100x its early median, on two epochs, or on the latest one."""
+    g = h.grad_norm
+    if len(g) < 2 or not np.isfinite(g).any():
+        return None
+    early = sig.finite(g[:3])
+    baseline = float(np.median(early)) if len(early) else math.nan
+    if not baseline > 0:
+        return None
+    ratio = np.where(np.isfinite(g), g / baseline, np.where(np.isnan(g), 0.0, np.inf))
+    spikes = np.flatnonzero(ratio > EXPLODE_RATIO)
+    if len(spikes) == 0:
+        return None
+    ongoing = spikes[-1] >= len(g) - 2
+    if len(spikes) < 2 and not ongoing:
+        return None
+    peak = float(np.max(ratio))
+    score = margin_confidence(peak, EXPLODE_RATIO, scale=1.0, log=True)
+    score = score if len(spikes) >= 2 else min(score, 0.7)
+    e = _epoch(h, int(spikes[0]))
+    spread = float(np.ptp(sig.finite(h.train_loss)) / sig.level(h.train_loss, float(np.median(h.train_loss))))
+    return Candidate("exploding_gradients", score, e, [Finding(
+        "exploding_gradients", e, f"grad_norm reached {np.nanmax(g):.3g}, {peak:.3g}x its early median "
+                                  f"{baseline:.3g}, on {len(spikes)} epoch(s) from epoch {e}; the loss stayed "
+                                  f"finite (range {_pct(spread)} of its level)")])
+
+
+def vanishing_gradients(h: History) -> Candidate | None:
+    """Tiny gradients relative to the loss and the weights, and a loss that hardly moves."""
+    if len(h) < 3 or not h.has("grad_norm"):
+        return None
+    loss = h.train_loss
+    move = float(np.ptp(loss) / sig.level(loss, float(loss[0])))
+    if move >= VANISH_MAX_MOVE:
+        return None
+    g = float(np.nanmedian(h.grad_norm))
+    p = float(np.nanmedian(h.param_norm)) if h.has("param_norm") else 1.0
+    sensitivity = g * p / sig.level(loss, float(np.median(loss)))  # relative loss change per relative weight change
+    if sensitivity >= 1e-3:
+        return None
+    score = margin_confidence(1e-3, sensitivity, scale=1.0, log=True)
+    facts = {"sensitivity": sensitivity}
+    text = (f"median grad_norm {g:.3g} with param_norm {p:.3g}: a 1% change of the weights would move the loss "
+            f"by about {sensitivity * 1e-2:.1e} of its level; the loss moved {_pct(move)} over {len(h)} epochs")
+    if h.has("lr") and h.has("param_norm"):
+        eff = float(np.nanmedian(h.lr * h.grad_norm / h.param_norm))
+        facts["effective_lr"] = eff
+        text += f"; effective learning rate lr·‖g‖/‖w‖ = {eff:.1e}"
+    return Candidate("vanishing_gradients", score, _epoch(h, 0), [Finding("vanishing_gradients", _epoch(h, 0), text)],
+                     facts)
+
+
+def overfitting(h: History) -> Candidate | None:
+    """Validation loss (or error) risen > 20% above its minimum while training loss kept falling."""
+    if h.has("val_loss"):
+        val, name = h.val_loss, "val_loss"
+    elif h.has("val_acc"):
+        val, name = 1.0 - h.val_acc, "validation error (1 - val_acc)"
+    else:
+        return None
+    if len(h) < 4 or not np.isfinite(val).all():
+        return None
+    best = int(np.argmin(val))
+    current = float(np.median(val[-3:])) if best < len(val) - 3 else float(val[-1])
+    rise = (current - float(val[best])) / sig.level(val, float(val[best]))
+    if rise <= OVERFIT_RISE * 0.5:
+        return None
+    train = h.train_loss
+    train_fall = (float(train[best]) - float(np.min(train[best:]))) / sig.level(train, float(train[best]))
+    if train_fall < 0.10 or float(train[-1]) >= current and name == "val_loss":
+        return None
+    score = margin_confidence(rise, OVERFIT_RISE, scale=0.15)
+    e = _epoch(h, best)
+    return Candidate("overfitting", score, e, [Finding(
+        "overfitting", e, f"{name} rose {_pct(rise)} above its minimum {val[best]:.4g} at epoch {e} while train_loss "
+                          f"fell {_pct(train_fall)} further, to {train[-1]:.4g}")], {"best_epoch": float(e)})
+
+
+def oscillating(h: History) -> Candidate | None:
+    """Epoch-to-epoch changes that flip sign about every other epoch, with large swings and no trend.
+
+    Read on the whole run and on its second half (an oscillation that set in late); the onset is
+    the first large flip of the earliest part that qualifies.
+    """
+    if len(h) < 5:
+        return None
+    best: Candidate | None = None
+    for name in ("val_loss", "train_loss"):
+        values = getattr(h, name)
+        if not np.isfinite(values).all():
+            continue
+        for offset in (0, len(values) // 2):
+            part = values[offset:]
+            if len(part) < 5:
+                continue
+            rate, swing, onset = sig.flip_rate(part, OSCILLATE_SWING)
+            trend = sig.trend_strength(part)
+            if rate < 0.3 or trend > 0.5:
+                continue
+            score = min(margin_confidence(rate, 0.4, scale=0.15), margin_confidence(0.5, trend, scale=0.2))
+            if best is not None and score <= best.score + 0.05:
+                continue
+            e = _epoch(h, offset + onset) if onset is not None else None
+            best = Candidate("oscillating", score, e, [Finding(
+                "oscillating", e, f"{name} changes flip sign on {_pct(rate)} of consecutive epochs from epoch "
+                                  f"{h.epochs[offset]} with a median swing of {_pct(swing)} of its level, and its "
+                                  f"net trend is {_pct(trend)} of the distance travelled")])
+    return best
+
+def quality(h: History) -> tuple[float, str]:
+    """How good the best value so far is, in [0, 1], read from the history alone, with the reason.
+
+    Classification: validation accuracy above chance, chance estimated from the first
+    epoch's cross-entropy (≈ ln of the class count at initialisation). Otherwise: the
+    share of the first epoch's loss that training has removed.
+    """
+    loss = h.loss
+    first = float(h.train_loss[0])
+    best = float(np.nanmin(loss))
+    progress = (first - best) / sig.level(loss, first) if math.isfinite(best) else 0.0
+    if h.has("val_acc"):
+        classes = min(max(math.exp(min(first, 7.0)), 2.0), 1000.0) if first > 0 else 2.0
+        chance = 1.0 / classes
+        acc = float(np.nanmax(h.val_acc))
+        skill = (acc - chance) / (1 - chance)
+        return max(0.0, skill), f"best val_acc {acc:.3f} against a chance level near {chance:.2f}"
+    return max(0.0, min(1.0, progress)), f"the loss went from {first:.4g} to a best of {best:.4g}"
+
+
+def trend(h: History) -> Candidate:
+    """Decide among converged, still_improving, slow_convergence and underfitting from the curve's tail."""
+    loss = h.loss
+    name = "val_loss" if h.has("val_loss") else "train_loss"
+    if len(h) == 1:
+        return Candidate("still_improving", 0.3, None, [Finding("too_early", _epoch(h, 0),
+                                                                "one epoch: too early to read a trend")])
+    drop = sig.tail_drop(loss)
+    train_drop = sig.tail_drop(h.train_loss)
+    q, why = quality(h)
+    good = q >= 0.6
+    best = float(np.nanmin(loss))
+    from_min = (float(sig.smooth(loss)[-1]) - best) / sig.level(loss, best)
+    tail = f"{name} changed {_pct(-drop)} over the last fifth (epochs {h.epochs[sig.tail_start(len(h))]}–" \
+           f"{h.epochs[-1]}); {why}"
+    regularised = (h.has("val_loss") and float(np.median(h.train_loss[-3:])) > 1.1 * float(np.median(h.val_loss[-3:])))
+    facts = {"tail_drop": drop, "quality": q, "regularised": float(regularised), "epochs_seen": float(len(h))}
+    if drop > IMPROVING_DROP and train_drop > 0:
+        score = margin_confidence(drop, IMPROVING_DROP, scale=0.05)
+        return Candidate("still_improving", score, None, [Finding("still_improving", None, tail)], facts)
+    if drop >= FLAT_DROP:
+        if good:
+            return Candidate("still_improving", 0.6, None, [Finding("still_improving", None, tail)], facts)
+        score = min(margin_confidence(0.6, q, scale=0.2), 0.9)
+        return Candidate("slow_convergence", score, None, [Finding("slow_convergence", None, tail)], facts)
+    if good and from_min <= NEAR_MINIMUM:
+        score = min(margin_confidence(q, 0.6, scale=0.2), margin_confidence(FLAT_DROP, abs(drop), scale=0.02))
+        return Candidate("converged", score, None, [Finding(
+            "converged", None, f"{tail}; it is {_pct(from_min)} above its minimum {best:.4g}")], facts)
+    score = margin_confidence(0.6, q, scale=0.2)
+    text = f"{tail}: flat at a poor level"
+    if regularised:
+        text += (f"; train_loss {np.median(h.train_loss[-3:]):.4g} stays above val_loss "
+                 f"{np.median(h.val_loss[-3:]):.4g}, a sign of heavy regularisation")
+    return Candidate("underfitting", score, _epoch(h, 0), [Finding("underfitting", _epoch(h, 0), text)], facts)

@@ -1,0 +1,93 @@
+"""Scale-free measurements of a curve, shared by the detectors.
+
+Losses come at any scale and sign (cross-entropy near 2, raw MSE in the thousands, negative
+log-likelihoods below zero), so every change is measured relative to the curve's own level:
+`level(x)` is |x| floored at a tenth of the curve's range, which keeps ratios meaningful
+when a loss crosses or approaches zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def finite(values: np.ndarray) -> np.ndarray:
+    return values[np.isfinite(values)]
+
+
+def first_non_finite(values: np.ndarray) -> int | None:
+    """Index of the first NaN/Inf value, or None."""
+    bad = ~np.isfinite(values)
+    return int(np.argmax(bad)) if bad.any() else None
+
+
+def smooth(values: np.ndarray) -> np.ndarray:
+    """Median of each point and its neighbours (window 3): removes single-epoch spikes, keeps steps."""
+    n = len(values)
+    if n < 3:
+        return values.copy()
+    padded = np.concatenate([values[:1], values, values[-1:]])
+    windows = np.stack([padded[:-2], padded[1:-1], padded[2:]])
+    return np.median(windows, axis=0)
+
+
+def level(values: np.ndarray, at: float) -> float:
+    """The magnitude a change at value `at` is compared with (see the module docstring)."""
+    span = float(np.ptp(values)) if len(values) else 0.0
+    return max(abs(at), 0.1 * span, 1e-12)
+
+
+def tail_start(n: int) -> int:
+    """First index of the last fifth of `n` epochs (at least the last two points)."""
+    return max(0, min(n - 2, n - max(2, math.ceil(n / 5))))
+
+
+def tail_drop(values: np.ndarray) -> float:
+    """Relative fall over the last fifth (positive = falling), measured on the smoothed curve."""
+    if len(values) < 2:
+        return 0.0
+    s = smooth(values)
+    start = tail_start(len(s))
+    return float((s[start] - s[-1]) / level(values, s[start]))
+
+
+def total_drop(values: np.ndarray) -> float:
+    """Relative fall from the first epoch to the last (smoothed at the end only)."""
+    if len(values) < 2:
+        return 0.0
+    return float((values[0] - smooth(values)[-1]) / level(values, values[0]))
+
+
+def flip_rate(values: np.ndarray, min_swing: float) -> tuple[float, float, int | None]:
+    """How often consecutive epoch-to-epoch changes flip sign, counting only swings ≥ `min_swing` of the level.
+
+    Returns (fraction of consecutive change pairs that flip with both swings large, median swing
+    relative to the level, index of the epoch where the first large flip starts).
+    """
+    if len(values) < 4:
+        return 0.0, 0.0, None
+    deltas = np.diff(values)
+    levels = np.array([level(values, v) for v in values[:-1]])
+    rel = np.abs(deltas) / levels
+    large = rel >= min_swing
+    flips = (np.sign(deltas[1:]) * np.sign(deltas[:-1]) < 0) & large[1:] & large[:-1]
+    onset = int(np.argmax(flips)) if flips.any() else None
+    return float(flips.mean()), float(np.median(rel)), onset
+
+
+def trend_strength(values: np.ndarray) -> float:
+    """Net movement over the run relative to the total epoch-to-epoch movement (0: no trend, 1: monotone)."""
+    if len(values) < 2:
+        return 0.0
+    path = float(np.sum(np.abs(np.diff(values))))
+    return abs(float(values[-1] - values[0])) / path if path > 0 else 0.0
+
+
+def roughness(values: np.ndarray) -> float:
+    """Median relative deviation of the curve from its smoothed self: noise, not trend."""
+    if len(values) < 3:
+        return 0.0
+    s = smooth(values)
+    return float(np.median(np.abs(values - s) / np.array([level(values, v) for v in s])))
