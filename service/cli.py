@@ -1,8 +1,9 @@
-"""The `converge` command line. Every command reads CONVERGE_DATABASE_URL.
+"""The `converge` command line. Every command but `diagnose` reads CONVERGE_DATABASE_URL.
 
 Heavy modules (optuna, the API, the worker) are imported inside the commands so that
-`converge --help` answers at once. Exit codes: 0 ok, 1 a service error (database
-unreachable, name taken, not found), 2 bad input (invalid spec, bad option).
+`converge --help` answers at once, and `converge diagnose` never imports torch. Exit codes:
+0 ok, 1 a service error (database unreachable, name taken, not found), 2 bad input
+(invalid spec or history, bad option).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 
@@ -174,6 +176,78 @@ def sweep(spec_path: Path, quiet: bool) -> None:
     _show_study(spec.name)
 
 
+# ---------------------------------------------------------------- diagnose
+
+
+@cli.command("diagnose")
+@click.argument("source", metavar="FILE|-", type=click.File("r", encoding="utf-8"))
+@click.option("--jsonl", is_flag=True,
+              help="one history per input line; prints one compact diagnosis per line, in the same order")
+def diagnose_command(source: IO[str], jsonl: bool) -> None:
+    """Diagnose a training history: why it did or did not converge, and what to change.
+
+    FILE is a JSON history in the diagnosis contract's format (`-` reads stdin), such as the
+    body of GET /v1/studies/NAME/trials/N/metrics; NaN and infinities may be bare tokens or the
+    strings "NaN", "Infinity", "-Infinity". Prints the diagnosis as JSON. Needs no database.
+
+    An invalid JSON file or history: one line on stderr, exit status 2.
+
+    With --jsonl, every input line is a history and every output line its diagnosis. A line
+    that cannot be diagnosed (empty, invalid JSON, invalid history) prints
+    {"line": N, "error": "..."} in its place, so output lines stay aligned with input lines;
+    the other lines go on, and the exit status is then 2.
+    """
+    import json
+
+    from studies.diagnosis import HistoryError, diagnose
+
+    ctx = click.get_current_context()
+    if not jsonl:
+        try:
+            data = json.loads(source.read())
+            result = diagnose(data).to_dict()
+        except json.JSONDecodeError as exc:
+            click.echo(f"converge: {source.name}: not valid JSON: {exc}", err=True)
+            ctx.exit(2)
+        except UnicodeDecodeError as exc:
+            click.echo(f"converge: {source.name}: not UTF-8 text: {exc}", err=True)
+            ctx.exit(2)
+        except HistoryError as exc:
+            click.echo(f"converge: {source.name}: {exc}", err=True)
+            ctx.exit(2)
+        click.echo(json.dumps(result, indent=2))
+        return
+
+    lines = bad = 0
+    try:
+        for lines, line in enumerate(source, start=1):
+            out = _diagnose_line(line, lines)
+            bad += "error" in out
+            click.echo(json.dumps(out, separators=(",", ":")))
+    except UnicodeDecodeError as exc:
+        click.echo(f"converge: {source.name}: not UTF-8 text after line {lines}: {exc}", err=True)
+        ctx.exit(2)
+    if bad:
+        click.echo(f"converge: {bad} of {lines} lines could not be diagnosed", err=True)
+        ctx.exit(2)
+
+
+def _diagnose_line(line: str, number: int) -> dict[str, Any]:
+    """One --jsonl line: its diagnosis, or {"line": N, "error": "..."}."""
+    import json
+
+    from studies.diagnosis import HistoryError, diagnose
+
+    if not line.strip():
+        return {"line": number, "error": "empty line: expected one JSON history"}
+    try:
+        return diagnose(json.loads(line)).to_dict()
+    except json.JSONDecodeError as exc:
+        return {"line": number, "error": f"not valid JSON: {exc.msg} at column {exc.colno}"}
+    except HistoryError as exc:
+        return {"line": number, "error": str(exc)}
+
+
 # ---------------------------------------------------------------- study
 
 
@@ -215,12 +289,17 @@ def study_list() -> None:
 @study.command("show")
 @click.argument("name")
 def study_show(name: str) -> None:
-    """One study: its state, best trial and every trial."""
-    _show_study(name)
+    """One study: its state, best trial, every trial, then each trial's verdict.
+
+    The verdict table gives each trial's latest diagnosis (verdict, confidence, first remedy;
+    "-" before its first epoch) and ends with a count of trials per verdict.
+    """
+    _show_study(name, verdicts=True)
 
 
-def _show_study(name: str) -> None:
+def _show_study(name: str, *, verdicts: bool = False) -> None:
     from service import views
+    from service.db import repo
     from service.db.engine import get_engine, session_scope
     from studies.storage import storage_for
 
@@ -229,6 +308,7 @@ def _show_study(name: str) -> None:
     with session_scope(get_engine(settings.database_url)) as session:
         s = views.get_study_out(session, storage, name)
         trials = views.list_trial_outs(session, storage, name)
+        diagnoses = repo.diagnoses_by_trial(session, repo.get_study(session, name).id) if verdicts else {}
     click.echo(f"study {s.name}: {s.state}" + (f" ({s.detail})" if s.detail else ""))
     click.echo(f"  {s.spec['task']['model']} on {s.spec['task']['dataset']}, "
                f"{s.spec['objective']['direction']} {s.spec['objective']['metric']}, {s.n_trials} trials")
@@ -241,6 +321,38 @@ def _show_study(name: str) -> None:
                      ("lr", "batch_size", "epochs", "weight_decay", "dropout")),
                      _fmt(t.value), str(t.epochs_recorded), (t.error or "")[:60]])
     click.echo(_table(rows))
+    if verdicts:
+        click.echo()
+        click.echo(_verdict_table(trials, diagnoses))
+
+
+def _verdict_table(trials: list[Any], diagnoses: dict[int, Any]) -> str:
+    """Per trial: state, value, verdict, confidence, first remedy; then the trials per verdict."""
+    rows = [["#", "state", "value", "verdict", "confidence", "remedy"]]
+    counts: Counter[str] = Counter()
+    for t in trials:
+        d = diagnoses.get(t.number)
+        if d is None:
+            rows.append([str(t.number), t.state, _fmt(t.value), "-", "-", "-"])
+            counts["no diagnosis"] += 1
+            continue
+        remedies = d.diagnosis.get("remedies") or []
+        rows.append([str(t.number), t.state, _fmt(t.value), d.verdict, f"{d.confidence:.2f}",
+                     _remedy_label(remedies[0]) if remedies else "-"])
+        counts[d.verdict] += 1
+    total = ", ".join(f"{verdict} {n}" for verdict, n in counts.most_common()) or "no trials"
+    return _table(rows) + f"\nverdicts: {total}"
+
+
+def _remedy_label(remedy: dict[str, Any]) -> str:
+    """A stored remedy as `Remedy.label()` writes it: "lr × 0.1", "epochs = 18", "gradient_clip on"."""
+    param, factor, value = remedy.get("param", "?"), remedy.get("factor"), remedy.get("value")
+    if factor is not None:
+        return f"{param} × {factor:g}" if isinstance(factor, int | float) else f"{param} × {factor}"
+    if value is not None:
+        return f"{param} = {value}"
+    action = remedy.get("action", "")
+    return f"{param} {'on' if action == 'enable' else action}".rstrip()
 
 
 def _fmt(value: Any) -> str:

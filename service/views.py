@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import datetime, timezone
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -11,17 +12,20 @@ from sqlalchemy.orm import Session
 
 from service.api.schemas import (
     BestTrial,
+    DiagnosisOut,
     EpochOut,
     MetricsOut,
     ObjectiveOut,
     StudyOut,
     TrialCounts,
     TrialDetail,
+    TrialDiagnosisOut,
     TrialOut,
 )
 from service.db import repo
 from service.db.errors import NotFound
-from service.db.models import Study
+from service.db.models import Study, TrialDiagnosis
+from studies.diagnosis import diagnose
 
 _STATE_NAMES = {
     TrialState.RUNNING: "running",
@@ -77,19 +81,27 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.astimezone(timezone.utc) if value is not None else None
 
 
-def _trial_fields(trial: FrozenTrial, epochs: int) -> dict:
+def _trial_fields(trial: FrozenTrial, epochs: int, diagnosis: TrialDiagnosis | None) -> dict[str, Any]:
     duration = trial.duration.total_seconds() if trial.duration is not None else None
     return dict(
         number=trial.number, state=_STATE_NAMES[trial.state], params=trial.params, value=trial.value,
         datetime_start=_aware(trial.datetime_start), datetime_complete=_aware(trial.datetime_complete),
         duration_s=duration, epochs_recorded=epochs, error=trial.user_attrs.get("error"),
+        verdict=diagnosis.verdict if diagnosis is not None else None,
+        confidence=diagnosis.confidence if diagnosis is not None else None,
     )
 
 
-def list_trial_outs(session: Session, storage: optuna.storages.BaseStorage, name: str) -> list[TrialOut]:
+def list_trial_outs(session: Session, storage: optuna.storages.BaseStorage, name: str,
+                    verdict: str | None = None) -> list[TrialOut]:
+    """The study's trials in order; with `verdict`, only those whose latest diagnosis says so."""
     study = repo.get_study(session, name)
     epochs = repo.epochs_recorded(session, study.id)
-    return [TrialOut(**_trial_fields(t, epochs.get(t.number, 0))) for t in _optuna_trials(storage, name)]
+    diagnoses = repo.diagnoses_by_trial(session, study.id, with_diagnosis=False)
+    trials = _optuna_trials(storage, name)
+    if verdict is not None:
+        trials = [t for t in trials if t.number in diagnoses and diagnoses[t.number].verdict == verdict]
+    return [TrialOut(**_trial_fields(t, epochs.get(t.number, 0), diagnoses.get(t.number))) for t in trials]
 
 
 def _find_trial(storage: optuna.storages.BaseStorage, name: str, number: int) -> FrozenTrial:
@@ -104,8 +116,25 @@ def get_trial_detail(session: Session, storage: optuna.storages.BaseStorage, nam
     study = repo.get_study(session, name)
     trial = _find_trial(storage, name, number)
     epochs = repo.epochs_recorded(session, study.id).get(number, 0)
-    return TrialDetail(**_trial_fields(trial, epochs), intermediate_values=dict(trial.intermediate_values),
-                       user_attrs=trial.user_attrs)
+    diagnosis = repo.get_diagnosis(session, study.id, number)
+    return TrialDetail(**_trial_fields(trial, epochs, diagnosis), intermediate_values=dict(trial.intermediate_values),
+                       user_attrs=trial.user_attrs,
+                       diagnosis=DiagnosisOut.model_validate(diagnosis.diagnosis) if diagnosis is not None else None)
+
+
+def get_trial_diagnosis(session: Session, storage: optuna.storages.BaseStorage, name: str,
+                        number: int) -> TrialDiagnosisOut:
+    """The trial's latest stored diagnosis; NotFound for an unknown study or trial, or none stored yet."""
+    study = repo.get_study(session, name)
+    row = repo.get_diagnosis(session, study.id, number)
+    if row is None:
+        _find_trial(storage, name, number)  # an unknown trial is its own 404
+        if repo.epochs_recorded(session, study.id).get(number, 0):
+            raise NotFound(f"trial {number} has epochs recorded but no diagnosis: it failed on every epoch "
+                           "(the worker's log says why)")
+        raise NotFound(f"trial {number} has no epochs recorded yet, so no diagnosis")
+    return TrialDiagnosisOut.model_validate({**row.diagnosis, "study": name, "trial": number, "epoch": row.epoch,
+                                             "final": row.final, "updated_at": row.updated_at})
 
 
 def get_trial_metrics(session: Session, storage: optuna.storages.BaseStorage, name: str,
@@ -117,3 +146,8 @@ def get_trial_metrics(session: Session, storage: optuna.storages.BaseStorage, na
     max_epochs = int(trial.params.get("epochs", len(rows)))
     return MetricsOut(study=name, trial=number, objective=ObjectiveOut(**objective), max_epochs=max_epochs,
                       epochs=[EpochOut(**repo.metric_row(r)) for r in rows])
+
+
+def diagnose_history(history: Any) -> DiagnosisOut:
+    """Diagnose a history in the contract's format; `HistoryError` (every problem listed) when it is invalid."""
+    return DiagnosisOut.model_validate(diagnose(history).to_dict())

@@ -1,12 +1,16 @@
-"""The Optuna objective: suggest the five hyperparameters, train, record every epoch.
+"""The Optuna objective: suggest the five hyperparameters, train, record and diagnose every epoch.
 
 Each epoch's metrics go to Converge's table as the epoch ends (visible through the API
-while the trial runs); only the objective metric goes to Optuna, for pruning.
+while the trial runs), together with the diagnosis of the history so far (one row per
+trial, replaced every epoch, marked final when the trial ends); only the objective metric
+goes to Optuna, for pruning.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -15,10 +19,16 @@ from sqlalchemy.engine import Engine
 
 from service.db import repo
 from service.db.engine import session_scope
+from studies.diagnosis import MAX_EPOCHS, HistoryError, diagnose
 from studies.search_space import suggest
 from studies.spec import StudySpec
 
 EpochListener = Callable[[optuna.Trial, dict[str, Any]], None]
+
+log = logging.getLogger("converge.objective")
+
+# The per-epoch keys of the diagnosis contract's history (the trainer's `epoch_seconds` is not one).
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_acc", "grad_norm", "param_norm", "lr")
 
 
 class ObjectiveNotFinite(RuntimeError):
@@ -49,14 +59,26 @@ class Objective:
             raise
 
     def _train(self, trial: optuna.Trial, params: dict[str, Any]) -> float:
+        diagnoser = TrialDiagnoser(self.spec, trial.number, max_epochs=int(params["epochs"]))
+        try:
+            return self._fit(trial, params, diagnoser)
+        finally:
+            # Complete, pruned or failed: the last diagnosis becomes the trial's final one.
+            diagnoser.save_final(self.engine, self.study_id, trial._trial_id)
+
+    def _fit(self, trial: optuna.Trial, params: dict[str, Any], diagnoser: TrialDiagnoser) -> float:
         from trainers import TrainConfig, fit  # torch is imported in the trial's process only
 
         metric = self.spec.objective.metric
         pruned_at: list[int] = []
 
         def on_epoch_end(metrics: dict[str, Any]) -> bool:
+            diagnosis = diagnoser.add_epoch(metrics)
             with session_scope(self.engine) as session:
                 repo.record_epoch(session, self.study_id, trial._trial_id, trial.number, metrics)
+                if diagnosis is not None:
+                    repo.save_diagnosis(session, self.study_id, trial._trial_id, trial.number,
+                                        int(metrics["epoch"]), diagnosis, final=False)
             if self.on_epoch is not None:
                 self.on_epoch(trial, metrics)
             value = metrics.get(metric)
@@ -85,3 +107,46 @@ class Objective:
         if pruned_at:
             raise optuna.TrialPruned(f"pruned by the {self.spec.pruner.name} pruner at epoch {pruned_at[0]}")
         return float(value)
+
+
+class TrialDiagnoser:
+    """The epochs of one trial so far, in memory, and the diagnosis of that history.
+
+    A diagnosis that fails (bad history, a bug in a detector) is logged and skipped: it never
+    fails the trial. `last` is the latest diagnosis that succeeded, with the epoch it saw.
+    A run longer than the diagnosis accepts (`MAX_EPOCHS`) is diagnosed on its latest epochs.
+    """
+
+    def __init__(self, spec: StudySpec, trial_number: int, max_epochs: int):
+        self.trial_number = trial_number
+        self.objective = {"metric": spec.objective.metric, "direction": spec.objective.direction}
+        self.max_epochs = max_epochs
+        self.epochs: deque[dict[str, Any]] = deque(maxlen=MAX_EPOCHS)
+        self.last: tuple[int, dict[str, Any]] | None = None
+
+    def add_epoch(self, metrics: dict[str, Any]) -> dict[str, Any] | None:
+        """Append one epoch and diagnose the history so far; None when the diagnosis failed."""
+        epoch = int(metrics["epoch"])
+        self.epochs.append({key: metrics.get(key) for key in HISTORY_KEYS})
+        history = {"objective": self.objective, "max_epochs": self.max_epochs, "epochs": list(self.epochs)}
+        try:
+            result = diagnose(history).to_dict()
+        except HistoryError as exc:
+            log.warning("trial %d: no diagnosis at epoch %d: %s", self.trial_number, epoch, exc)
+            return None
+        except Exception:
+            log.exception("trial %d: the diagnosis failed at epoch %d", self.trial_number, epoch)
+            return None
+        self.last = (epoch, result)
+        return result
+
+    def save_final(self, engine: Engine, study_id: int, trial_id: int) -> None:
+        """Store the last diagnosis with `final=True` (nothing when no epoch was diagnosed)."""
+        if self.last is None:
+            return
+        epoch, result = self.last
+        try:
+            with session_scope(engine) as session:
+                repo.save_diagnosis(session, study_id, trial_id, self.trial_number, epoch, result, final=True)
+        except Exception:  # the trial's own outcome matters more than its diagnosis row
+            log.exception("trial %d: could not store the final diagnosis", self.trial_number)

@@ -169,12 +169,15 @@ class Worker:
                 repo.release_trial_slot(session, r.claim.study_id)
             return
         storage = storage_for(self.settings)
-        if storage.get_trial(trial_id).state == optuna.trial.TrialState.RUNNING:
+        trial = storage.get_trial(trial_id)
+        if trial.state == optuna.trial.TrialState.RUNNING:
             storage.set_trial_user_attr(trial_id, "error", f"trial process died (exit code {code})")
             try:
                 storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # it finished after all, between our read and write
+                return  # it finished after all, between our read and write (and stored its final diagnosis)
+            with session_scope(self.engine) as session:
+                repo.mark_diagnosis_final(session, r.claim.study_id, trial.number)
 
     def _heartbeat(self) -> None:
         current = [{"study": r.claim.study_name, "slot": r.claim.slot, "device": r.slot.device,

@@ -71,12 +71,13 @@ def test_duplicate_name_is_409(client: TestClient) -> None:
 
 def test_unknown_study_and_trial_are_404(client: TestClient) -> None:
     for path in ("/v1/studies/ghost", "/v1/studies/ghost/trials", "/v1/studies/ghost/trials/0",
-                 "/v1/studies/ghost/trials/0/metrics"):
+                 "/v1/studies/ghost/trials/0/metrics", "/v1/studies/ghost/trials/0/diagnosis"):
         response = client.get(path)
         assert response.status_code == 404, path
         assert response.json()["detail"] == "no study named 'ghost'"
     client.post("/v1/studies", json=tiny_spec("real"))
     assert client.get("/v1/studies/real/trials/5").json() == {"detail": "study 'real' has no trial 5"}
+    assert client.get("/v1/studies/real/trials/5/diagnosis").json() == {"detail": "study 'real' has no trial 5"}
     assert client.get("/v1/studies/real/trials/-1").status_code == 422
 
 
@@ -97,7 +98,7 @@ def test_openapi_describes_every_operation(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert set(paths) == {"/v1/studies", "/v1/studies/{name}", "/v1/studies/{name}/trials",
                           "/v1/studies/{name}/trials/{number}", "/v1/studies/{name}/trials/{number}/metrics",
-                          "/v1/health"}
+                          "/v1/studies/{name}/trials/{number}/diagnosis", "/v1/diagnose", "/v1/health"}
     for path, operations in paths.items():
         for method, operation in operations.items():
             assert operation.get("description"), f"{method.upper()} {path} has no description"

@@ -76,6 +76,8 @@ def test_a_killed_trial_process_fails_its_trial_and_the_study_goes_on(settings: 
     assert trials[0]["state"] == "failed"
     assert trials[0]["error"] == "trial process died (exit code -9)"
     assert trials[0]["epochs_recorded"] >= 1  # its partial metrics are kept
+    assert trials[0]["verdict"] is not None  # and its diagnosis, marked final by the worker
+    assert client.get("/v1/studies/killed/trials/0/diagnosis").json()["final"] is True
     assert trials[1]["state"] == "complete"
     assert client.get("/v1/studies/killed").json()["state"] == "done"
 

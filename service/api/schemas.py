@@ -6,7 +6,9 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, PlainSerializer
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, SerializerFunctionWrapHandler, model_serializer
+
+from studies.diagnosis import MAX_EPOCHS, REMEDY_ACTIONS, REMEDY_PARAMS, VERDICTS
 
 
 def _json_float(value: float | None) -> float | str | None:
@@ -20,6 +22,9 @@ JsonFloat = Annotated[float | None, PlainSerializer(_json_float, return_type=flo
 
 StudyState = Literal["queued", "running", "done", "cancelled", "failed"]
 TrialState = Literal["running", "waiting", "complete", "pruned", "failed"]
+Verdict = Literal[VERDICTS]  # the diagnosis library's verdicts, one source of truth
+RemedyParam = Literal[REMEDY_PARAMS]
+RemedyAction = Literal[REMEDY_ACTIONS]
 
 
 class TrialCounts(BaseModel):
@@ -59,11 +64,66 @@ class TrialOut(BaseModel):
     duration_s: float | None
     epochs_recorded: int
     error: str | None = Field(description="the exception of a failed trial")
+    verdict: Verdict | None = Field(default=None, description="the latest diagnosis' verdict; null until the "
+                                    "trial's first epoch is recorded")
+    confidence: float | None = Field(default=None, description="the latest diagnosis' confidence, 0..1")
+
+
+class FindingOut(BaseModel):
+    kind: str = Field(description="what was observed")
+    epoch: int | None = Field(description="the epoch it was observed at, when it has one")
+    evidence: str = Field(description="the numbers behind it")
+
+
+class RemedyOut(BaseModel):
+    """A change to one hyperparameter: multiply it by `factor`, set it to `value`, or enable it."""
+
+    param: RemedyParam
+    action: RemedyAction
+    factor: float | None = Field(default=None, description="multiply the current value by this (absent otherwise)")
+    value: float | int | str | None = Field(default=None, description="set the parameter to this (absent otherwise)")
+    reason: str
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler):
+        """`factor` and `value` are left out when unset, as in the diagnosis contract.
+
+        No return annotation: one would replace the model's documented schema with a bare object.
+        """
+        data = handler(self)
+        for key in ("factor", "value"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+
+class DiagnosisOut(BaseModel):
+    """A convergence diagnosis in the contract's format (`studies.diagnosis.Diagnosis.to_dict()`)."""
+
+    verdict: Verdict
+    healthy: bool = Field(description="true for converged and still_improving")
+    onset_epoch: int | None = Field(description="the epoch the problem began at, when there is one")
+    confidence: float = Field(description="how sure the verdict is, 0..1")
+    findings: list[FindingOut] = Field(description="the observations behind the verdict")
+    remedies: list[RemedyOut] = Field(description="changes to try, first the most promising")
+    summary: str
+
+
+class TrialDiagnosisOut(DiagnosisOut):
+    """A trial's latest diagnosis, rewritten after each of its epochs."""
+
+    study: str
+    trial: int
+    epoch: int = Field(description="the last epoch the diagnosis saw")
+    final: bool = Field(description="the trial has ended: this is its last diagnosis")
+    updated_at: datetime
 
 
 class TrialDetail(TrialOut):
     intermediate_values: dict[int, JsonFloat] = Field(description="objective reported to Optuna, by epoch")
     user_attrs: dict[str, Any]
+    diagnosis: DiagnosisOut | None = Field(default=None, description="the latest diagnosis; null until the "
+                                           "trial's first epoch is recorded")
 
 
 class EpochOut(BaseModel):
@@ -90,6 +150,81 @@ class MetricsOut(BaseModel):
     objective: ObjectiveOut
     max_epochs: int = Field(description="the epochs this trial was given")
     epochs: list[EpochOut]
+
+
+NonFinite = Literal["NaN", "Infinity", "-Infinity"]
+HistoryFloat = float | NonFinite
+
+
+class HistoryObjectiveIn(BaseModel):
+    metric: str = Field(default="val_loss", description="the metric the run optimises")
+    direction: Literal["minimize", "maximize"] = "minimize"
+
+
+class HistoryEpochIn(BaseModel):
+    """One epoch. Only `epoch` and `train_loss` are required; other metrics may be absent or null."""
+
+    model_config = ConfigDict(extra="allow")
+
+    epoch: int = Field(ge=0, description="epoch numbers must strictly increase")
+    train_loss: HistoryFloat
+    val_loss: HistoryFloat | None = None
+    val_acc: HistoryFloat | None = None
+    grad_norm: HistoryFloat | None = None
+    param_norm: HistoryFloat | None = None
+    lr: HistoryFloat | None = None
+
+
+class HistoryIn(BaseModel):
+    """A training history in the diagnosis contract's format (the body of `.../metrics` is one).
+
+    Non-finite values may be the strings "NaN", "Infinity", "-Infinity" or bare NaN/Infinity
+    tokens. Other keys are ignored. This model documents the body; the diagnosis library
+    validates it (`studies.diagnosis.parse_history`) and lists every problem.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    objective: HistoryObjectiveIn | None = Field(default=None, description="default: minimize val_loss")
+    max_epochs: int | None = Field(default=None, ge=1, description="the epochs the run was given")
+    epochs: list[HistoryEpochIn] = Field(min_length=1, max_length=MAX_EPOCHS)
+
+
+HISTORY_EXAMPLES: dict[str, dict[str, Any]] = {
+    "improving": {
+        "summary": "a run still improving at its last epoch",
+        "value": {
+            "objective": {"metric": "val_loss", "direction": "minimize"},
+            "max_epochs": 50,
+            "epochs": [
+                {"epoch": 0, "train_loss": 2.1, "val_loss": 2.0, "val_acc": 0.31, "grad_norm": 1.2,
+                 "param_norm": 3.1, "lr": 0.001},
+                {"epoch": 1, "train_loss": 1.4, "val_loss": 1.3, "val_acc": 0.55, "grad_norm": 1.0,
+                 "param_norm": 3.3, "lr": 0.001},
+                {"epoch": 2, "train_loss": 0.9, "val_loss": 0.95, "val_acc": 0.7, "grad_norm": 0.8,
+                 "param_norm": 3.5, "lr": 0.001},
+            ],
+        },
+    },
+    "diverged": {
+        "summary": "a run whose loss became NaN (non-finite values as strings)",
+        "value": {
+            "max_epochs": 20,
+            "epochs": [
+                {"epoch": 0, "train_loss": 2.3, "val_loss": 2.2, "grad_norm": 40.0, "lr": 5.0},
+                {"epoch": 1, "train_loss": 310.0, "val_loss": "Infinity", "grad_norm": 9000.0, "lr": 5.0},
+                {"epoch": 2, "train_loss": "NaN", "val_loss": "NaN", "grad_norm": "NaN", "lr": 5.0},
+            ],
+        },
+    },
+}
+
+
+class ProblemsOut(BaseModel):
+    """A 422: a readable `detail` and one line per problem."""
+
+    detail: str
+    problems: list[str]
 
 
 class HealthOut(BaseModel):

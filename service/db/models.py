@@ -6,7 +6,18 @@ import math
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -107,6 +118,31 @@ class TrialMetric(Base):
 
 
 METRIC_COLUMNS = ("train_loss", "val_loss", "val_acc", "grad_norm", "param_norm", "lr", "epoch_seconds")
+
+
+class TrialDiagnosis(Base):
+    """The latest convergence diagnosis of one trial, rewritten after every epoch.
+
+    `final` is set once the trial has ended: the row then holds its last diagnosis.
+    """
+
+    __tablename__ = "converge_trial_diagnoses"
+    __table_args__ = (
+        UniqueConstraint("study_id", "trial_number", name="uq_converge_trial_diagnoses_trial"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("converge_studies.id", ondelete="CASCADE"))
+    trial_number: Mapped[int] = mapped_column(Integer)
+    trial_id: Mapped[int] = mapped_column(Integer, comment="Optuna's trial_id")
+    epoch: Mapped[int] = mapped_column(Integer, comment="the last epoch the diagnosis saw")
+    verdict: Mapped[str] = mapped_column(String(32), index=True)
+    healthy: Mapped[bool] = mapped_column(Boolean)
+    confidence: Mapped[float] = mapped_column(Float)
+    onset_epoch: Mapped[int | None] = mapped_column(Integer, default=None)
+    final: Mapped[bool] = mapped_column(Boolean, default=False)
+    diagnosis: Mapped[dict[str, Any]] = mapped_column(JSON, comment="the diagnosis as the contract's JSON")
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
 class Worker(Base):

@@ -5,17 +5,21 @@ The caller owns the transaction through `session_scope()`.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from service.db.errors import Conflict, NotFound
-from service.db.models import ACTIVE_STATES, METRIC_COLUMNS, Study, TrialMetric, Worker, utcnow
+from service.db.models import ACTIVE_STATES, METRIC_COLUMNS, Study, TrialDiagnosis, TrialMetric, Worker, utcnow
 from service.db.optuna_tables import FINISHED_TRIAL_STATES, optuna_studies, optuna_trials
 
 # ---------------------------------------------------------------- studies
@@ -184,6 +188,85 @@ def metric_row(metric: TrialMetric) -> dict[str, Any]:
     for name in METRIC_COLUMNS:
         row[name] = getattr(metric, name)
     return row
+
+
+# ---------------------------------------------------------------- diagnoses
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON without NaN tokens (PostgreSQL refuses them): non-finite floats become the contract's strings."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def save_diagnosis(session: Session, study_id: int, trial_id: int, trial_number: int, epoch: int,
+                   diagnosis: dict[str, Any], final: bool = False) -> None:
+    """Insert or replace the trial's diagnosis (one row per trial: the latest one).
+
+    `diagnosis` is `Diagnosis.to_dict()`; `epoch` is the last epoch it saw; `final` says the
+    trial has ended. One statement on SQLite and PostgreSQL (INSERT ... ON CONFLICT DO UPDATE).
+    """
+    values: dict[str, Any] = dict(
+        study_id=study_id, trial_number=trial_number, trial_id=trial_id, epoch=int(epoch),
+        verdict=str(diagnosis["verdict"]), healthy=bool(diagnosis["healthy"]),
+        confidence=float(diagnosis["confidence"]),
+        onset_epoch=None if diagnosis.get("onset_epoch") is None else int(diagnosis["onset_epoch"]),
+        final=bool(final), diagnosis=_json_safe(diagnosis), updated_at=utcnow(),
+    )
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
+        statement = insert(TrialDiagnosis).values(**values)
+        statement = statement.on_conflict_do_update(
+            index_elements=[TrialDiagnosis.study_id, TrialDiagnosis.trial_number],
+            set_={name: statement.excluded[name] for name in values if name not in ("study_id", "trial_number")},
+        )
+        session.execute(statement)
+        return
+    row = get_diagnosis(session, study_id, trial_number)  # other databases: read, then write
+    if row is None:
+        session.add(TrialDiagnosis(**values))
+    else:
+        for name, value in values.items():
+            setattr(row, name, value)
+
+
+def mark_diagnosis_final(session: Session, study_id: int, trial_number: int) -> None:
+    """The trial ended without its process saying so (it was killed): its latest diagnosis is its last."""
+    session.execute(
+        update(TrialDiagnosis)
+        .where(TrialDiagnosis.study_id == study_id, TrialDiagnosis.trial_number == trial_number)
+        .values(final=True, updated_at=utcnow()).execution_options(synchronize_session=False)
+    )
+
+
+def get_diagnosis(session: Session, study_id: int, trial_number: int) -> TrialDiagnosis | None:
+    return session.scalar(select(TrialDiagnosis).where(TrialDiagnosis.study_id == study_id,
+                                                       TrialDiagnosis.trial_number == trial_number))
+
+
+def diagnoses_by_trial(session: Session, study_id: int, *, with_diagnosis: bool = True) -> dict[int, TrialDiagnosis]:
+    """The latest diagnosis of each trial of one study that has one, by trial number.
+
+    `with_diagnosis=False` leaves the JSON column unread (verdict, confidence and the other
+    columns only): a trial list needs no findings. Reading it then raises instead of querying.
+    """
+    query = select(TrialDiagnosis).where(TrialDiagnosis.study_id == study_id)
+    if not with_diagnosis:
+        query = query.options(defer(TrialDiagnosis.diagnosis, raiseload=True))
+    return {row.trial_number: row for row in session.scalars(query)}
 
 
 # ---------------------------------------------------------------- workers

@@ -21,8 +21,8 @@ DETECTORS: tuple[Callable[[History], rules.Candidate | None], ...] = (
     rules.diverged,
     rules.exploding_gradients,
     rules.vanishing_gradients,
+    rules.oscillating,  # before overfitting: a val loss swinging without trend is not a rise
     rules.overfitting,
-    rules.oscillating,
 )
 
 

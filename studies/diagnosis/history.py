@@ -125,6 +125,8 @@ def _epoch_number(value: Any, index: int, problems: list[str]) -> float:
 
 
 def _number(value: Any, where: str, problems: list[str], *, required: bool) -> float:
+    if type(value) is float or type(value) is int:  # the common case, checked first: it is most of the work
+        return float(value)
     if value is None:
         if required:
             problems.append(f"{where} is required")

@@ -70,6 +70,9 @@ def diverged(h: History) -> Candidate | None:
             e = _epoch(h, vbad)
             return Candidate("diverged", 0.8, e, [Finding("diverged", e, f"val_loss became {h.val_loss[vbad]} at "
                                                           f"epoch {e} and stayed so, while train_loss stayed finite")])
+    collapse = _blown_up_and_dead(h)
+    if collapse is not None:
+        return collapse
     t = h.train_loss
     first = float(t[0])
     limit = first + (DIVERGE_FACTOR - 1) * abs(first)
@@ -83,6 +86,31 @@ def diverged(h: History) -> Candidate | None:
     return Candidate("diverged", max(score, 0.6), e, [Finding(
         "diverged", e, f"train_loss climbed from {first:.4g} at epoch {h.epochs[0]} to {t[-1]:.4g} "
                        f"({ratio:.1f}x) and has stayed above {DIVERGE_FACTOR:g}x since epoch {e}")])
+
+
+def _blown_up_and_dead(h: History) -> Candidate | None:
+    """A loss that spiked far above where it settled, and settled at a useless level.
+
+    The usual end of a far too large learning rate when the loss stays finite: one or two
+    epochs of huge loss, then dead units and a curve flat at the chance level. The 3x rule
+    misses it when the spike falls in the first epoch.
+    """
+    t = h.train_loss
+    if len(t) < 3:
+        return None
+    peak = int(np.argmax(t))
+    settled = float(np.median(t[-3:]))
+    if peak >= len(t) - 2 or settled <= 0 or t[peak] < DIVERGE_FACTOR * settled:
+        return None
+    q, why = quality(h)
+    if q >= 0.3:
+        return None
+    e = _epoch(h, peak)
+    ratio = float(t[peak] / settled)
+    score = min(margin_confidence(ratio, DIVERGE_FACTOR, scale=1.0, log=True), margin_confidence(0.3, q, scale=0.1))
+    return Candidate("diverged", score, e, [Finding(
+        "diverged", e, f"train_loss spiked to {t[peak]:.4g} at epoch {e}, {ratio:.3g}x the {settled:.4g} it settled "
+                       f"at, and the run never reached a useful level ({why})")])
 
 
 def exploding_gradients(h: History) -> Candidate | None:
@@ -154,7 +182,7 @@ def overfitting(h: History) -> Candidate | None:
         return None
     train = h.train_loss
     train_fall = (float(train[best]) - float(np.min(train[best:]))) / sig.level(train, float(train[best]))
-    if train_fall < 0.10 or float(train[-1]) >= current and name == "val_loss":
+    if train_fall < 0.10 or (float(train[-1]) >= current and name == "val_loss"):
         return None
     score = margin_confidence(rise, OVERFIT_RISE, scale=0.15)
     e = _epoch(h, best)
@@ -197,21 +225,22 @@ def oscillating(h: History) -> Candidate | None:
 def quality(h: History) -> tuple[float, str]:
     """How good the best value so far is, in [0, 1], read from the history alone, with the reason.
 
-    Classification: validation accuracy above chance, chance estimated from the first
-    epoch's cross-entropy (≈ ln of the class count at initialisation). Otherwise: the
-    share of the first epoch's loss that training has removed.
+    The share of the first epoch's loss that training has removed; for classification also
+    the validation accuracy's skill above chance (chance estimated from the first epoch's
+    cross-entropy, ≈ ln of the class count near initialisation), and the lower of the two.
     """
     loss = h.loss
     first = float(h.train_loss[0])
     best = float(np.nanmin(loss))
-    progress = (first - best) / sig.level(loss, first) if math.isfinite(best) else 0.0
+    progress = max(0.0, min(1.0, (first - best) / sig.level(loss, first))) if math.isfinite(best) else 0.0
+    why = f"the loss went from {first:.4g} to a best of {best:.4g} ({_pct(progress)} of the way to zero)"
     if h.has("val_acc"):
-        classes = min(max(math.exp(min(first, 7.0)), 2.0), 1000.0) if first > 0 else 2.0
-        chance = 1.0 / classes
+        classes = math.exp(first) if 0 < first < math.log(100) else 10.0
+        chance = 1.0 / max(classes, 2.0)
         acc = float(np.nanmax(h.val_acc))
-        skill = (acc - chance) / (1 - chance)
-        return max(0.0, skill), f"best val_acc {acc:.3f} against a chance level near {chance:.2f}"
-    return max(0.0, min(1.0, progress)), f"the loss went from {first:.4g} to a best of {best:.4g}"
+        skill = max(0.0, (acc - chance) / (1 - chance))
+        return min(skill, progress), f"{why}; best val_acc {acc:.3f} against a chance level near {chance:.2f}"
+    return progress, why
 
 
 def trend(h: History) -> Candidate:
@@ -231,6 +260,12 @@ def trend(h: History) -> Candidate:
            f"{h.epochs[-1]}); {why}"
     regularised = (h.has("val_loss") and float(np.median(h.train_loss[-3:])) > 1.1 * float(np.median(h.val_loss[-3:])))
     facts = {"tail_drop": drop, "quality": q, "regularised": float(regularised), "epochs_seen": float(len(h))}
+    if regularised and not good and drop <= IMPROVING_DROP:
+        score = margin_confidence(0.6, q, scale=0.2)
+        return Candidate("underfitting", score, _epoch(h, 0), [Finding(
+            "underfitting", _epoch(h, 0), f"{tail}; train_loss {np.median(h.train_loss[-3:]):.4g} stays above "
+                                          f"val_loss {np.median(h.val_loss[-3:]):.4g}: regularisation holds the "
+                                          "model back")], facts)
     if drop > IMPROVING_DROP and train_drop > 0:
         score = margin_confidence(drop, IMPROVING_DROP, scale=0.05)
         return Candidate("still_improving", score, None, [Finding("still_improving", None, tail)], facts)
@@ -243,9 +278,9 @@ def trend(h: History) -> Candidate:
         score = min(margin_confidence(q, 0.6, scale=0.2), margin_confidence(FLAT_DROP, abs(drop), scale=0.02))
         return Candidate("converged", score, None, [Finding(
             "converged", None, f"{tail}; it is {_pct(from_min)} above its minimum {best:.4g}")], facts)
+    if good:  # flat at a good level but well above its best: it has drifted up without clear overfitting
+        return Candidate("converged", 0.5, None, [Finding(
+            "converged", None, f"{tail}; it is {_pct(from_min)} above its minimum {best:.4g}")], facts)
     score = margin_confidence(0.6, q, scale=0.2)
     text = f"{tail}: flat at a poor level"
-    if regularised:
-        text += (f"; train_loss {np.median(h.train_loss[-3:]):.4g} stays above val_loss "
-                 f"{np.median(h.val_loss[-3:]):.4g}, a sign of heavy regularisation")
     return Candidate("underfitting", score, _epoch(h, 0), [Finding("underfitting", _epoch(h, 0), text)], facts)

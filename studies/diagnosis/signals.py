@@ -2,8 +2,9 @@
 
 Losses come at any scale and sign (cross-entropy near 2, raw MSE in the thousands, negative
 log-likelihoods below zero), so every change is measured relative to the curve's own level:
-`level(x)` is |x| floored at a tenth of the curve's range, which keeps ratios meaningful
-when a loss crosses or approaches zero.
+`level(x)` is |x|; for a curve that reaches zero or below (a log-likelihood, a shifted
+loss) it is floored at a tenth of the curve's range, which keeps ratios meaningful where
+the loss crosses zero.
 """
 
 from __future__ import annotations
@@ -33,10 +34,24 @@ def smooth(values: np.ndarray) -> np.ndarray:
     return np.median(windows, axis=0)
 
 
+def _floor(values: np.ndarray) -> float:
+    values = finite(values)
+    if not len(values) or float(np.min(values)) > 0:
+        return 1e-12
+    span = float(np.ptp(values))
+    return 0.1 * span if 0.1 * span > 1e-12 else 1e-12
+
+
 def level(values: np.ndarray, at: float) -> float:
     """The magnitude a change at value `at` is compared with (see the module docstring)."""
-    span = float(np.ptp(values)) if len(values) else 0.0
-    return max(abs(at), 0.1 * span, 1e-12)
+    magnitude = abs(at)
+    floor = _floor(values)
+    return magnitude if magnitude > floor else floor  # NaN `at` gives the floor, never zero
+
+
+def levels(values: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """`level` for many points of one curve at once."""
+    return np.maximum(np.abs(at), _floor(values))
 
 
 def tail_start(n: int) -> int:
@@ -69,8 +84,7 @@ def flip_rate(values: np.ndarray, min_swing: float) -> tuple[float, float, int |
     if len(values) < 4:
         return 0.0, 0.0, None
     deltas = np.diff(values)
-    levels = np.array([level(values, v) for v in values[:-1]])
-    rel = np.abs(deltas) / levels
+    rel = np.abs(deltas) / levels(values, values[:-1])
     large = rel >= min_swing
     flips = (np.sign(deltas[1:]) * np.sign(deltas[:-1]) < 0) & large[1:] & large[:-1]
     onset = int(np.argmax(flips)) if flips.any() else None
@@ -84,10 +98,3 @@ def trend_strength(values: np.ndarray) -> float:
     path = float(np.sum(np.abs(np.diff(values))))
     return abs(float(values[-1] - values[0])) / path if path > 0 else 0.0
 
-
-def roughness(values: np.ndarray) -> float:
-    """Median relative deviation of the curve from its smoothed self: noise, not trend."""
-    if len(values) < 3:
-        return 0.0
-    s = smooth(values)
-    return float(np.median(np.abs(values - s) / np.array([level(values, v) for v in s])))

@@ -1,4 +1,4 @@
-"""`/v1/studies`: submit studies and read their trials and per-epoch metrics."""
+"""`/v1/studies`: submit studies and read their trials, per-epoch metrics and diagnoses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ from fastapi import APIRouter, Path, Query, status
 
 from service import views
 from service.api.deps import SessionDep, SettingsDep, StorageDep
-from service.api.schemas import MetricsOut, StudyOut, StudyState, TrialDetail, TrialOut
+from service.api.schemas import (
+    MetricsOut,
+    StudyOut,
+    StudyState,
+    TrialDetail,
+    TrialDiagnosisOut,
+    TrialOut,
+    Verdict,
+)
 from studies.lifecycle import submit_study
 from studies.spec import NAME_PATTERN, StudySpec
 
@@ -43,16 +51,34 @@ def get_study(name: StudyName, session: SessionDep, storage: StorageDep) -> Stud
     return views.get_study_out(session, storage, name)
 
 
-@router.get("/{name}/trials", response_model=list[TrialOut], responses=_ERRORS)
-def list_trials(name: StudyName, session: SessionDep, storage: StorageDep) -> list[TrialOut]:
-    """The study's trials in order: params, state, objective value, epochs recorded so far, error if failed."""
-    return views.list_trial_outs(session, storage, name)
+@router.get("/{name}/trials", response_model=list[TrialOut],
+            responses={**_ERRORS, 422: {"description": "`verdict` is not one of the diagnosis verdicts"}})
+def list_trials(name: StudyName, session: SessionDep, storage: StorageDep,
+                verdict: Annotated[Verdict | None, Query(description="only trials whose latest diagnosis has "
+                                                                     "this verdict")] = None,
+                ) -> list[TrialOut]:
+    """The study's trials in order: params, state, objective value, epochs recorded so far, error if failed,
+    and the verdict and confidence of each trial's latest diagnosis (null before its first epoch)."""
+    return views.list_trial_outs(session, storage, name, verdict)
 
 
 @router.get("/{name}/trials/{number}", response_model=TrialDetail, responses=_ERRORS)
 def get_trial(name: StudyName, number: TrialNumber, session: SessionDep, storage: StorageDep) -> TrialDetail:
-    """One trial, with the objective values reported to Optuna at each epoch."""
+    """One trial, with the objective values reported to Optuna at each epoch and its latest diagnosis."""
     return views.get_trial_detail(session, storage, name, number)
+
+
+@router.get("/{name}/trials/{number}/diagnosis", response_model=TrialDiagnosisOut,
+            responses={404: {"description": "no such study or trial, or the trial has no diagnosis yet "
+                                            "(no epoch recorded)"}})
+def get_trial_diagnosis(name: StudyName, number: TrialNumber, session: SessionDep,
+                        storage: StorageDep) -> TrialDiagnosisOut:
+    """The trial's convergence diagnosis: verdict, confidence, onset epoch, findings, remedies, summary.
+
+    It is rewritten after every epoch from the history so far (`epoch` is the last one it saw)
+    and marked `final` once the trial has ended.
+    """
+    return views.get_trial_diagnosis(session, storage, name, number)
 
 
 @router.get("/{name}/trials/{number}/metrics", response_model=MetricsOut, responses=_ERRORS)

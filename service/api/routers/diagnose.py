@@ -1,0 +1,35 @@
+"""`/v1/diagnose`: diagnose a training history sent in the request, stored nowhere."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body
+from pydantic import SkipValidation
+
+from service import views
+from service.api.schemas import HISTORY_EXAMPLES, DiagnosisOut, HistoryIn, ProblemsOut
+from studies.diagnosis import MAX_EPOCHS
+
+router = APIRouter(prefix="/v1", tags=["diagnosis"])
+
+# The model documents the body; validation is the diagnosis library's (`parse_history`), so that
+# the API accepts exactly what the library does and reports its problems in its words.
+HistoryBody = Annotated[SkipValidation[HistoryIn], Body(description="a training history",
+                                                        openapi_examples=HISTORY_EXAMPLES)]
+
+
+@router.post("/diagnose", response_model=DiagnosisOut,
+             responses={422: {"model": ProblemsOut,
+                              "description": "the body is not JSON or not a valid history (epochs missing, out of "
+                                             f"order or repeated, no train_loss, more than {MAX_EPOCHS} epochs, "
+                                             "wrong types); `problems` lists every problem"}})
+def diagnose_history(history: HistoryBody) -> DiagnosisOut:
+    """Diagnose a training history: why it did or did not converge, and what to change.
+
+    The body is a history in the diagnosis contract's format (the body of
+    `GET /v1/studies/{name}/trials/{number}/metrics` is one). Only `epoch` and `train_loss` are
+    required per epoch; NaN and infinities may be the strings "NaN", "Infinity", "-Infinity" or
+    bare NaN/Infinity tokens. At most 10,000 epochs. Nothing is stored.
+    """
+    return views.diagnose_history(history)
