@@ -18,7 +18,12 @@ from studies.diagnosis.rules import Candidate
 def remedies_for(candidate: Candidate, h: History) -> list[Remedy]:
     verdict, facts = candidate.verdict, candidate.facts
     if verdict == "diverged":
-        return [Remedy("lr", "decrease", "the loss blew up: steps are far too large", factor=0.1),
+        if facts.get("collapsed"):
+            first = Remedy("lr", "decrease", "the loss blew up and the network never recovered a useful level: "
+                                             "steps are orders of magnitude too large", factor=0.01)
+        else:
+            first = Remedy("lr", "decrease", "the loss blew up: steps are far too large", factor=0.1)
+        return [first,
                 Remedy("gradient_clip", "enable", "caps the update a single bad batch can make", value=1.0),
                 Remedy("batch_size", "increase", "larger batches give less noisy, safer steps", factor=2)]
     if verdict == "exploding_gradients":
@@ -31,7 +36,8 @@ def remedies_for(candidate: Candidate, h: History) -> list[Remedy]:
                 Remedy("lr", "increase", "larger steps make tiny gradients count while the model is changed",
                        factor=10)]
     if verdict == "oscillating":
-        return [Remedy("lr", "decrease", "the optimiser overshoots the minimum on every step", factor=0.3),
+        return [Remedy("lr", "decrease", "the optimiser overshoots the minimum on every step; a decade down, as "
+                                         "a third of the rate often still overshoots", factor=0.1),
                 Remedy("batch_size", "increase", "averages out the gradient noise behind the swings", factor=2)]
     if verdict == "slow_convergence":
         return [Remedy("lr", "increase", "the loss falls steadily but slowly: steps are too small", factor=10),
@@ -47,6 +53,12 @@ def remedies_for(candidate: Candidate, h: History) -> list[Remedy]:
             return [Remedy("dropout", "decrease", "training loss stays above validation loss: dropout is holding "
                                                   "the network back", factor=0.3),
                     Remedy("weight_decay", "decrease", "less regularisation lets the model fit", factor=0.1),
+                    Remedy("model", "increase", "a larger model can fit what this one cannot", value="wider or deeper")]
+        if facts.get("progress", 1.0) < 0.2:
+            return [Remedy("lr", "increase", "the loss has hardly moved from where it started: steps are too small "
+                                             "to get anywhere", factor=10),
+                    Remedy("weight_decay", "decrease", "strong weight decay can pin the weights near zero",
+                           factor=0.1),
                     Remedy("model", "increase", "a larger model can fit what this one cannot", value="wider or deeper")]
         return [Remedy("weight_decay", "decrease", "strong weight decay can pin the weights near zero", factor=0.1),
                 Remedy("model", "increase", "the loss settled at a poor level: the model lacks capacity",

@@ -110,7 +110,7 @@ def _blown_up_and_dead(h: History) -> Candidate | None:
     score = min(margin_confidence(ratio, DIVERGE_FACTOR, scale=1.0, log=True), margin_confidence(0.3, q, scale=0.1))
     return Candidate("diverged", score, e, [Finding(
         "diverged", e, f"train_loss spiked to {t[peak]:.4g} at epoch {e}, {ratio:.3g}x the {settled:.4g} it settled "
-                       f"at, and the run never reached a useful level ({why})")])
+                       f"at, and the run never reached a useful level ({why})")], {"collapsed": 1.0})
 
 
 def exploding_gradients(h: History) -> Candidate | None:
@@ -184,6 +184,8 @@ def overfitting(h: History) -> Candidate | None:
     train_fall = (float(train[best]) - float(np.min(train[best:]))) / sig.level(train, float(train[best]))
     if train_fall < 0.10 or (float(train[-1]) >= current and name == "val_loss"):
         return None
+    if sig.trend_strength(val[best:]) < 0.3:
+        return None  # jitter around a low minimum, not a rise
     score = margin_confidence(rise, OVERFIT_RISE, scale=0.15)
     e = _epoch(h, best)
     return Candidate("overfitting", score, e, [Finding(
@@ -208,7 +210,7 @@ def oscillating(h: History) -> Candidate | None:
             part = values[offset:]
             if len(part) < 5:
                 continue
-            rate, swing, onset = sig.flip_rate(part, OSCILLATE_SWING)
+            rate, swing, onset = sig.flip_rate(part, OSCILLATE_SWING, sig.robust_span(values))
             trend = sig.trend_strength(part)
             if rate < 0.3 or trend > 0.5:
                 continue
@@ -220,6 +222,15 @@ def oscillating(h: History) -> Candidate | None:
                 "oscillating", e, f"{name} changes flip sign on {_pct(rate)} of consecutive epochs from epoch "
                                   f"{h.epochs[offset]} with a median swing of {_pct(swing)} of its level, and its "
                                   f"net trend is {_pct(trend)} of the distance travelled")])
+        jumps = sig.spikes(values) if np.all(values > 0) else []
+        if len(jumps) >= 2 and (best is None or best.score < 0.8):
+            worst = max(float(values[i] / np.median(values[i - 3:i])) for i in jumps)
+            score = min(0.95, 0.5 + 0.15 * (len(jumps) - 1) + 0.05 * math.log2(worst))
+            e = _epoch(h, jumps[0])
+            best = Candidate("oscillating", score, e, [Finding(
+                "oscillating", e, f"{name} spiked {len(jumps)} times (epochs "
+                                  f"{', '.join(str(h.epochs[i]) for i in jumps[:5])}), up to {worst:.3g}x the median "
+                                  "of the three epochs before, and fell back each time: the steps overshoot")])
     return best
 
 def quality(h: History) -> tuple[float, str]:
@@ -258,8 +269,15 @@ def trend(h: History) -> Candidate:
     from_min = (float(sig.smooth(loss)[-1]) - best) / sig.level(loss, best)
     tail = f"{name} changed {_pct(-drop)} over the last fifth (epochs {h.epochs[sig.tail_start(len(h))]}–" \
            f"{h.epochs[-1]}); {why}"
-    regularised = (h.has("val_loss") and float(np.median(h.train_loss[-3:])) > 1.1 * float(np.median(h.val_loss[-3:])))
-    facts = {"tail_drop": drop, "quality": q, "regularised": float(regularised), "epochs_seen": float(len(h))}
+    # Without dropout or noise injection a model fits its training data at least as well as
+    # unseen data: a training loss that stays above the validation loss is regularisation at work.
+    # The training loss is averaged over an epoch while the model improves, so it is compared
+    # with the validation loss at the epoch's start (the previous epoch's end), not its end.
+    regularised = (h.has("val_loss") and len(h) >= 4
+                   and bool(np.all(h.train_loss[-3:] > h.val_loss[-4:-1])))
+    progress = sig.total_drop(loss)
+    facts = {"tail_drop": drop, "quality": q, "regularised": float(regularised), "progress": progress,
+             "epochs_seen": float(len(h))}
     if regularised and not good and drop <= IMPROVING_DROP:
         score = margin_confidence(0.6, q, scale=0.2)
         return Candidate("underfitting", score, _epoch(h, 0), [Finding(

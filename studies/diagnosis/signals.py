@@ -75,9 +75,18 @@ def total_drop(values: np.ndarray) -> float:
     return float((values[0] - smooth(values)[-1]) / level(values, values[0]))
 
 
-def flip_rate(values: np.ndarray, min_swing: float) -> tuple[float, float, int | None]:
-    """How often consecutive epoch-to-epoch changes flip sign, counting only swings ≥ `min_swing` of the level.
+def robust_span(values: np.ndarray) -> float:
+    """The range a curve covers, ignoring its most extreme 5% at either end."""
+    values = finite(values)
+    return float(np.percentile(values, 95) - np.percentile(values, 5)) if len(values) else 0.0
 
+
+def flip_rate(values: np.ndarray, min_swing: float, span: float = 0.0) -> tuple[float, float, int | None]:
+    """How often consecutive epoch-to-epoch changes flip sign, counting only large swings.
+
+    A swing is large when it is at least `min_swing` of the loss level and at least
+    `min_swing` of `span` (the range of the whole run): a loss jittering near zero at the
+    end of a good run swings by a large share of its tiny level, not of its range.
     Returns (fraction of consecutive change pairs that flip with both swings large, median swing
     relative to the level, index of the epoch where the first large flip starts).
     """
@@ -85,7 +94,7 @@ def flip_rate(values: np.ndarray, min_swing: float) -> tuple[float, float, int |
         return 0.0, 0.0, None
     deltas = np.diff(values)
     rel = np.abs(deltas) / levels(values, values[:-1])
-    large = rel >= min_swing
+    large = (rel >= min_swing) & (np.abs(deltas) >= min_swing * span)
     flips = (np.sign(deltas[1:]) * np.sign(deltas[:-1]) < 0) & large[1:] & large[:-1]
     onset = int(np.argmax(flips)) if flips.any() else None
     return float(flips.mean()), float(np.median(rel)), onset
@@ -98,3 +107,21 @@ def trend_strength(values: np.ndarray) -> float:
     path = float(np.sum(np.abs(np.diff(values))))
     return abs(float(values[-1] - values[0])) / path if path > 0 else 0.0
 
+
+
+def spikes(values: np.ndarray, factor: float = 2.0) -> list[int]:
+    """Epochs whose value jumps to `factor`x the median of the three before it and then falls back.
+
+    The other face of an unstable run: not a steady flip-flop but sudden bursts the optimiser
+    recovers from, each one a step that overshot. A jump at the last epoch counts (it may
+    yet come back); a jump that stays is a level shift, not a spike.
+    """
+    out = []
+    for i in range(3, len(values)):
+        base = float(np.median(values[i - 3:i]))
+        jump = values[i] - base
+        if base <= 0 or values[i] < factor * base or jump <= 0:
+            continue
+        if i == len(values) - 1 or values[i + 1] < base + 0.5 * jump:
+            out.append(i)
+    return out
