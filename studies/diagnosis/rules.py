@@ -24,11 +24,14 @@ from studies.diagnosis.result import Finding
 DIVERGE_FACTOR = 3.0        # loss above 3x its first value, and staying there
 EXPLODE_RATIO = 100.0       # gradient norm above 100x its early median
 VANISH_MAX_MOVE = 0.05      # loss moves < 5% over the whole run
+VANISH_PER_LOSS = 1e-2      # gradient norm under 1% of the loss level...
+VANISH_SENSITIVITY = 1e-3   # ...or under 0.1% relative loss change per relative weight change
 OSCILLATE_SWING = 0.15      # swings of at least 15% of the loss level
 OVERFIT_RISE = 0.20         # val loss 20% above its minimum
 IMPROVING_DROP = 0.05       # > 5% fall over the last fifth: still improving
 FLAT_DROP = 0.02            # < 2% over the last fifth: flat
 NEAR_MINIMUM = 0.10         # converged: within 10% of the minimum
+GOOD_QUALITY = 0.6          # `quality` at or above which a level counts as good
 
 
 @dataclass
@@ -102,6 +105,10 @@ def _blown_up_and_dead(h: History) -> Candidate | None:
     settled = float(np.median(t[-3:]))
     if peak >= len(t) - 2 or settled <= 0 or t[peak] < DIVERGE_FACTOR * settled:
         return None
+    # A falling curve also peaks at its start: only a peak above its own first epoch, or a
+    # cross-entropy above any untrained network's (ln of 1000 classes ≈ 7), is a blow-up.
+    if not (t[peak] > DIVERGE_FACTOR * t[0] or (h.has("val_acc") and t[peak] > DIVERGE_FACTOR * math.log(1000))):
+        return None
     q, why = quality(h)
     if q >= 0.3:
         return None
@@ -150,13 +157,20 @@ def vanishing_gradients(h: History) -> Candidate | None:
         return None
     g = float(np.nanmedian(h.grad_norm))
     p = float(np.nanmedian(h.param_norm)) if h.has("param_norm") else 1.0
-    sensitivity = g * p / sig.level(loss, float(np.median(loss)))  # relative loss change per relative weight change
-    if sensitivity >= 1e-3:
+    loss_level = sig.level(loss, float(np.median(loss)))
+    # Two scale-free readings of "tiny": the gradient against the loss it should move, and the
+    # relative loss change per relative weight change (which also accounts for the weights' size).
+    per_loss = g / loss_level
+    sensitivity = g * p / loss_level
+    tiny = min(per_loss / VANISH_PER_LOSS, sensitivity / VANISH_SENSITIVITY)
+    if not tiny < 1.0:
         return None
-    score = margin_confidence(1e-3, sensitivity, scale=1.0, log=True)
-    facts = {"sensitivity": sensitivity}
-    text = (f"median grad_norm {g:.3g} with param_norm {p:.3g}: a 1% change of the weights would move the loss "
-            f"by about {sensitivity * 1e-2:.1e} of its level; the loss moved {_pct(move)} over {len(h)} epochs")
+    score = margin_confidence(1.0, tiny, scale=1.0, log=True)
+    facts = {"sensitivity": sensitivity, "grad_per_loss": per_loss}
+    text = (f"median grad_norm {g:.3g} is {per_loss:.1e} of the loss level {loss_level:.4g}"
+            + (f"; with param_norm {p:.3g} a 1% change of the weights would move the loss by about "
+               f"{sensitivity * 1e-2:.1e} of its level" if h.has("param_norm") else "")
+            + f"; the loss moved {_pct(move)} over {len(h)} epochs")
     if h.has("lr") and h.has("param_norm"):
         eff = float(np.nanmedian(h.lr * h.grad_norm / h.param_norm))
         facts["effective_lr"] = eff
@@ -184,7 +198,8 @@ def overfitting(h: History) -> Candidate | None:
     train_fall = (float(train[best]) - float(np.min(train[best:]))) / sig.level(train, float(train[best]))
     if train_fall < 0.10 or (float(train[-1]) >= current and name == "val_loss"):
         return None
-    if sig.trend_strength(val[best:]) < 0.3:
+    jitter = float(np.median(np.abs(np.diff(val[best:])))) if len(val) - best >= 3 else 0.0
+    if current - float(val[best]) < 2.5 * jitter:
         return None  # jitter around a low minimum, not a rise
     score = margin_confidence(rise, OVERFIT_RISE, scale=0.15)
     e = _epoch(h, best)
@@ -222,7 +237,7 @@ def oscillating(h: History) -> Candidate | None:
                 "oscillating", e, f"{name} changes flip sign on {_pct(rate)} of consecutive epochs from epoch "
                                   f"{h.epochs[offset]} with a median swing of {_pct(swing)} of its level, and its "
                                   f"net trend is {_pct(trend)} of the distance travelled")])
-        jumps = sig.spikes(values) if np.all(values > 0) else []
+        jumps = sig.spikes(values, min_jump=OSCILLATE_SWING * sig.robust_span(values)) if np.all(values > 0) else []
         if len(jumps) >= 2 and (best is None or best.score < 0.8):
             worst = max(float(values[i] / np.median(values[i - 3:i])) for i in jumps)
             score = min(0.95, 0.5 + 0.15 * (len(jumps) - 1) + 0.05 * math.log2(worst))
@@ -255,16 +270,21 @@ def quality(h: History) -> tuple[float, str]:
 
 
 def trend(h: History) -> Candidate:
-    """Decide among converged, still_improving, slow_convergence and underfitting from the curve's tail."""
+    """Decide among converged, still_improving, slow_convergence and underfitting from the curve's tail.
+
+    Falling clearly (train and val both > 5% over the last fifth): still improving. Falling
+    2–5%: slow when the level is poor, still improving when it is good. Flat (< 2%): converged
+    at a good level, underfitting at a poor one.
+    """
     loss = h.loss
     name = "val_loss" if h.has("val_loss") else "train_loss"
     if len(h) == 1:
         return Candidate("still_improving", 0.3, None, [Finding("too_early", _epoch(h, 0),
                                                                 "one epoch: too early to read a trend")])
     drop = sig.tail_drop(loss)
-    train_drop = sig.tail_drop(h.train_loss)
+    both = min(drop, sig.tail_drop(h.train_loss)) if h.has("val_loss") else drop
     q, why = quality(h)
-    good = q >= 0.6
+    good = q >= GOOD_QUALITY
     best = float(np.nanmin(loss))
     from_min = (float(sig.smooth(loss)[-1]) - best) / sig.level(loss, best)
     tail = f"{name} changed {_pct(-drop)} over the last fifth (epochs {h.epochs[sig.tail_start(len(h))]}–" \
@@ -275,30 +295,24 @@ def trend(h: History) -> Candidate:
     # with the validation loss at the epoch's start (the previous epoch's end), not its end.
     regularised = (h.has("val_loss") and len(h) >= 4
                    and bool(np.all(h.train_loss[-3:] > h.val_loss[-4:-1])))
-    progress = sig.total_drop(loss)
-    facts = {"tail_drop": drop, "quality": q, "regularised": float(regularised), "progress": progress,
-             "epochs_seen": float(len(h))}
-    if regularised and not good and drop <= IMPROVING_DROP:
-        score = margin_confidence(0.6, q, scale=0.2)
-        return Candidate("underfitting", score, _epoch(h, 0), [Finding(
-            "underfitting", _epoch(h, 0), f"{tail}; train_loss {np.median(h.train_loss[-3:]):.4g} stays above "
-                                          f"val_loss {np.median(h.val_loss[-3:]):.4g}: regularisation holds the "
-                                          "model back")], facts)
-    if drop > IMPROVING_DROP and train_drop > 0:
-        score = margin_confidence(drop, IMPROVING_DROP, scale=0.05)
+    facts = {"tail_drop": drop, "quality": q, "regularised": float(regularised),
+             "progress": sig.total_drop(loss), "epochs_seen": float(len(h))}
+    quality_margin = margin_confidence(q, GOOD_QUALITY, scale=0.15)  # > 0.5: good, < 0.5: poor
+    if both > IMPROVING_DROP:
+        score = margin_confidence(both, IMPROVING_DROP, scale=0.03)
         return Candidate("still_improving", score, None, [Finding("still_improving", None, tail)], facts)
     if drop >= FLAT_DROP:
         if good:
-            return Candidate("still_improving", 0.6, None, [Finding("still_improving", None, tail)], facts)
-        score = min(margin_confidence(0.6, q, scale=0.2), 0.9)
-        return Candidate("slow_convergence", score, None, [Finding("slow_convergence", None, tail)], facts)
-    if good and from_min <= NEAR_MINIMUM:
-        score = min(margin_confidence(q, 0.6, scale=0.2), margin_confidence(FLAT_DROP, abs(drop), scale=0.02))
-        return Candidate("converged", score, None, [Finding(
-            "converged", None, f"{tail}; it is {_pct(from_min)} above its minimum {best:.4g}")], facts)
-    if good:  # flat at a good level but well above its best: it has drifted up without clear overfitting
-        return Candidate("converged", 0.5, None, [Finding(
-            "converged", None, f"{tail}; it is {_pct(from_min)} above its minimum {best:.4g}")], facts)
-    score = margin_confidence(0.6, q, scale=0.2)
+            return Candidate("still_improving", quality_margin, None, [Finding("still_improving", None, tail)], facts)
+        return Candidate("slow_convergence", 1 - quality_margin, None, [Finding(
+            "slow_convergence", None, f"{tail}: falling steadily but slowly, still far from a good value")], facts)
+    if good:
+        text = f"{tail}; it is {_pct(from_min)} above its minimum {best:.4g}"
+        score = quality_margin if from_min <= NEAR_MINIMUM else 0.5  # drifted up a little, without overfitting
+        return Candidate("converged", score, None, [Finding("converged", None, text)], facts)
     text = f"{tail}: flat at a poor level"
-    return Candidate("underfitting", score, _epoch(h, 0), [Finding("underfitting", _epoch(h, 0), text)], facts)
+    if regularised:
+        text += (f"; train_loss {np.median(h.train_loss[-3:]):.4g} stays above val_loss "
+                 f"{np.median(h.val_loss[-3:]):.4g}: regularisation holds the model back")
+    return Candidate("underfitting", 1 - quality_margin, _epoch(h, 0),
+                     [Finding("underfitting", _epoch(h, 0), text)], facts)

@@ -55,17 +55,25 @@ def levels(values: np.ndarray, at: np.ndarray) -> np.ndarray:
 
 
 def tail_start(n: int) -> int:
-    """First index of the last fifth of `n` epochs (at least the last two points)."""
-    return max(0, min(n - 2, n - max(2, math.ceil(n / 5))))
+    """First index of the last fifth of `n` epochs: its last max(3, n/5) points (all of a shorter run)."""
+    return max(0, n - max(3, round(n / 5)))
 
 
 def tail_drop(values: np.ndarray) -> float:
-    """Relative fall over the last fifth (positive = falling), measured on the smoothed curve."""
+    """Relative fall over the last fifth (positive = falling).
+
+    Read from a least-squares line through the last fifth, from its first epoch to its last,
+    so one noisy epoch at either end cannot decide it.
+    """
     if len(values) < 2:
         return 0.0
-    s = smooth(values)
-    start = tail_start(len(s))
-    return float((s[start] - s[-1]) / level(values, s[start]))
+    window = values[tail_start(len(values)):]
+    x = np.arange(len(window))
+    keep = np.isfinite(window)
+    if keep.sum() < 2:
+        return 0.0
+    slope, start = np.polyfit(x[keep], window[keep], 1)
+    return float(-slope * (len(window) - 1) / level(values, float(start)))
 
 
 def total_drop(values: np.ndarray) -> float:
@@ -109,19 +117,19 @@ def trend_strength(values: np.ndarray) -> float:
 
 
 
-def spikes(values: np.ndarray, factor: float = 2.0) -> list[int]:
+def spikes(values: np.ndarray, factor: float = 2.0, min_jump: float = 0.0) -> list[int]:
     """Epochs whose value jumps to `factor`x the median of the three before it and then falls back.
 
     The other face of an unstable run: not a steady flip-flop but sudden bursts the optimiser
     recovers from, each one a step that overshot. A jump at the last epoch counts (it may
-    yet come back); a jump that stays is a level shift, not a spike.
+    yet come back); a jump that stays is a level shift, not a spike; a jump under `min_jump`
+    (noise on a loss near zero) is not one either.
     """
-    out = []
-    for i in range(3, len(values)):
-        base = float(np.median(values[i - 3:i]))
-        jump = values[i] - base
-        if base <= 0 or values[i] < factor * base or jump <= 0:
-            continue
-        if i == len(values) - 1 or values[i + 1] < base + 0.5 * jump:
-            out.append(i)
-    return out
+    if len(values) < 4:
+        return []
+    base = np.median(np.lib.stride_tricks.sliding_window_view(values[:-1], 3), axis=1)  # base[j] for values[j + 3]
+    current = values[3:]
+    following = np.r_[values[4:], -np.inf]  # the last epoch counts as having come back
+    jump = current - base
+    hit = (base > 0) & (current >= factor * base) & (following < base + 0.5 * jump) & (jump >= min_jump)
+    return [int(i) + 3 for i in np.flatnonzero(hit)]
