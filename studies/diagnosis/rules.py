@@ -212,7 +212,8 @@ def oscillating(h: History) -> Candidate | None:
     """Epoch-to-epoch changes that flip sign about every other epoch, with large swings and no trend.
 
     Read on the whole run and on its second half (an oscillation that set in late); the onset is
-    the first large flip of the earliest part that qualifies.
+    the first flip of the earliest part that qualifies. Noise also flips sign often: the swings
+    must be large against both the loss level and the range the whole run covers.
     """
     if len(h) < 5:
         return None
@@ -225,12 +226,13 @@ def oscillating(h: History) -> Candidate | None:
             part = values[offset:]
             if len(part) < 5:
                 continue
-            rate, swing, onset = sig.flip_rate(part, OSCILLATE_SWING, sig.robust_span(values))
+            rate, swing, of_span, onset = sig.flip_rate(part, sig.robust_span(values))
             trend = sig.trend_strength(part)
-            if rate < 0.3 or trend > 0.5:
-                continue
-            score = min(margin_confidence(rate, 0.4, scale=0.15), margin_confidence(0.5, trend, scale=0.2))
-            if best is not None and score <= best.score + 0.05:
+            score = min(margin_confidence(rate, 0.45, scale=0.15),
+                        margin_confidence(swing, OSCILLATE_SWING, scale=0.1),
+                        margin_confidence(of_span, OSCILLATE_SWING, scale=0.1),
+                        margin_confidence(0.5, trend, scale=0.2))
+            if score < 0.5 or (best is not None and score <= best.score + 0.05):
                 continue
             e = _epoch(h, offset + onset) if onset is not None else None
             best = Candidate("oscillating", score, e, [Finding(
@@ -247,6 +249,7 @@ def oscillating(h: History) -> Candidate | None:
                                   f"{', '.join(str(h.epochs[i]) for i in jumps[:5])}), up to {worst:.3g}x the median "
                                   "of the three epochs before, and fell back each time: the steps overshoot")])
     return best
+
 
 def quality(h: History) -> tuple[float, str]:
     """How good the best value so far is, in [0, 1], read from the history alone, with the reason.
@@ -269,6 +272,35 @@ def quality(h: History) -> tuple[float, str]:
     return progress, why
 
 
+def generalisation_gap(h: History) -> float | None:
+    """How much better the model fits its training data than held-out data, relative to the val level.
+
+    A model with capacity to spare fits what it trains on better than what it does not (gap > 0);
+    a model that cannot fit shows no gap, or a training loss above the validation loss.
+    """
+    if not h.has("val_loss") or len(h) < 2:
+        return None
+    train, val = float(np.median(h.train_loss[-3:])), float(np.median(h.val_loss[-3:]))
+    if not (math.isfinite(train) and math.isfinite(val)):
+        return None
+    return (val - train) / sig.level(h.val_loss, val)
+
+
+def good_level(h: History, q: float, why: str) -> tuple[bool, str]:
+    """Is the level reached good? `quality` alone cannot tell a noisy task done well (a regression
+    whose best model removes half the loss) from an easy one done badly, so the generalisation gap
+    weighs in: classification needs skill without a training loss far above validation's; a
+    regression (no accuracy to go by) needs a model that fits its training data better than new data.
+    """
+    gap = generalisation_gap(h)
+    if gap is None:
+        return q >= GOOD_QUALITY, why
+    why += f"; train_loss is {_pct(gap)} below val_loss"
+    if h.has("val_acc"):
+        return q >= GOOD_QUALITY and (gap > -0.1 or q >= 0.85), why
+    return (gap >= 0.05 and q >= 0.3) or q >= 0.95, why
+
+
 def trend(h: History) -> Candidate:
     """Decide among converged, still_improving, slow_convergence and underfitting from the curve's tail.
 
@@ -284,7 +316,7 @@ def trend(h: History) -> Candidate:
     drop = sig.tail_drop(loss)
     both = min(drop, sig.tail_drop(h.train_loss)) if h.has("val_loss") else drop
     q, why = quality(h)
-    good = q >= GOOD_QUALITY
+    good, why = good_level(h, q, why)
     best = float(np.nanmin(loss))
     from_min = (float(sig.smooth(loss)[-1]) - best) / sig.level(loss, best)
     tail = f"{name} changed {_pct(-drop)} over the last fifth (epochs {h.epochs[sig.tail_start(len(h))]}–" \
@@ -297,7 +329,8 @@ def trend(h: History) -> Candidate:
                    and bool(np.all(h.train_loss[-3:] > h.val_loss[-4:-1])))
     facts = {"tail_drop": drop, "quality": q, "regularised": float(regularised),
              "progress": sig.total_drop(loss), "epochs_seen": float(len(h))}
-    quality_margin = margin_confidence(q, GOOD_QUALITY, scale=0.15)  # > 0.5: good, < 0.5: poor
+    quality_margin = margin_confidence(q, GOOD_QUALITY, scale=0.15)
+    quality_margin = max(quality_margin, 0.6) if good else min(quality_margin, 0.4)  # > 0.5: good, < 0.5: poor
     if both > IMPROVING_DROP:
         score = margin_confidence(both, IMPROVING_DROP, scale=0.03)
         return Candidate("still_improving", score, None, [Finding("still_improving", None, tail)], facts)

@@ -9,8 +9,6 @@ the loss crosses zero.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 
@@ -89,23 +87,22 @@ def robust_span(values: np.ndarray) -> float:
     return float(np.percentile(values, 95) - np.percentile(values, 5)) if len(values) else 0.0
 
 
-def flip_rate(values: np.ndarray, min_swing: float, span: float = 0.0) -> tuple[float, float, int | None]:
-    """How often consecutive epoch-to-epoch changes flip sign, counting only large swings.
+def flip_rate(values: np.ndarray, span: float = 0.0) -> tuple[float, float, float, int | None]:
+    """How often consecutive epoch-to-epoch changes flip sign, and how large the changes are.
 
-    A swing is large when it is at least `min_swing` of the loss level and at least
-    `min_swing` of `span` (the range of the whole run): a loss jittering near zero at the
-    end of a good run swings by a large share of its tiny level, not of its range.
-    Returns (fraction of consecutive change pairs that flip with both swings large, median swing
-    relative to the level, index of the epoch where the first large flip starts).
+    Returns (share of consecutive change pairs with opposite signs, median change relative to
+    the loss level, median change relative to `span` (the range of the whole run, so a loss
+    jittering near zero at the end of a good run does not count as swinging), index of the
+    epoch where the first flip starts).
     """
     if len(values) < 4:
-        return 0.0, 0.0, None
+        return 0.0, 0.0, 0.0, None
     deltas = np.diff(values)
-    rel = np.abs(deltas) / levels(values, values[:-1])
-    large = (rel >= min_swing) & (np.abs(deltas) >= min_swing * span)
-    flips = (np.sign(deltas[1:]) * np.sign(deltas[:-1]) < 0) & large[1:] & large[:-1]
+    flips = np.sign(deltas[1:]) * np.sign(deltas[:-1]) < 0
     onset = int(np.argmax(flips)) if flips.any() else None
-    return float(flips.mean()), float(np.median(rel)), onset
+    swing = float(np.median(np.abs(deltas) / levels(values, values[:-1])))
+    of_span = float(np.median(np.abs(deltas)) / span) if span > 0 else 0.0
+    return float(flips.mean()), swing, of_span, onset
 
 
 def trend_strength(values: np.ndarray) -> float:
