@@ -55,6 +55,11 @@ def _epoch(h: History, index: int | None) -> int | None:
     return None if index is None else int(h.epochs[index])
 
 
+def _word(x: float) -> str:
+    """A non-finite value as the contract spells it."""
+    return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.0f}%" if abs(x) >= 0.01 else f"{100 * x:.1f}%".replace("-0.0%", "0.0%")
 
@@ -65,14 +70,15 @@ def diverged(h: History) -> Candidate | None:
     if bad is not None:
         e = _epoch(h, bad)
         before = f" (it was {h.train_loss[0]:.4g} at epoch {h.epochs[0]})" if bad > 0 else ""
-        return Candidate("diverged", 0.99, e, [Finding("diverged", e, f"train_loss became {h.train_loss[bad]} at "
-                                                                      f"epoch {e}{before}")])
+        text = f"train_loss became {_word(h.train_loss[bad])} at epoch {e}{before}"
+        return Candidate("diverged", 0.99, e, [Finding("diverged", e, text)])
     if h.has("val_loss"):
         vbad = sig.first_non_finite(h.val_loss)
         if vbad is not None and not np.isfinite(h.val_loss[vbad:]).any() and np.isfinite(h.val_loss[:vbad]).any():
             e = _epoch(h, vbad)
-            return Candidate("diverged", 0.8, e, [Finding("diverged", e, f"val_loss became {h.val_loss[vbad]} at "
-                                                          f"epoch {e} and stayed so, while train_loss stayed finite")])
+            text = (f"val_loss became {_word(h.val_loss[vbad])} at epoch {e} and stayed so, while train_loss "
+                    "stayed finite")
+            return Candidate("diverged", 0.8, e, [Finding("diverged", e, text)])
     collapse = _blown_up_and_dead(h)
     if collapse is not None:
         return collapse
