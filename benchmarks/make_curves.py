@@ -54,6 +54,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+
 from curves.checks import VERDICTS, Curve, Reference, judge, onset_epoch
 from curves.data import load, nll_floor
 from curves.recipes import candidate

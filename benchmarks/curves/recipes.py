@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 from dataclasses import replace
 
-from curves.train import RunSpec
+from .train import RunSpec
 
 Recipe = Callable[[random.Random, int], tuple[RunSpec, str]]
 CLS = ("iris", "wine", "breast_cancer", "moons", "circles", "synthetic3")  # digits: see `_dataset`

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from curves.data import VAR_MIN, Data, load
 from torch import Tensor, nn
+
+from .data import VAR_MIN, Data, load
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
