@@ -286,6 +286,20 @@ def study_list() -> None:
     click.echo(_table(rows))
 
 
+@study.command("cancel")
+@click.argument("name")
+def study_cancel(name: str) -> None:
+    """Cancel a queued or running study.
+
+    No new trial of it starts; its running trials stop at their next epoch boundary and are
+    failed with the reason. Cancelling a study that has ended is an error (exit status 1).
+    """
+    from studies.lifecycle import cancel_study
+
+    cancel_study(get_settings(), name)
+    click.echo(f"study {name!r} cancelled: running trials stop at their next epoch")
+
+
 @study.command("show")
 @click.argument("name")
 def study_show(name: str) -> None:

@@ -1,4 +1,5 @@
-"""Submitting a study: one Optuna study plus Converge's row, both or neither."""
+"""A study's lifecycle from outside the workers: submitting (one Optuna study plus Converge's row,
+both or neither) and cancelling."""
 
 from __future__ import annotations
 
@@ -36,3 +37,11 @@ def submit_study(settings: Settings, spec: StudySpec) -> Study:
     except BaseException:
         storage.delete_study(study_id)
         raise
+
+
+def cancel_study(settings: Settings, name: str) -> None:
+    """Cancel a queued or running study, committed before returning: workers claim none of its
+    trials from now on, and its running trials stop at their next epoch boundary (they read the
+    study's state every epoch) and are failed with the reason. NotFound / Conflict as `repo`."""
+    with session_scope(get_engine(settings.database_url)) as session:
+        repo.cancel_study(session, name)

@@ -35,6 +35,10 @@ class ObjectiveNotFinite(RuntimeError):
     """The objective metric became NaN or infinite: the trial diverged."""
 
 
+class StudyCancelled(RuntimeError):
+    """A user cancelled the trial's study; the trial stopped at an epoch boundary."""
+
+
 class Objective:
     def __init__(self, spec: StudySpec, study_id: int, engine: Engine, *, device: str = "auto",
                  on_trial_start: Callable[[optuna.Trial], None] | None = None,
@@ -71,6 +75,7 @@ class Objective:
 
         metric = self.spec.objective.metric
         pruned_at: list[int] = []
+        cancelled_at: list[int] = []
 
         def on_epoch_end(metrics: dict[str, Any]) -> bool:
             diagnosis = diagnoser.add_epoch(metrics)
@@ -79,8 +84,12 @@ class Objective:
                 if diagnosis is not None:
                     repo.save_diagnosis(session, self.study_id, trial._trial_id, trial.number,
                                         int(metrics["epoch"]), diagnosis, final=False)
+                cancelled = repo.study_state(session, self.study_id) == "cancelled"
             if self.on_epoch is not None:
                 self.on_epoch(trial, metrics)
+            if cancelled:
+                cancelled_at.append(int(metrics["epoch"]))
+                return True
             value = metrics.get(metric)
             if value is None or not math.isfinite(value):
                 return True  # nothing to learn from further epochs; the objective check below fails it
@@ -100,6 +109,8 @@ class Objective:
             **params,
         )
         result = fit(config, on_epoch_end=on_epoch_end)
+        if cancelled_at:
+            raise StudyCancelled(f"the study was cancelled; the trial stopped after epoch {cancelled_at[0]}")
         last = result.epochs[-1]
         value = last.get(metric)
         if value is None or not math.isfinite(value):

@@ -112,6 +112,28 @@ def fail_study(session: Session, study_id: int, detail: str) -> None:
     )
 
 
+def cancel_study(session: Session, name: str) -> Study:
+    """Stop a queued or running study: no trial of it is claimed again, running ones stop at their next epoch.
+
+    NotFound for an unknown name; Conflict when the study has already ended.
+    """
+    study = get_study(session, name)
+    result = session.execute(
+        update(Study).where(Study.id == study.id, Study.state.in_(ACTIVE_STATES))
+        .values(state="cancelled", detail="cancelled by a user", finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(study)
+    if not result.rowcount:
+        raise Conflict(f"study {name!r} is already {study.state}; only a queued or running study can be cancelled")
+    return study
+
+
+def study_state(session: Session, study_id: int) -> str | None:
+    """The study's state, read fresh (a trial checks it every epoch to notice a cancel)."""
+    return session.scalar(select(Study.state).where(Study.id == study_id))
+
+
 def finish_study_if_complete(session: Session, study_id: int) -> str | None:
     """Mark a running study done (or failed, when every trial failed) once n_trials have finished.
 

@@ -17,7 +17,7 @@ from service.api.schemas import (
     TrialOut,
     Verdict,
 )
-from studies.lifecycle import submit_study
+from studies import lifecycle
 from studies.spec import NAME_PATTERN, StudySpec
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
@@ -33,7 +33,7 @@ _ERRORS = {404: {"description": "no such study or trial"}}
                         422: {"description": "the spec is invalid; `detail` lists every problem"}})
 def create_study(spec: StudySpec, settings: SettingsDep, session: SessionDep, storage: StorageDep) -> StudyOut:
     """Submit a study. It is queued; workers claim its trials. Every spec field but `name` has a default."""
-    submit_study(settings, spec)
+    lifecycle.submit_study(settings, spec)
     return views.get_study_out(session, storage, spec.name)
 
 
@@ -48,6 +48,15 @@ def list_studies(session: SessionDep, storage: StorageDep,
 @router.get("/{name}", response_model=StudyOut, responses=_ERRORS)
 def get_study(name: StudyName, session: SessionDep, storage: StorageDep) -> StudyOut:
     """One study: state, spec, trial counts by state, best trial."""
+    return views.get_study_out(session, storage, name)
+
+
+@router.post("/{name}/cancel", response_model=StudyOut,
+             responses={**_ERRORS, 409: {"description": "the study has already ended (done, failed or cancelled)"}})
+def cancel_study(name: StudyName, settings: SettingsDep, session: SessionDep, storage: StorageDep) -> StudyOut:
+    """Cancel a queued or running study: no new trial of it starts, and its running trials stop
+    within one epoch (they are failed with the reason). Returns the study, now `cancelled`."""
+    lifecycle.cancel_study(settings, name)
     return views.get_study_out(session, storage, name)
 
 
