@@ -129,14 +129,20 @@ def _stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float =
             p.kill()
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--devices", default="auto", show_default=True,
               help="auto (every visible GPU, else the CPU), cpu, or cuda:0,1,...")
 @click.option("--slots-per-device", default=1, show_default=True, type=click.IntRange(1, 64),
               help="trials run at once on each device")
 @click.option("--exit-when-idle", is_flag=True, help="exit once no study has trial slots left (batch jobs)")
-def worker(devices: str, slots_per_device: int, exit_when_idle: bool) -> None:
-    """Claim trials of queued and running studies and run each in a child process."""
+@click.pass_context
+def worker(ctx: click.Context, devices: str, slots_per_device: int, exit_when_idle: bool) -> None:
+    """Claim trials of queued and running studies and run each in a child process.
+
+    `converge worker list` shows the workers sharing this database instead.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from service.db.migrate import check_schema
     from studies.devices import parse_devices, plan_slots
     from studies.worker import Worker
@@ -149,6 +155,25 @@ def worker(devices: str, slots_per_device: int, exit_when_idle: bool) -> None:
         raise click.BadParameter(str(exc), param_hint="--devices") from None
     check_schema(settings.database_url)
     Worker(settings, slots, exit_when_idle=exit_when_idle).run()
+
+
+@worker.command("list")
+def worker_list() -> None:
+    """The workers sharing this database: host, pid, devices, slots, state, current trials, last heartbeat."""
+    from service import views
+    from service.db.engine import get_engine, session_scope
+
+    settings = get_settings()
+    with session_scope(get_engine(settings.database_url)) as session:
+        workers = views.list_worker_outs(session, settings.grace_period_s)
+    rows = [["id", "host", "pid", "devices", "slots", "state", "trials now", "last heartbeat"]]
+    for w in workers:
+        state = w.state if w.alive or w.state == "stopped" else f"{w.state} (no heartbeat)"
+        trials = ", ".join(f"{t.study}#{t.trial if t.trial is not None else '?'}@{t.device}"
+                           for t in w.current_trials) or "-"
+        rows.append([w.id[:12], w.host, str(w.pid), w.devices, str(w.slots), state, trials,
+                     w.last_heartbeat.strftime("%Y-%m-%d %H:%M:%S UTC")])
+    click.echo(_table(rows) if workers else "no workers have registered in the last day")
 
 
 # ---------------------------------------------------------------- sweep

@@ -21,6 +21,8 @@ from service.api.schemas import (
     TrialDetail,
     TrialDiagnosisOut,
     TrialOut,
+    WorkerOut,
+    WorkerTrialOut,
 )
 from service.db import repo
 from service.db.errors import NotFound
@@ -151,3 +153,20 @@ def get_trial_metrics(session: Session, storage: optuna.storages.BaseStorage, na
 def diagnose_history(history: Any) -> DiagnosisOut:
     """Diagnose a history in the contract's format; `HistoryError` (every problem listed) when it is invalid."""
     return DiagnosisOut.model_validate(diagnose(history).to_dict())
+
+
+def list_worker_outs(session: Session, grace_period_s: float) -> list[WorkerOut]:
+    """Every registered worker with the trials it runs now (by study and trial number)."""
+    workers = repo.list_workers(session)
+    trial_ids = [t["trial_id"] for w in workers for t in (w.current_trials or []) if t.get("trial_id") is not None]
+    numbers = repo.trial_numbers(session, trial_ids)
+    now = datetime.now(timezone.utc)
+    out = []
+    for w in workers:
+        fresh = (now - w.last_heartbeat).total_seconds() <= grace_period_s
+        trials = [WorkerTrialOut(study=t["study"], trial=numbers.get(t.get("trial_id")), device=t["device"],
+                                 slot=t["slot"]) for t in (w.current_trials or [])]
+        out.append(WorkerOut(id=w.id, host=w.host, pid=w.pid, devices=w.devices, slots=w.slots, state=w.state,
+                             alive=w.state != "stopped" and fresh, current_trials=trials, started_at=w.started_at,
+                             last_heartbeat=w.last_heartbeat))
+    return out

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from service.api.dashboard import DashboardDispatch
-from service.api.routers import diagnose, health, studies
+from service.api.routers import diagnose, health, studies, workers
 from service.db.errors import Conflict, DatabaseUnavailable, NotFound, SchemaNotReady, ServiceError
 from service.settings import Settings, get_settings
 from service.version import VERSION
@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
     app.state.settings = settings
     app.include_router(studies.router)
     app.include_router(diagnose.router)
+    app.include_router(workers.router)
     app.include_router(health.router)
 
     @app.get("/", include_in_schema=False)

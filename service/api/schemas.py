@@ -227,6 +227,26 @@ class ProblemsOut(BaseModel):
     problems: list[str]
 
 
+class WorkerTrialOut(BaseModel):
+    study: str
+    trial: int | None = Field(description="the trial's number; null while its child process is starting")
+    device: str
+    slot: int = Field(description="the trial slot of the study this child claimed")
+
+
+class WorkerOut(BaseModel):
+    id: str
+    host: str
+    pid: int
+    devices: str = Field(description="the devices its trial slots run on, e.g. `cpu` or `cuda:0,cuda:1`")
+    slots: int = Field(description="trials it runs at once")
+    state: Literal["running", "stopping", "stopped"]
+    alive: bool = Field(description="running or stopping, with a heartbeat within the grace period")
+    current_trials: list[WorkerTrialOut]
+    started_at: datetime
+    last_heartbeat: datetime
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "unavailable"]
     database: str

@@ -312,6 +312,15 @@ def list_workers(session: Session) -> list[Worker]:
     return list(session.scalars(select(Worker).order_by(Worker.started_at)))
 
 
+def trial_numbers(session: Session, trial_ids: list[int]) -> dict[int, int]:
+    """Optuna trial id -> the trial's number within its study (what users see)."""
+    if not trial_ids:
+        return {}
+    rows = session.execute(select(optuna_trials.c.trial_id, optuna_trials.c.number)
+                           .where(optuna_trials.c.trial_id.in_(trial_ids)))
+    return {row.trial_id: row.number for row in rows}
+
+
 def prune_dead_workers(session: Session, older_than: timedelta) -> int:
     """Forget workers whose heartbeat stopped long ago (their trials fail by Optuna's heartbeat)."""
     cutoff: datetime = utcnow() - older_than

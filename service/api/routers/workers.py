@@ -1,0 +1,18 @@
+"""`/v1/workers`: the workers sharing this database, as their heartbeats report them."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service import views
+from service.api.deps import SessionDep, SettingsDep
+from service.api.schemas import WorkerOut
+
+router = APIRouter(prefix="/v1/workers", tags=["workers"])
+
+
+@router.get("", response_model=list[WorkerOut])
+def list_workers(settings: SettingsDep, session: SessionDep) -> list[WorkerOut]:
+    """Every worker seen in the last day: host, pid, devices, slots, state, the trials it runs now
+    and its last heartbeat; `alive` is false once its heartbeat is older than the grace period."""
+    return views.list_worker_outs(session, settings.grace_period_s)
