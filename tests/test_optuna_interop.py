@@ -67,9 +67,11 @@ def test_compose_services_run_real_converge_commands() -> None:
         context = cli.make_context("converge", list(argv), resilient_parsing=False)
         sub = context.command.get_command(context, argv[0])
         rest = argv[1:]
-        if hasattr(sub, "get_command"):  # a group such as `db`
+        if hasattr(sub, "get_command") and rest and rest[0] in sub.list_commands(context):  # `db upgrade`
             sub = sub.get_command(context, rest[0])
             rest = rest[1:]
+        elif hasattr(sub, "get_command"):  # a group that runs itself, such as `worker --devices ...`
+            assert sub.invoke_without_command, name
         assert sub is not None, name
         sub.make_context(argv[0], list(rest), parent=context)  # raises on an unknown option
     worker = compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
