@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -12,7 +13,6 @@ from dataclasses import dataclass, field
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
-from torch.utils.data import DataLoader, TensorDataset
 
 from trainers.callbacks import EpochHook, EpochMetricsCallback
 from trainers.config import TrainConfig
@@ -48,9 +48,10 @@ def fit(config: TrainConfig, on_epoch_end: EpochHook | None = None, split: DataS
         if split is None:
             split = load_dataset(config.dataset, config.val_fraction, config.seed)
         module = LitModel(build_network(config, split), split.task, config.lr, config.weight_decay)
-        train_loader, val_loader = make_loaders(split, config.batch_size, config.seed)
-        metrics = EpochMetricsCallback(on_epoch_end, norms=norms)
         accelerator = _accelerator(config.device)
+        train_loader, val_loader = make_loaders(split, config.batch_size, config.seed,
+                                                device="cuda" if accelerator == "gpu" else "cpu")
+        metrics = EpochMetricsCallback(on_epoch_end, norms=norms)
         trainer = pl.Trainer(
             max_epochs=config.epochs,
             accelerator=accelerator,
@@ -69,12 +70,45 @@ def fit(config: TrainConfig, on_epoch_end: EpochHook | None = None, split: DataS
                      seconds=time.perf_counter() - started)
 
 
-def make_loaders(split: DataSplit, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
-    """Train loader shuffled by its own seeded generator (same order for the same seed), val in order."""
-    generator = torch.Generator().manual_seed(seed)
-    train = DataLoader(TensorDataset(split.x_train, split.y_train), batch_size=batch_size, shuffle=True,
-                       generator=generator, num_workers=0)
-    val = DataLoader(TensorDataset(split.x_val, split.y_val), batch_size=batch_size, shuffle=False, num_workers=0)
+class TensorBatches:
+    """Batches of in-memory tensors taken by index: one gather per batch, no per-sample collation.
+
+    A `DataLoader` over a `TensorDataset` indexes and re-stacks every sample, which costs more
+    than a small model's whole step. The tensors stay where they are (on the training device,
+    see `fit`); shuffling draws one permutation per epoch from the batches' own seeded generator,
+    so the same seed gives the same order.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int = 0):
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.x)
+        if not self.shuffle:
+            for start in range(0, n, self.batch_size):
+                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+            return
+        order = torch.randperm(n, generator=self.generator).to(self.x.device)
+        for start in range(0, n, self.batch_size):
+            index = order[start:start + self.batch_size]
+            yield self.x[index], self.y[index]
+
+
+def make_loaders(split: DataSplit, batch_size: int, seed: int,
+                 device: torch.device | str = "cpu") -> tuple[TensorBatches, TensorBatches]:
+    """Train batches shuffled by their own seeded generator (same order for the same seed), val in order.
+
+    The split's tensors are moved to `device` once, here, rather than batch by batch.
+    """
+    def on(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+
+    train = TensorBatches(on(split.x_train), on(split.y_train), batch_size, shuffle=True, seed=seed)
+    val = TensorBatches(on(split.x_val), on(split.y_val), batch_size, shuffle=False)
     return train, val
 
 
