@@ -97,3 +97,19 @@ def test_sigterm_lets_the_running_trial_finish_and_exits(settings: Settings) -> 
     counts = client.get("/v1/studies/graceful").json()["trials"]
     assert counts["running"] == 0 and counts["complete"] >= 1
     assert counts["complete"] < 5  # it stopped claiming
+
+
+def test_four_racing_workers_run_exactly_n_trials(settings: Settings) -> None:
+    """Four worker processes claim from one study at once: never more trials than `n_trials`."""
+    client = TestClient(create_app(settings))
+    client.post("/v1/studies", json=tiny_spec("raced", n_trials=6))
+    workers = [_worker(settings.database_url, "--exit-when-idle") for _ in range(4)]
+    outputs = [w.communicate(timeout=280)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    trials = client.get("/v1/studies/raced/trials").json()
+    assert [t["number"] for t in trials] == list(range(6))
+    assert all(t["state"] == "complete" for t in trials), trials
+    assert client.get("/v1/studies/raced").json()["state"] == "done"
+    pids = {client.get(f"/v1/studies/raced/trials/{t['number']}").json()["user_attrs"]["converge_worker_pid"]
+            for t in trials}
+    assert len(pids) == 6  # each trial in a child process of its own
