@@ -137,8 +137,11 @@ def _stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float =
 @click.option("--exit-when-idle", is_flag=True, help="exit once no study has trial slots left (batch jobs)")
 @click.pass_context
 def worker(ctx: click.Context, devices: str, slots_per_device: int, exit_when_idle: bool) -> None:
-    """Claim trials of queued and running studies and run each in a child process.
+    """Claim trials of queued and running studies and run them, one process per slot.
 
+    A trial whose process dies is failed and rerun (up to the spec's `retries`). SIGTERM or
+    Ctrl-C: no new trials; running ones stop at their epoch's end, are rerun by the next
+    worker, and this one exits (a second signal kills them at once).
     `converge worker list` shows the workers sharing this database instead.
     """
     if ctx.invoked_subcommand is not None:

@@ -18,6 +18,11 @@ class Settings(BaseSettings):
     sqlite_busy_timeout_s: float = Field(default=30.0, gt=0, description="how long SQLite waits on a lock")
     heartbeat_interval_s: int = Field(default=10, gt=0, description="Optuna trial heartbeat period")
     grace_period_s: int = Field(default=60, gt=0, description="a RUNNING trial silent this long is failed")
+    stop_timeout_s: float = Field(
+        default=20.0, gt=0,
+        description="after SIGTERM, how long a running trial may take to reach its epoch's end before it is "
+                    "killed and rerun",
+    )
     worker_poll_s: float = Field(default=1.0, gt=0, description="how often an idle worker looks for work")
 
 

@@ -26,8 +26,9 @@ from service.api.schemas import (
 )
 from service.db import repo
 from service.db.errors import NotFound
-from service.db.models import Study, TrialDiagnosis
+from service.db.models import Study, TrialDiagnosis, TrialRetry
 from studies.diagnosis import diagnose
+from studies.retries import RETRY_OF_ATTR
 
 _STATE_NAMES = {
     TrialState.RUNNING: "running",
@@ -38,8 +39,8 @@ _STATE_NAMES = {
 }
 
 
-def _counts(counter: Counter[str]) -> TrialCounts:
-    return TrialCounts(**{_STATE_NAMES[TrialState[state]]: n for state, n in counter.items()})
+def _counts(counter: Counter[str], rerun: int) -> TrialCounts:
+    return TrialCounts(**{_STATE_NAMES[TrialState[state]]: n for state, n in counter.items()}, rerun=rerun)
 
 
 def _best(storage: optuna.storages.BaseStorage, name: str) -> BestTrial | None:
@@ -50,10 +51,12 @@ def _best(storage: optuna.storages.BaseStorage, name: str) -> BestTrial | None:
     return BestTrial(number=best.number, value=best.value, params=best.params)
 
 
-def study_out(study: Study, counts: Counter[str], storage: optuna.storages.BaseStorage) -> StudyOut:
+def study_out(session: Session, study: Study, counts: Counter[str],
+              storage: optuna.storages.BaseStorage) -> StudyOut:
     return StudyOut(
         name=study.name, state=study.state, detail=study.detail, n_trials=study.n_trials,
-        trials=_counts(counts), best=_best(storage, study.name), created_at=study.created_at,
+        trials=_counts(counts, repo.retried_attempts(session, study.id)), best=_best(storage, study.name),
+        created_at=study.created_at,
         started_at=study.started_at, finished_at=study.finished_at, spec=study.spec,
     )
 
@@ -62,12 +65,12 @@ def list_study_outs(session: Session, storage: optuna.storages.BaseStorage,
                     state: str | None = None) -> list[StudyOut]:
     studies = repo.list_studies(session, state=state)
     counts = repo.trial_state_counts(session, [s.name for s in studies])
-    return [study_out(s, counts[s.name], storage) for s in studies]
+    return [study_out(session, s, counts[s.name], storage) for s in studies]
 
 
 def get_study_out(session: Session, storage: optuna.storages.BaseStorage, name: str) -> StudyOut:
     study = repo.get_study(session, name)
-    return study_out(study, repo.trial_state_counts(session, [name])[name], storage)
+    return study_out(session, study, repo.trial_state_counts(session, [name])[name], storage)
 
 
 def _optuna_trials(storage: optuna.storages.BaseStorage, name: str) -> list[FrozenTrial]:
@@ -83,7 +86,8 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.astimezone(timezone.utc) if value is not None else None
 
 
-def _trial_fields(trial: FrozenTrial, epochs: int, diagnosis: TrialDiagnosis | None) -> dict[str, Any]:
+def _trial_fields(trial: FrozenTrial, epochs: int, diagnosis: TrialDiagnosis | None,
+                  retry: TrialRetry | None) -> dict[str, Any]:
     duration = trial.duration.total_seconds() if trial.duration is not None else None
     return dict(
         number=trial.number, state=_STATE_NAMES[trial.state], params=trial.params, value=trial.value,
@@ -91,6 +95,7 @@ def _trial_fields(trial: FrozenTrial, epochs: int, diagnosis: TrialDiagnosis | N
         duration_s=duration, epochs_recorded=epochs, error=trial.user_attrs.get("error"),
         verdict=diagnosis.verdict if diagnosis is not None else None,
         confidence=diagnosis.confidence if diagnosis is not None else None,
+        retry_of=trial.user_attrs.get(RETRY_OF_ATTR), rerun_as=retry.retry_number if retry is not None else None,
     )
 
 
@@ -100,10 +105,12 @@ def list_trial_outs(session: Session, storage: optuna.storages.BaseStorage, name
     study = repo.get_study(session, name)
     epochs = repo.epochs_recorded(session, study.id)
     diagnoses = repo.diagnoses_by_trial(session, study.id, with_diagnosis=False)
+    retries = repo.retries_by_trial(session, study.id)
     trials = _optuna_trials(storage, name)
     if verdict is not None:
         trials = [t for t in trials if t.number in diagnoses and diagnoses[t.number].verdict == verdict]
-    return [TrialOut(**_trial_fields(t, epochs.get(t.number, 0), diagnoses.get(t.number))) for t in trials]
+    return [TrialOut(**_trial_fields(t, epochs.get(t.number, 0), diagnoses.get(t.number), retries.get(t.number)))
+            for t in trials]
 
 
 def _find_trial(storage: optuna.storages.BaseStorage, name: str, number: int) -> FrozenTrial:
@@ -119,8 +126,9 @@ def get_trial_detail(session: Session, storage: optuna.storages.BaseStorage, nam
     trial = _find_trial(storage, name, number)
     epochs = repo.epochs_recorded(session, study.id).get(number, 0)
     diagnosis = repo.get_diagnosis(session, study.id, number)
-    return TrialDetail(**_trial_fields(trial, epochs, diagnosis), intermediate_values=dict(trial.intermediate_values),
-                       user_attrs=trial.user_attrs,
+    retry = repo.get_retry(session, study.id, number)
+    return TrialDetail(**_trial_fields(trial, epochs, diagnosis, retry),
+                       intermediate_values=dict(trial.intermediate_values), user_attrs=trial.user_attrs,
                        diagnosis=DiagnosisOut.model_validate(diagnosis.diagnosis) if diagnosis is not None else None)
 
 

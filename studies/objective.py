@@ -16,10 +16,12 @@ from typing import Any
 
 import optuna
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from service.db import repo
-from service.db.engine import session_scope
+from service.db.engine import retry_unit_of_work
 from studies.diagnosis import MAX_EPOCHS, HistoryError, diagnose
+from studies.retries import INTERRUPTED, rerun
 from studies.search_space import suggest
 from studies.spec import StudySpec
 
@@ -39,16 +41,21 @@ class StudyCancelled(RuntimeError):
     """A user cancelled the trial's study; the trial stopped at an epoch boundary."""
 
 
+class TrialInterrupted(RuntimeError):
+    """The worker is shutting down: the trial stopped at an epoch boundary and is rerun elsewhere."""
+
+
 class Objective:
     def __init__(self, spec: StudySpec, study_id: int, engine: Engine, *, device: str = "auto",
                  on_trial_start: Callable[[optuna.Trial], None] | None = None,
-                 on_epoch: EpochListener | None = None):
+                 on_epoch: EpochListener | None = None, should_stop: Callable[[], bool] | None = None):
         self.spec = spec
         self.study_id = study_id
         self.engine = engine
         self.device = device
         self.on_trial_start = on_trial_start
         self.on_epoch = on_epoch
+        self.should_stop = should_stop  # polled at each epoch's end: the worker was asked to stop
 
     def __call__(self, trial: optuna.Trial) -> float:
         if self.on_trial_start is not None:
@@ -76,19 +83,27 @@ class Objective:
         metric = self.spec.objective.metric
         pruned_at: list[int] = []
         cancelled_at: list[int] = []
+        interrupted_at: list[int] = []
 
         def on_epoch_end(metrics: dict[str, Any]) -> bool:
             diagnosis = diagnoser.add_epoch(metrics)
-            with session_scope(self.engine) as session:
+
+            def write_epoch(session: Session) -> bool:  # run again whole if the database drops it
                 repo.record_epoch(session, self.study_id, trial._trial_id, trial.number, metrics)
                 if diagnosis is not None:
                     repo.save_diagnosis(session, self.study_id, trial._trial_id, trial.number,
                                         int(metrics["epoch"]), diagnosis, final=False)
-                cancelled = repo.study_state(session, self.study_id) == "cancelled"
+                return repo.study_state(session, self.study_id) == "cancelled"
+
+            cancelled = retry_unit_of_work(self.engine, write_epoch,
+                                           what=f"trial {trial.number}: storing epoch {metrics['epoch']}")
             if self.on_epoch is not None:
                 self.on_epoch(trial, metrics)
             if cancelled:
                 cancelled_at.append(int(metrics["epoch"]))
+                return True
+            if self.should_stop is not None and self.should_stop():
+                interrupted_at.append(int(metrics["epoch"]))
                 return True
             value = metrics.get(metric)
             if value is None or not math.isfinite(value):
@@ -111,6 +126,8 @@ class Objective:
         result = fit(config, on_epoch_end=on_epoch_end)
         if cancelled_at:
             raise StudyCancelled(f"the study was cancelled; the trial stopped after epoch {cancelled_at[0]}")
+        if interrupted_at:
+            raise self._requeue(trial, interrupted_at[0])
         last = result.epochs[-1]
         value = last.get(metric)
         if value is None or not math.isfinite(value):
@@ -118,6 +135,14 @@ class Objective:
         if pruned_at:
             raise optuna.TrialPruned(f"pruned by the {self.spec.pruner.name} pruner at epoch {pruned_at[0]}")
         return float(value)
+
+
+    def _requeue(self, trial: optuna.Trial, epoch: int) -> TrialInterrupted:
+        """Add the trial's rerun before Optuna fails this attempt, so the study never counts it as done."""
+        storage = trial.study._storage
+        retry = rerun(storage, self.engine, self.spec.name, storage.get_trial(trial._trial_id), INTERRUPTED)
+        where = f"rerun as trial {retry}" if retry is not None else "not rerun: its study has ended"
+        return TrialInterrupted(f"the worker stopped after epoch {epoch}; {where}")
 
 
 class TrialDiagnoser:
@@ -157,7 +182,8 @@ class TrialDiagnoser:
             return
         epoch, result = self.last
         try:
-            with session_scope(engine) as session:
-                repo.save_diagnosis(session, study_id, trial_id, self.trial_number, epoch, result, final=True)
+            retry_unit_of_work(engine, lambda session: repo.save_diagnosis(
+                session, study_id, trial_id, self.trial_number, epoch, result, final=True),
+                what=f"trial {self.trial_number}: storing its final diagnosis")
         except Exception:  # the trial's own outcome matters more than its diagnosis row
             log.exception("trial %d: could not store the final diagnosis", self.trial_number)

@@ -1,20 +1,22 @@
 """Run one claimed trial slot: load the Optuna study and optimize exactly one trial.
 
-Called in a worker's child process (one trial per process: a crash takes down only its
-own trial) and in-process by `converge sweep`.
+Called in a worker's slot processes (one per slot, one trial at a time: a crash takes down
+only its own trial) and in-process by `converge sweep`.
 """
 
 from __future__ import annotations
 
 import logging
-import traceback
+import os
 from collections.abc import Callable
+from functools import lru_cache
+from multiprocessing.connection import Connection
 from typing import Any
 
 import optuna
 
 from service.db import repo
-from service.db.engine import get_engine, session_scope
+from service.db.engine import get_engine, is_transient, session_scope
 from service.db.repo import ClaimedSlot
 from service.settings import Settings
 from studies.objective import EpochListener, Objective
@@ -43,61 +45,116 @@ def load_study(settings: Settings, spec: StudySpec, slot: int) -> optuna.Study:
     sampler = build_sampler(spec.sampler.name, sampler_seed(spec, slot),
                             grid=grid(spec.search_space, spec.sampler.grid_points))
     pruner = build_pruner(spec.pruner.name, spec.search_space.max_epochs())
-    return optuna.load_study(study_name=spec.name, storage=storage_for(settings), sampler=sampler, pruner=pruner)
+    return optuna.load_study(study_name=spec.name, storage=_cached(storage_for(settings)), sampler=sampler,
+                             pruner=pruner)
+
+
+@lru_cache(maxsize=8)
+def _cached(storage: optuna.storages.RDBStorage) -> optuna.storages.BaseStorage:
+    """Optuna's caching wrapper, kept for the life of a slot process.
+
+    `load_study` with a bare RDBStorage wraps it anew each time, and the fresh wrapper reads
+    every trial of the study again: a cost that grows with the study. Kept, the wrapper reads
+    only the trials that are new or still unfinished since its last read.
+    """
+    return optuna.storages.get_storage(storage)
 
 
 def run_slot(settings: Settings, slot: ClaimedSlot, *, device: str = "auto",
              on_trial_start: Callable[[optuna.Trial], None] | None = None,
-             on_epoch: EpochListener | None = None) -> optuna.trial.FrozenTrial:
+             on_epoch: EpochListener | None = None,
+             should_stop: Callable[[], bool] | None = None) -> optuna.trial.FrozenTrial:
     """Run the slot's one trial to its end (complete, pruned or failed) and return it."""
     try:
         spec = StudySpec.model_validate(slot.spec)
         study = load_study(settings, spec, slot.slot)
     except Exception as exc:
+        if is_transient(exc):
+            raise  # the database, not the study: the worker gives the slot back and tries again
         raise StudySetupError(f"{type(exc).__name__}: {exc}") from exc
     started: list[int] = []
 
     def start(trial: optuna.Trial) -> None:
         started.append(trial._trial_id)
-        trial.set_user_attr("converge_slot", slot.slot)
         if on_trial_start is not None:
             on_trial_start(trial)
 
     objective = Objective(spec, slot.study_id, get_engine(settings.database_url), device=device,
-                          on_trial_start=start, on_epoch=on_epoch)
+                          on_trial_start=start, on_epoch=on_epoch, should_stop=should_stop)
     study.optimize(objective, n_trials=1, catch=(Exception,))
     if not started:  # optimize() failed before calling the objective: nothing ran
         raise RuntimeError(f"study {slot.study_name}: Optuna did not start a trial")
     return study._storage.get_trial(started[0])
 
 
-def child_main(settings_data: dict[str, Any], slot: ClaimedSlot, device: str, torch_threads: int,
-               trial_id: Any) -> None:
-    """Entry point of a worker's child process (spawned: nothing inherited but arguments)."""
-    import os
-    import sys
+# What a slot process answers for each claim it was handed.
+TRIAL_ENDED = "ended"
+SETUP_FAILED = "setup_failed"
+TRIAL_ERROR = "error"
+NOT_STARTED = "not_started"  # asked to stop before the trial began: the slot goes back unused
 
+
+def slot_main(settings_data: dict[str, Any], device: str, torch_threads: int, conn: Connection,
+              trial_id: Any, stop: Any) -> None:
+    """A worker slot's process (spawned: nothing inherited but arguments): run claims until told to stop.
+
+    torch and Lightning are imported once, here, not once per trial. The parent sends a
+    `ClaimedSlot` and gets one answer back; `None` ends the loop. `trial_id` (a shared value)
+    holds the running trial's Optuna id, for the parent to fail and rerun it if this process
+    dies; `stop` (an event) asks the running trial to end at its next epoch and be rerun.
+    """
     settings = Settings.model_validate(settings_data)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [slot {device}] %(name)s: %(message)s")
-    if torch_threads > 0:
-        import torch
+    import torch
 
+    import trainers  # noqa: F401 - warm the import now, not in the first trial
+
+    if torch_threads > 0:
         torch.set_num_threads(torch_threads)
 
     def remember_trial(trial: optuna.Trial) -> None:
         trial.set_user_attr("converge_worker_pid", os.getpid())
-        trial_id.value = trial._trial_id  # read by the parent if this process dies
+        trial_id.value = trial._trial_id
 
+    while True:
+        try:
+            claim = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if claim is None:
+            return
+        trial_id.value = -1
+        if stop.is_set():
+            conn.send(NOT_STARTED)
+            return
+        conn.send(_run_claim(settings, claim, device, remember_trial, stop.is_set))
+        if stop.is_set():
+            return  # asked to stop: the parent hands out nothing more
+
+
+def _run_claim(settings: Settings, claim: ClaimedSlot, device: str,
+               on_trial_start: Callable[[optuna.Trial], None], should_stop: Callable[[], bool]) -> str:
     try:
-        run_slot(settings, slot, device=device, on_trial_start=remember_trial)
+        run_slot(settings, claim, device=device, on_trial_start=on_trial_start, should_stop=should_stop)
     except StudySetupError as exc:
-        log.error("study %s cannot run: %s", slot.study_name, exc)
+        log.error("study %s cannot run: %s", claim.study_name, exc)
         with session_scope(get_engine(settings.database_url)) as session:
-            repo.fail_study(session, slot.study_id, f"study setup failed: {exc}")
-        sys.exit(EXIT_SETUP_FAILED)
+            repo.fail_study(session, claim.study_id, f"study setup failed: {exc}")
+        return SETUP_FAILED
     except Exception:
-        traceback.print_exc()
-        sys.exit(1)
+        log.exception("study %s: the trial slot failed", claim.study_name)
+        return TRIAL_ERROR
+    finally:
+        _free_device_memory()
+    return TRIAL_ENDED
 
 
-EXIT_SETUP_FAILED = 3
+def _free_device_memory() -> None:
+    """A slot process lives for many trials: give the GPU memory of the last one back."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

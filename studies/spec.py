@@ -35,6 +35,7 @@ MODELS = frozenset(MODEL_PARAMS)
 SKLEARN_DATASETS = frozenset({"digits", "wine", "breast_cancer", "iris"})
 IMAGE_DATASETS = frozenset({"sklearn:digits"})
 MAX_TRIALS = 10_000
+MAX_RETRIES = 10
 
 _CSV_REF = re.compile(r"^csv:(?P<path>[^?]+)\?target=(?P<target>[^&]+)(&task=(classification|regression))?$")
 
@@ -290,6 +291,8 @@ class StudySpec(_Strict):
     n_trials: int = Field(default=40, description=f"1..{MAX_TRIALS}")
     sampler: Sampler = Field(default_factory=Sampler)
     pruner: Pruner = Field(default_factory=Pruner)
+    retries: int = Field(default=2, ge=0, le=MAX_RETRIES,
+                         description="how many times a trial whose process died is rerun with its parameters")
 
     model_config = ConfigDict(
         extra="forbid",

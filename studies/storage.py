@@ -1,41 +1,110 @@
 """Optuna's RDB storage over Converge's database, opened the way every process must open it.
 
 Tables are never created here (`converge db upgrade` does that), heartbeats are on so a
-trial whose process died is failed after the grace period.
+trial whose process died is failed after the grace period, and rerun (`studies.retries`).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
-from functools import lru_cache
+from collections.abc import Callable
+from functools import lru_cache, partial, wraps
+from typing import Any
 
 import optuna
 from sqlalchemy.exc import OperationalError
 
-from service.db.engine import engine_kwargs, translate_db_error
+from service.db.engine import (
+    describe_cause,
+    engine_kwargs,
+    get_engine,
+    is_transient,
+    retry_transient,
+    translate_db_error,
+)
 from service.db.migrate import check_schema
 from service.settings import Settings
+from studies.retries import rerun_stale_trial
+
+log = logging.getLogger("converge.storage")
+
+# The RDBStorage calls a running trial makes (sampling, report, should_prune, the final tell,
+# user attributes) and the worker's reads, all safe to repeat: the storage's own internals
+# that Optuna's `_CachedStorage` calls are listed, not the public wrappers around them.
+# A study's submission (create_new_study, set_study_user_attr, delete_study) is not retried:
+# the API and CLI answer at once that the database is unavailable.
+PATIENT_CALLS = (
+    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
+    "get_study_system_attrs", "get_all_studies", "get_trial", "_get_trials", "get_trial_id_from_study_id_trial_number",
+    "get_trial_param", "get_trial_user_attrs", "get_trial_system_attrs", "_get_best_trial_id", "_get_stale_trial_ids",
+    "_create_new_trial", "_set_trial_param", "set_trial_intermediate_value", "set_trial_state_values",
+    "set_trial_user_attr", "set_trial_system_attr",
+)
+
+
+class PatientRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage, waiting out a database restart or a SQLite lock instead of failing trials.
+
+    Optuna 5 turns any driver error inside a storage call into StorageInternalError and retries
+    only trial creation: a failed `report`/`should_prune` fails the trial, a failed final `tell`
+    leaves it RUNNING, and one failed heartbeat ends the trial's heartbeat thread, so the trial
+    is failed as stale a grace period later while it still trains. Here the calls in
+    `PATIENT_CALLS` are retried on transient errors (`service.db.engine.retry_transient`), and a
+    heartbeat that fails is logged and skipped: the next one follows `heartbeat_interval` later,
+    and only a silence longer than the grace period fails the trial. (A final `tell` whose commit
+    went through but whose reply was lost raises UpdateFinishedTrialError on its retry.)
+    """
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except optuna.exceptions.StorageInternalError as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("trial id %d: heartbeat missed: %s", trial_id, describe_cause(exc))
+
+
+def _patient(name: str) -> Callable[..., Any]:
+    method = getattr(optuna.storages.RDBStorage, name)
+
+    @wraps(method)
+    def call(self: PatientRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return retry_transient(partial(method, self, *args, **kwargs), what=f"Optuna storage {name}")
+
+    return call
+
+
+for _name in PATIENT_CALLS:
+    setattr(PatientRDBStorage, _name, _patient(_name))
 
 
 @lru_cache(maxsize=8)
 def open_storage(url: str, heartbeat_interval_s: int, grace_period_s: int,
-                 busy_timeout_s: float = 30.0) -> optuna.storages.RDBStorage:
-    """Open once per process; raises DatabaseUnavailable or SchemaNotReady in one line."""
+                 busy_timeout_s: float = 30.0, patient: bool = True) -> optuna.storages.RDBStorage:
+    """Open once per process; raises DatabaseUnavailable or SchemaNotReady in one line, at once
+    (the CLI and the API must say so, not wait).
+
+    `patient`: a `PatientRDBStorage`, for trials and workers; without it, for readers that
+    must answer at once (the dashboard), Optuna's own.
+    """
     check_schema(url)  # Optuna's own errors here would be a StorageInternalError traceback
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return optuna.storages.RDBStorage(
+            storage_class = PatientRDBStorage if patient else optuna.storages.RDBStorage
+            return storage_class(
                 url,
                 engine_kwargs=engine_kwargs(url, busy_timeout_s),
                 skip_table_creation=True,
                 heartbeat_interval=heartbeat_interval_s,
                 grace_period=grace_period_s,
+                heartbeat_stale_trial_callback=partial(rerun_stale_trial, get_engine(url, busy_timeout_s)),
             )
         except OperationalError as exc:
             raise translate_db_error(exc, url) from None
 
 
-def storage_for(settings: Settings) -> optuna.storages.RDBStorage:
+def storage_for(settings: Settings, *, patient: bool = True) -> optuna.storages.RDBStorage:
     return open_storage(settings.database_url, settings.heartbeat_interval_s, settings.grace_period_s,
-                        settings.sqlite_busy_timeout_s)
+                        settings.sqlite_busy_timeout_s, patient)

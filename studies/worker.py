@@ -1,7 +1,13 @@
-"""`converge worker`: claim trial slots, run each in a child process, record, heartbeat.
+"""`converge worker`: claim trial slots, run them in long-lived slot processes, record, heartbeat.
 
-The parent orchestrates only (it never imports torch): claim → spawn → reap → finish the
-study when its last trial ends. SIGTERM/SIGINT stop the claiming; running trials finish.
+The parent orchestrates only (it never imports torch): it keeps one process per slot (torch
+imported once), hands each a claimed trial slot at a time, reaps the answers and finishes a
+study when its last trial ends. A slot process that dies takes only its own trial with it: the
+trial is failed and rerun (`studies.retries`), and the slot gets a fresh process.
+
+SIGTERM/SIGINT: no new claims; running trials stop at their next epoch's end and are rerun by
+whoever claims next, and the worker exits. A trial that does not reach its epoch's end within
+`stop_timeout_s` is killed and rerun the same way; a second signal kills at once.
 """
 
 from __future__ import annotations
@@ -14,31 +20,41 @@ import socket
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
+from multiprocessing.connection import Connection
 from typing import Any
 
 import optuna
 
 from service.db import repo
-from service.db.engine import get_engine, session_scope
+from service.db.engine import describe_cause, get_engine, is_transient, session_scope
 from service.db.errors import DatabaseUnavailable
 from service.db.models import Study
 from service.settings import Settings
 from studies.devices import Slot
-from studies.runner import EXIT_SETUP_FAILED, child_main
+from studies.retries import CRASHED, INTERRUPTED, settle_dead_attempt
+from studies.runner import NOT_STARTED, SETUP_FAILED, TRIAL_ENDED, slot_main
 from studies.storage import storage_for
 
 log = logging.getLogger("converge.worker")
 
+DIED = "died"  # not an answer: the slot process died while it held a claim
+
 
 @dataclass
-class Running:
+class SlotProcess:
+    """A slot's child process and the trial slot it is running, if any."""
+
     slot: Slot
-    claim: repo.ClaimedSlot
     process: mp.process.BaseProcess
-    trial_id: Any  # multiprocessing.Value('q'): the Optuna trial id once the child has one
-    started: float = field(default_factory=time.monotonic)
+    conn: Connection
+    trial_id: Any  # multiprocessing.Value('q'): the running trial's Optuna id, -1 before it has one
+    stop: Any  # multiprocessing.Event: end the running trial at its next epoch and rerun it
+    claim: repo.ClaimedSlot | None = None
+    answer: str | None = None  # the slot process's answer for `claim`, or DIED, until it is settled
+    settled: bool = False  # the answer's bookkeeping is committed (kept across a database outage)
+    stop_deadline: float | None = None  # when a trial asked to stop gets killed instead
 
 
 class Worker:
@@ -50,13 +66,21 @@ class Worker:
         self.exit_when_idle = exit_when_idle
         self.engine = get_engine(settings.database_url)
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.running: dict[int, Running] = {}
-        self.stopping = False
+        self.processes: dict[int, SlotProcess] = {}
+        self.signals = 0
         self.trials_started = 0
         self._context = mp.get_context("spawn")
         self._last_heartbeat = 0.0
         self._last_stale_check = 0.0
         self._nothing_to_claim = False
+
+    @property
+    def running(self) -> list[SlotProcess]:
+        return [p for p in self.processes.values() if p.claim is not None]
+
+    @property
+    def stopping(self) -> bool:
+        return self.signals > 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -66,6 +90,8 @@ class Worker:
         with session_scope(self.engine) as session:
             repo.register_worker(session, self.id, socket.gethostname(), os.getpid(),
                                  ",".join(sorted({s.device for s in self.slots})), len(self.slots))
+        for slot in self.slots:  # torch loads in the slots while the first claims are made
+            self.processes[slot.index] = self._start_process(slot)
         log.info("worker %s ready with %d slot(s): %s", self.id, len(self.slots),
                  ", ".join(s.device for s in self.slots))
         try:
@@ -73,18 +99,15 @@ class Worker:
                 self._step()
                 if self._done():
                     break
-                time.sleep(self.settings.worker_poll_s if not self.running else 0.2)
+                time.sleep(self.settings.worker_poll_s if not self.running else 0.1)
         finally:
             self._shutdown()
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
-        if self.stopping:
-            log.warning("second signal: terminating running trials")
-            for r in self.running.values():
-                r.process.terminate()
-        self.stopping = True
-        log.info("worker %s stopping (signal %d): no new trials, waiting for %d running", self.id, signum,
-                 len(self.running))
+        """Signal handler: only counts; the loop does the work (see `_stop_running_trials`)."""
+        self.signals += 1
+        log.info("worker %s stopping (signal %d): no new trials; %d running trial(s) stop at their "
+                 "epoch's end and are rerun", self.id, signum, len(self.running))
 
     def _done(self) -> bool:
         if self.max_trials is not None and self.trials_started >= self.max_trials and not self.running:
@@ -92,8 +115,17 @@ class Worker:
         return self.exit_when_idle and not self.running and self._nothing_to_claim
 
     def _shutdown(self) -> None:
-        for r in self.running.values():
-            r.process.join(timeout=30)
+        for p in self.processes.values():
+            if p.process.is_alive():
+                try:
+                    p.conn.send(None)
+                except OSError:
+                    pass
+        for p in self.processes.values():
+            p.process.join(timeout=5)
+            if p.process.is_alive():
+                p.process.kill()
+                p.process.join()
         try:
             with session_scope(self.engine) as session:
                 repo.heartbeat_worker(session, self.id, [], state="stopped")
@@ -107,7 +139,9 @@ class Worker:
         try:
             self._reap()
             self._nothing_to_claim = False
-            if not self.stopping:
+            if self.stopping:
+                self._stop_running_trials()
+            else:
                 self._fill_free_slots()
             now = time.monotonic()
             if now - self._last_heartbeat >= self.settings.heartbeat_interval_s / 2:
@@ -116,13 +150,30 @@ class Worker:
             if now - self._last_stale_check >= self.settings.grace_period_s / 2:
                 self._fail_stale_trials()
                 self._last_stale_check = now
-        except DatabaseUnavailable as exc:
-            log.warning("database unavailable, retrying: %s", exc)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("database unavailable, retrying: %s", describe_cause(exc))
             time.sleep(min(5.0, self.settings.worker_poll_s * 5))
+
+    def _start_process(self, slot: Slot) -> SlotProcess:
+        parent_end, child_end = self._context.Pipe()
+        trial_id = self._context.Value("q", -1)
+        stop = self._context.Event()
+        process = self._context.Process(
+            target=_slot_entry,
+            args=(slot.child_env(), self.settings.model_dump(), slot.trainer_device, slot.torch_threads,
+                  child_end, trial_id, stop),
+            name=f"converge-slot-{slot.index}",
+        )
+        process.start()
+        child_end.close()  # so that the parent sees EOF when the child dies
+        return SlotProcess(slot, process, parent_end, trial_id, stop)
 
     def _fill_free_slots(self) -> None:
         for slot in self.slots:
-            if slot.index in self.running:
+            process = self.processes.get(slot.index)
+            if process is not None and process.claim is not None:
                 continue
             if self.max_trials is not None and self.trials_started >= self.max_trials:
                 return
@@ -131,63 +182,78 @@ class Worker:
             if claim is None:
                 self._nothing_to_claim = True
                 return
-            self._spawn(slot, claim)
+            if process is None or not process.process.is_alive():
+                process = self.processes[slot.index] = self._start_process(slot)
+            process.trial_id.value = -1
+            process.claim = claim
+            process.conn.send(claim)
+            self.trials_started += 1
+            log.info("slot %d (%s): study %s, trial slot %d", slot.index, slot.device, claim.study_name,
+                     claim.slot)
 
-    def _spawn(self, slot: Slot, claim: repo.ClaimedSlot) -> None:
-        trial_id = self._context.Value("q", -1)
-        process = self._context.Process(
-            target=_child_entry,
-            args=(slot.child_env(), self.settings.model_dump(), claim, slot.trainer_device,
-                  slot.torch_threads, trial_id),
-            name=f"converge-trial-{claim.study_name}-{claim.slot}",
-        )
-        process.start()
-        self.running[slot.index] = Running(slot, claim, process, trial_id)
-        self.trials_started += 1
-        log.info("slot %d (%s): study %s, trial slot %d", slot.index, slot.device, claim.study_name, claim.slot)
+    def _stop_running_trials(self) -> None:
+        now = time.monotonic()
+        for p in self.running:
+            if p.stop_deadline is None:
+                p.stop.set()
+                p.stop_deadline = now + self.settings.stop_timeout_s
+            if self.signals > 1 or now >= p.stop_deadline:
+                p.process.kill()  # reaped as an interruption: failed and rerun
 
     def _reap(self) -> None:
-        for index, r in list(self.running.items()):
-            if r.process.is_alive():
-                continue
-            r.process.join()
-            del self.running[index]
-            code = r.process.exitcode
-            if code not in (0, EXIT_SETUP_FAILED):
-                self._handle_crash(r, code)
+        """Settle each slot whose process answered or died. The claim is kept until the database
+        has taken the outcome: an outage in between retries the rest at the next step."""
+        for p in self.running:
+            claim = p.claim
+            assert claim is not None
+            if p.answer is None:
+                p.answer = _answer(p)
+                if p.answer is None:
+                    if p.process.is_alive():
+                        continue
+                    p.process.join()
+                    p.answer = DIED
+            if not p.settled:
+                self._settle_answer(p, claim)
+                p.settled = True
             with session_scope(self.engine) as session:
-                state = repo.finish_study_if_complete(session, r.claim.study_id)
+                state = repo.finish_study_if_complete(session, claim.study_id)
             if state:
-                log.info("study %s is %s", r.claim.study_name, state)
+                log.info("study %s is %s", claim.study_name, state)
+            p.claim, p.answer, p.settled = None, None, False
 
-    def _handle_crash(self, r: Running, code: int | None) -> None:
-        """A child died without ending its trial: fail that trial now, or give its slot back."""
-        trial_id = r.trial_id.value
-        log.error("trial process for study %s exited with code %s", r.claim.study_name, code)
+    def _settle_answer(self, p: SlotProcess, claim: repo.ClaimedSlot) -> None:
+        if p.answer == DIED:
+            self._settle(p, claim, f"trial process died (exit code {p.process.exitcode})")
+        elif p.answer == NOT_STARTED:
+            with session_scope(self.engine) as session:
+                repo.release_trial_slot(session, claim.study_id)
+        elif p.answer not in (TRIAL_ENDED, SETUP_FAILED):
+            self._settle(p, claim, "the trial's process failed outside the trial (see the worker's log)")
+
+    def _settle(self, p: SlotProcess, claim: repo.ClaimedSlot, cause: str) -> None:
+        """The slot's trial did not end by itself: fail it and rerun it, or give its slot back."""
+        trial_id = p.trial_id.value
+        log.error("study %s: %s", claim.study_name, cause)
         if trial_id < 0:
             with session_scope(self.engine) as session:
-                repo.release_trial_slot(session, r.claim.study_id)
+                repo.release_trial_slot(session, claim.study_id)
             return
-        storage = storage_for(self.settings)
-        trial = storage.get_trial(trial_id)
-        if trial.state == optuna.trial.TrialState.RUNNING:
-            storage.set_trial_user_attr(trial_id, "error", f"trial process died (exit code {code})")
-            try:
-                storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                return  # it finished after all, between our read and write (and stored its final diagnosis)
-            with session_scope(self.engine) as session:
-                repo.mark_diagnosis_final(session, r.claim.study_id, trial.number)
+        reason = INTERRUPTED if p.stop_deadline is not None else CRASHED
+        settle_dead_attempt(storage_for(self.settings), self.engine, claim.study_name, trial_id, reason, cause)
 
     def _heartbeat(self) -> None:
-        current = [{"study": r.claim.study_name, "slot": r.claim.slot, "device": r.slot.device,
-                    "trial_id": r.trial_id.value if r.trial_id.value >= 0 else None} for r in self.running.values()]
+        current = []
+        for p in self.running:
+            assert p.claim is not None
+            current.append({"study": p.claim.study_name, "slot": p.claim.slot, "device": p.slot.device,
+                            "trial_id": p.trial_id.value if p.trial_id.value >= 0 else None})
         with session_scope(self.engine) as session:
             repo.heartbeat_worker(session, self.id, current, state="stopping" if self.stopping else "running")
             repo.prune_dead_workers(session, timedelta(days=1))
 
     def _fail_stale_trials(self) -> None:
-        """Trials whose process vanished with its whole machine: Optuna's heartbeat fails them."""
+        """Trials whose process vanished with its whole machine: Optuna's heartbeat fails them, we rerun them."""
         with session_scope(self.engine) as session:
             studies: list[Study] = repo.list_studies(session, state="running")
         storage = storage_for(self.settings)
@@ -199,8 +265,40 @@ class Worker:
                 repo.finish_study_if_complete(session, study.id)
 
 
-def _child_entry(env: dict[str, str], *args: Any) -> None:
-    """Set the slot's environment before anything imports torch, then run the trial."""
+def _answer(p: SlotProcess) -> str | None:
+    """The slot process's answer for its claim, or None while it runs (or when it died)."""
+    try:
+        return p.conn.recv() if p.conn.poll() else None
+    except (EOFError, OSError):
+        return None
+
+
+_signalled = False
+
+
+def _slot_entry(env: dict[str, str], settings_data: dict[str, Any], device: str, torch_threads: int,
+                conn: Connection, trial_id: Any, stop: Any) -> None:
+    """Set the slot's environment before anything imports torch, then serve claims.
+
+    SIGTERM sent to the whole process group asks the running trial to stop at its epoch's end,
+    like the parent's `stop` event (a flag here: a signal handler must not take the event's lock).
+    """
     os.environ.update(env)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which lets trials finish
-    child_main(*args)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops the trials
+
+    def on_sigterm(_signum: int, _frame: Any) -> None:
+        global _signalled
+        _signalled = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    slot_main(settings_data, device, torch_threads, conn, trial_id, _StopRequest(stop))
+
+
+class _StopRequest:
+    """The parent's stop event or this process's SIGTERM, whichever came."""
+
+    def __init__(self, event: Any):
+        self.event = event
+
+    def is_set(self) -> bool:
+        return _signalled or self.event.is_set()

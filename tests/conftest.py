@@ -7,6 +7,8 @@ down they are skipped, unless CONVERGE_REQUIRE_POSTGRES=1 (CI), where they fail 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,3 +107,11 @@ def converge_env(db_url: str, **extra: str) -> dict[str, str]:
                 "CONVERGE_GRACE_PERIOD_S": "5", "CONVERGE_WORKER_POLL_S": "0.2", "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
+
+
+def start_worker(db_url: str, *args: str, new_session: bool = False, **env: str) -> subprocess.Popen[str]:
+    """A real `converge worker` on the CPU, its output captured; `new_session` puts it and its
+    slot processes in a process group of their own (to kill the whole worker at once)."""
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--devices", "cpu", *args],
+                            cwd=REPO, env=converge_env(db_url, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=new_session)

@@ -24,7 +24,7 @@ def test_submit_list_and_get_a_study(client: TestClient) -> None:
     assert created.status_code == 201, created.text
     body = created.json()
     assert body["name"] == "api-one" and body["state"] == "queued" and body["n_trials"] == 3
-    assert body["trials"] == {"running": 0, "waiting": 0, "complete": 0, "pruned": 0, "failed": 0}
+    assert body["trials"] == {"running": 0, "waiting": 0, "complete": 0, "pruned": 0, "failed": 0, "rerun": 0}
     assert body["best"] is None
     assert body["spec"]["search_space"]["weight_decay"] == {"value": 1e-4}
 

@@ -111,6 +111,20 @@ def test_metrics_keep_nan_and_infinity(db_url: str) -> None:
         assert row.val_acc is None and row.grad_norm == 1.5
 
 
+def test_writing_a_stored_epoch_again_changes_nothing(db_url: str) -> None:
+    """A retried epoch write whose first commit went through must not fail the trial."""
+    engine = get_engine(db_url)
+    with session_scope(engine) as session:
+        study = repo.add_study(session, "twice", tiny_spec("twice"), n_trials=1)
+    for train_loss in (0.5, 0.9):
+        with session_scope(engine) as session:
+            repo.record_epoch(session, study.id, trial_id=1, trial_number=0,
+                              metrics={"epoch": 0, "train_loss": train_loss})
+    with session_scope(engine) as session:
+        (row,) = repo.trial_metrics(session, study.id, 0)
+        assert row.train_loss == 0.5
+
+
 def test_models_and_migrations_agree(db_url: str) -> None:
     """Autogenerate against an upgraded database finds nothing to do (and ignores Optuna's tables)."""
     from alembic.autogenerate import compare_metadata

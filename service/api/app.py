@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import optuna
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from service.api.dashboard import DashboardDispatch
 from service.api.routers import diagnose, health, studies, workers
+from service.db.engine import describe_cause, is_transient, safe_url
 from service.db.errors import Conflict, DatabaseUnavailable, NotFound, SchemaNotReady, ServiceError
 from service.settings import Settings, get_settings
 from service.version import VERSION
@@ -43,6 +45,12 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=_STATUS.get(type(exc), 500))
 
+    @app.exception_handler(optuna.exceptions.StorageInternalError)
+    async def storage_error(_: Request, exc: optuna.exceptions.StorageInternalError) -> JSONResponse:
+        """Optuna wraps every driver error in this one: a database that is down is a 503 here too."""
+        detail = f"cannot use database {safe_url(settings.database_url)}: {describe_cause(exc)}"
+        return JSONResponse({"detail": detail}, status_code=503 if is_transient(exc) else 500)
+
     @app.exception_handler(SpecError)
     async def spec_error(_: Request, exc: SpecError) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "problems": exc.problems}, status_code=422)
@@ -61,7 +69,8 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
     if dashboard:
         from studies.storage import storage_for
 
-        app.add_middleware(DashboardDispatch, storage_factory=lambda: storage_for(settings))
+        # Not patient: during an outage the dashboard fails at once instead of waiting it out.
+        app.add_middleware(DashboardDispatch, storage_factory=lambda: storage_for(settings, patient=False))
     return app
 
 

@@ -31,7 +31,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 def get_storage(settings: SettingsDep) -> optuna.storages.RDBStorage:
     from studies.storage import storage_for
 
-    return storage_for(settings)
+    return storage_for(settings, patient=False)  # a request answers 503 at once rather than wait
 
 
 StorageDep = Annotated[optuna.storages.RDBStorage, Depends(get_storage)]

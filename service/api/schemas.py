@@ -32,7 +32,9 @@ class TrialCounts(BaseModel):
     waiting: int = 0
     complete: int = 0
     pruned: int = 0
-    failed: int = 0
+    failed: int = Field(default=0, description="failed attempts, the rerun ones included")
+    rerun: int = Field(default=0, description="failed attempts whose process died and that were rerun as a new "
+                       "trial: they do not count towards n_trials")
 
 
 class BestTrial(BaseModel):
@@ -67,6 +69,9 @@ class TrialOut(BaseModel):
     verdict: Verdict | None = Field(default=None, description="the latest diagnosis' verdict; null until the "
                                     "trial's first epoch is recorded")
     confidence: float | None = Field(default=None, description="the latest diagnosis' confidence, 0..1")
+    retry_of: int | None = Field(default=None, description="the failed attempt this trial reruns")
+    rerun_as: int | None = Field(default=None, description="the trial that reruns this failed attempt (its process "
+                                 "died or its worker stopped)")
 
 
 class FindingOut(BaseModel):

@@ -159,3 +159,27 @@ class Worker(Base):
     current_trials: Mapped[list[Any]] = mapped_column(JSON, default=list)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_heartbeat: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TrialRetry(Base):
+    """A trial attempt that died with its process, or was interrupted by a worker's shutdown, and was rerun.
+
+    The attempt stays a failed Optuna trial with its partial metrics; `retry_number` is the new
+    trial that reruns its parameters. A failed attempt with a row here does not count towards the
+    study's `n_trials`: its retry does. `failures` counts the crashes of this line of attempts
+    (an interruption is not the trial's fault and counts none), against the spec's `retries`.
+    """
+
+    __tablename__ = "converge_trial_retries"
+    __table_args__ = (
+        UniqueConstraint("study_id", "trial_number", name="uq_converge_trial_retries_trial"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("converge_studies.id", ondelete="CASCADE"))
+    trial_number: Mapped[int] = mapped_column(Integer, comment="the failed attempt")
+    trial_id: Mapped[int] = mapped_column(Integer, comment="Optuna's trial_id of the failed attempt")
+    retry_number: Mapped[int] = mapped_column(Integer, comment="the trial that reruns it")
+    reason: Mapped[str] = mapped_column(String(16), comment="crashed | stale | interrupted")
+    failures: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

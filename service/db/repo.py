@@ -19,7 +19,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
 from service.db.errors import Conflict, NotFound
-from service.db.models import ACTIVE_STATES, METRIC_COLUMNS, Study, TrialDiagnosis, TrialMetric, Worker, utcnow
+from service.db.models import (
+    ACTIVE_STATES,
+    METRIC_COLUMNS,
+    Study,
+    TrialDiagnosis,
+    TrialMetric,
+    TrialRetry,
+    Worker,
+    utcnow,
+)
 from service.db.optuna_tables import FINISHED_TRIAL_STATES, optuna_studies, optuna_trials
 
 # ---------------------------------------------------------------- studies
@@ -143,10 +152,11 @@ def finish_study_if_complete(session: Session, study_id: int) -> str | None:
     if study is None or study.state != "running":
         return None
     counts = trial_state_counts(session, [study.name]).get(study.name, Counter())
-    finished = sum(counts[s] for s in FINISHED_TRIAL_STATES)
+    # A failed attempt that was rerun is replaced by its retry: it is not one of the n_trials.
+    finished = sum(counts[s] for s in FINISHED_TRIAL_STATES) - retried_attempts(session, study_id)
     if finished < study.n_trials:
         return None
-    new_state = "failed" if counts["FAIL"] == finished else "done"
+    new_state = "failed" if counts["COMPLETE"] + counts["PRUNED"] == 0 else "done"
     detail = f"all {finished} trials failed" if new_state == "failed" else None
     result = session.execute(
         update(Study).where(Study.id == study_id, Study.state == "running")
@@ -172,6 +182,40 @@ def trial_state_counts(session: Session, study_names: list[str]) -> dict[str, Co
     return counts
 
 
+# ---------------------------------------------------------------- retries
+
+
+def record_retry(session: Session, study_id: int, trial_number: int, trial_id: int, retry_number: int,
+                 reason: str, failures: int) -> bool:
+    """Record that a failed attempt is rerun as `retry_number` and give its trial slot back.
+
+    Both in the caller's transaction, so the slot is released exactly once: False (and nothing
+    written) when the attempt was already recorded by another process.
+    """
+    try:
+        with session.begin_nested():
+            session.add(TrialRetry(study_id=study_id, trial_number=trial_number, trial_id=trial_id,
+                                   retry_number=retry_number, reason=reason, failures=failures))
+    except IntegrityError:
+        return False
+    release_trial_slot(session, study_id)
+    return True
+
+
+def get_retry(session: Session, study_id: int, trial_number: int) -> TrialRetry | None:
+    return session.scalar(select(TrialRetry).where(TrialRetry.study_id == study_id,
+                                                   TrialRetry.trial_number == trial_number))
+
+
+def retries_by_trial(session: Session, study_id: int) -> dict[int, TrialRetry]:
+    """Each rerun attempt of one study, by the failed attempt's trial number."""
+    return {r.trial_number: r for r in session.scalars(select(TrialRetry).where(TrialRetry.study_id == study_id))}
+
+
+def retried_attempts(session: Session, study_id: int) -> int:
+    return session.scalar(select(func.count()).select_from(TrialRetry).where(TrialRetry.study_id == study_id)) or 0
+
+
 # ---------------------------------------------------------------- per-epoch metrics
 
 
@@ -181,11 +225,20 @@ def _as_float(value: Any) -> float | None:
 
 def record_epoch(session: Session, study_id: int, trial_id: int, trial_number: int,
                  metrics: dict[str, Any]) -> None:
-    """Store one epoch's metrics (NaN and infinities kept: they are the evidence of divergence)."""
-    session.add(TrialMetric(
-        study_id=study_id, trial_id=trial_id, trial_number=trial_number, epoch=int(metrics["epoch"]),
-        **{name: _as_float(metrics.get(name)) for name in METRIC_COLUMNS},
-    ))
+    """Store one epoch's metrics (NaN and infinities kept: they are the evidence of divergence).
+
+    Writing an epoch that is already stored changes nothing: a retried write whose first commit
+    went through (and only its reply was lost) must not fail the trial.
+    """
+    values = dict(study_id=study_id, trial_id=trial_id, trial_number=trial_number, epoch=int(metrics["epoch"]),
+                  recorded_at=utcnow(), **{name: _as_float(metrics.get(name)) for name in METRIC_COLUMNS})
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
+        session.execute(insert(TrialMetric).values(**values).on_conflict_do_nothing(
+            index_elements=[TrialMetric.study_id, TrialMetric.trial_number, TrialMetric.epoch]))
+        return
+    session.add(TrialMetric(**values))
 
 
 def trial_metrics(session: Session, study_id: int, trial_number: int) -> list[TrialMetric]:
