@@ -1,10 +1,11 @@
 """What does `trainers.fit` (PyTorch Lightning) cost over a hand-written PyTorch loop?
 
-Both sides train the reference MLP on the same sklearn:digits tensors with the same
-network class, init seed, AdamW, batch size, epochs, per-epoch validation and per-step
-gradient-norm measurement, on CPU, so the ratio is the framework's overhead alone.
+For the reference MLP and CNN, both sides train on the same sklearn:digits tensors with the
+same network class, init seed, AdamW, batch size, epochs, per-epoch validation and per-step
+gradient-norm measurement, on CPU, so the ratio is the framework's overhead alone. Each rep
+runs every model through both sides, interleaved, so a busy machine slows both alike.
 
-    .venv/bin/python benchmarks/trainer_overhead.py [--reps 5] [--epochs 10] [--batch-size 64]
+    .venv/bin/python benchmarks/trainer_overhead.py [--reps 5] [--epochs 10] [--batch-size 64] [--threads N]
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ from trainers.callbacks import global_norm, gradient_norm
 from trainers.fit import make_loaders
 from trainers.models import build_network
 
+MODELS = {  # the reference models: params, description
+    "mlp": ({"width": 128, "depth": 2}, "MLP width 128 depth 2"),
+    "cnn": ({"channels": 16}, "CNN channels 16"),
+}
 
-def reference_config(epochs: int, batch_size: int) -> TrainConfig:
-    return TrainConfig(model="mlp", dataset="sklearn:digits", params={"width": 128, "depth": 2}, dropout=0.1,
+
+def reference_config(epochs: int, batch_size: int, model: str = "mlp") -> TrainConfig:
+    return TrainConfig(model=model, dataset="sklearn:digits", params=MODELS[model][0], dropout=0.1,
                        lr=1e-3, epochs=epochs, batch_size=batch_size, seed=0, device="cpu")
 
 
@@ -76,25 +82,32 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    config = reference_config(args.epochs, args.batch_size)
-    split = load_dataset(config.dataset, config.val_fraction, config.seed)
-    print(f"MLP width 128 depth 2 dropout 0.1 on sklearn:digits ({len(split.y_train)} train / {len(split.y_val)} val), "
-          f"{args.epochs} epochs, batch {args.batch_size}, CPU, torch.get_num_threads() = {torch.get_num_threads()}")
-    run_converge(config, split)  # warm-up: imports, first-call allocations
-    run_plain(config, split)
+    configs = {model: reference_config(args.epochs, args.batch_size, model) for model in MODELS}
+    split = load_dataset("sklearn:digits", 0.2, 0)
+    print(f"{'; '.join(description for _, description in MODELS.values())}; dropout 0.1, on sklearn:digits "
+          f"({len(split.y_train)} train / {len(split.y_val)} val), {args.epochs} epochs, batch {args.batch_size}, "
+          f"CPU, torch.get_num_threads() = {torch.get_num_threads()}")
+    for config in configs.values():  # warm-up: imports, first-call allocations
+        run_converge(config, split)
+        run_plain(config, split)
 
-    print(f"{'rep':>3}  {'converge s':>10}  {'plain s':>8}  {'ratio':>6}  "
+    print(f"{'rep':>3}  {'model':<5}  {'converge s':>10}  {'plain s':>8}  {'ratio':>6}  "
           f"{'converge val_loss':>17}  {'plain val_loss':>14}")
-    ratios = []
+    ratios: dict[str, list[float]] = {model: [] for model in configs}
     for rep in range(1, args.reps + 1):
-        converge_s, converge_val = run_converge(config, split)
-        plain_s, plain_val = run_plain(config, split)
-        ratios.append(converge_s / plain_s)
-        print(f"{rep:>3}  {converge_s:>10.3f}  {plain_s:>8.3f}  {ratios[-1]:>6.2f}  "
-              f"{converge_val:>17.4f}  {plain_val:>14.4f}")
-    print(f"median ratio (converge / plain): {statistics.median(ratios):.2f}")
+        for model, config in configs.items():
+            converge_s, converge_val = run_converge(config, split)
+            plain_s, plain_val = run_plain(config, split)
+            ratios[model].append(converge_s / plain_s)
+            print(f"{rep:>3}  {model:<5}  {converge_s:>10.3f}  {plain_s:>8.3f}  {ratios[model][-1]:>6.2f}  "
+                  f"{converge_val:>17.4f}  {plain_val:>14.4f}")
+    print("median ratio (converge / plain): "
+          + ", ".join(f"{model} {statistics.median(values):.2f}" for model, values in ratios.items()))
 
 
 if __name__ == "__main__":

@@ -2,15 +2,17 @@
 
 Runs one study of tiny trials (MLP width 16 on sklearn:digits, 2 epochs, TPE, median pruner)
 trial after trial in this process, the way a worker's slot process does (claim the slot,
-`run_slot`: load the study, ask, train, write each epoch's metrics and diagnosis, tell; then
-the study's finish check), and times each trial whole and its `trainers.fit` alone. Overhead
-is the difference. Medians are taken over windows around trial 100 and trial 1,000.
+`run_slot`: ask, train, write each epoch's metrics and diagnosis, report, prune check, tell;
+then the study's finish check), and times each trial whole and its `trainers.fit` alone.
+Overhead is the difference.
 
-Two studies run side by side: Converge's slot process as it is (Optuna's trial cache kept for
-the process's life), and the same with a fresh cache per trial, as before the cache was kept
-(`load_study` on a bare RDBStorage re-reads every trial of the study at every claim).
+Around trial 100 and around trial 1,000, trials alternate between two ways of running, in the
+same study at the same size: Converge's slot process as it is (the Optuna study object, with its
+trial cache and its sampler, kept for the process's life: `runner.study_for`), and the study
+loaded afresh for the trial, as before (which re-reads every trial of the study and rebuilds
+TPE's search space over all of them at every claim). Medians per way and window.
 
-    .venv/bin/python benchmarks/trial_overhead.py [--trials 1010] [--window 20] [--database-url URL]
+    .venv/bin/python benchmarks/trial_overhead.py [--window 20] [--database-url URL]
 
 Without `--database-url` it creates a scratch PostgreSQL database on 127.0.0.1:5432 and drops it.
 """
@@ -68,45 +70,53 @@ class FitTimer:
             self.seconds += time.perf_counter() - started
 
 
-@contextlib.contextmanager
-def fresh_cache_per_trial() -> Iterator[None]:
-    """The behaviour before: every claim wraps the storage in a new, empty Optuna cache."""
-    kept = studies.runner._cached
-    studies.runner._cached = optuna.storages.get_storage  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        studies.runner._cached = kept
+def run_trial(settings: Settings, name: str, timer: FitTimer, *, loaded_afresh: bool) -> tuple[float, float]:
+    """(trial seconds, fit seconds) of the study's next trial, claim and finish check included.
 
-
-def run_study(settings: Settings, name: str, n_trials: int) -> list[tuple[float, float]]:
-    """(trial seconds, fit seconds) of each trial, claim and finish check included."""
-    submit_study(settings, spec(name, n_trials))
+    `loaded_afresh`: the process's kept study objects are set aside for this one trial.
+    """
+    kept = dict(studies.runner._STUDIES)
+    if loaded_afresh:
+        studies.runner._STUDIES.clear()
     engine = get_engine(settings.database_url)
+    fit_before = timer.seconds
+    started = time.perf_counter()
+    with session_scope(engine) as session:
+        claim = repo.claim_trial_slot(session, name)
+    assert claim is not None
+    run_slot(settings, claim, device="cpu")
+    with session_scope(engine) as session:
+        repo.finish_study_if_complete(session, claim.study_id)
+    seconds = time.perf_counter() - started
+    if loaded_afresh:
+        studies.runner._STUDIES.clear()
+        studies.runner._STUDIES.update(kept)
+    return seconds, timer.seconds - fit_before
+
+
+def run_study(settings: Settings, centers: list[int], size: int) -> dict[tuple[int, bool], list[tuple[float, float]]]:
+    """Times per (window center, loaded afresh) of the trials in the windows around `centers`."""
+    n_trials = max(centers) + size
+    submit_study(settings, spec("overhead", n_trials))
     timer = FitTimer()
     trainers.fit = timer
-    times: list[tuple[float, float]] = []
+    times: dict[tuple[int, bool], list[tuple[float, float]]] = {}
     try:
         for number in range(n_trials):
-            fit_before = timer.seconds
-            started = time.perf_counter()
-            with session_scope(engine) as session:
-                claim = repo.claim_trial_slot(session, name)
-            assert claim is not None
-            run_slot(settings, claim, device="cpu")
-            with session_scope(engine) as session:
-                repo.finish_study_if_complete(session, claim.study_id)
-            times.append((time.perf_counter() - started, timer.seconds - fit_before))
+            center = next((c for c in centers if c - size <= number < c + size), None)
+            afresh = center is not None and number % 2 == 1
+            result = run_trial(settings, "overhead", timer, loaded_afresh=afresh)
+            if center is not None:
+                times.setdefault((center, afresh), []).append(result)
             if number % 100 == 0:
-                print(f"  {name}: trial {number}", flush=True)
+                print(f"  trial {number}", flush=True)
     finally:
         trainers.fit = timer.original
     return times
 
 
-def window(times: list[tuple[float, float]], center: int, size: int) -> tuple[float, float, float]:
-    """Median total, fit and overhead milliseconds of the trials around `center`."""
-    chunk = times[max(0, center - size // 2): center + size // 2]
+def medians(chunk: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """Median total, fit and overhead milliseconds."""
     return (statistics.median(t for t, _ in chunk) * 1e3, statistics.median(f for _, f in chunk) * 1e3,
             statistics.median((t - f) for t, f in chunk) * 1e3)
 
@@ -129,8 +139,8 @@ def scratch_database(url: str | None) -> Iterator[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=1010)
-    parser.add_argument("--window", type=int, default=20)
+    parser.add_argument("--window", type=int, default=20, help="trials of each way around each center")
+    parser.add_argument("--centers", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -142,23 +152,22 @@ def main() -> None:
     with scratch_database(args.database_url) as url:
         upgrade(url)
         settings = Settings(database_url=url)
-        print(f"database: {sa.make_url(url).get_backend_name()}; {args.trials} trials per study")
-        kept = run_study(settings, "overhead-kept-cache", args.trials)
-        with fresh_cache_per_trial():
-            fresh = run_study(settings, "overhead-fresh-cache", args.trials)
+        print(f"database: {sa.make_url(url).get_backend_name()}; one study of {max(args.centers) + args.window} trials")
+        times = run_study(settings, args.centers, args.window)
 
-    centers = [c for c in (100, 1000) if c < args.trials]
-    print(f"\nmedian ms over {args.window} trials     Optuna cache kept (now)     fresh cache per trial (before)")
+    print(f"\nmedian ms, {args.window} trials each   study kept (now)            study loaded per trial (before)")
     print(f"{'around trial':>12}  {'total':>7} {'fit':>7} {'overhead':>8}   {'total':>7} {'fit':>7} {'overhead':>8}")
-    rows = {}
-    for center in centers:
-        k, f = window(kept, center, args.window), window(fresh, center, args.window)
-        rows[center] = (k[2], f[2])
-        print(f"{center:>12}  {k[0]:7.1f} {k[1]:7.1f} {k[2]:8.1f}   {f[0]:7.1f} {f[1]:7.1f} {f[2]:8.1f}")
-    if len(centers) == 2:
-        (k100, f100), (k1000, f1000) = rows[100], rows[1000]
-        print(f"\noverhead growth, trial 1000 / trial 100:   kept {k1000 / k100:.2f}x   fresh {f1000 / f100:.2f}x")
-        print(f"overhead at trial 1000, fresh / kept:      {f1000 / k1000:.2f}x")
+    overhead = {}
+    for center in args.centers:
+        now, before = medians(times[(center, False)]), medians(times[(center, True)])
+        overhead[center] = (now[2], before[2])
+        print(f"{center:>12}  {now[0]:7.1f} {now[1]:7.1f} {now[2]:8.1f}   {before[0]:7.1f} {before[1]:7.1f} "
+              f"{before[2]:8.1f}")
+    first, last = args.centers[0], args.centers[-1]
+    if first != last:
+        (n0, b0), (n1, b1) = overhead[first], overhead[last]
+        print(f"\noverhead growth, trial {last} / trial {first}:   now {n1 / n0:.2f}x   before {b1 / b0:.2f}x")
+        print(f"overhead at trial {last}, before / now:      {b1 / n1:.2f}x")
 
 
 if __name__ == "__main__":

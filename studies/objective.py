@@ -108,8 +108,8 @@ class Objective:
             value = metrics.get(metric)
             if value is None or not math.isfinite(value):
                 return True  # nothing to learn from further epochs; the objective check below fails it
-            trial.report(value, step=int(metrics["epoch"]))
-            if trial.should_prune():
+            trial.report(value, step=int(metrics["epoch"]))  # also what the dashboard plots per epoch
+            if self.spec.pruner.name != "none" and trial.should_prune():  # "none" would ask the storage for nothing
                 pruned_at.append(int(metrics["epoch"]))
                 return True
             return False
@@ -124,6 +124,8 @@ class Objective:
             **params,
         )
         result = fit(config, on_epoch_end=on_epoch_end)
+        log.info("trial %d: %d epoch(s) in %.2f s on %s, precision %s", trial.number, len(result.epochs),
+                 result.seconds, result.device, result.precision)
         if cancelled_at:
             raise StudyCancelled(f"the study was cancelled; the trial stopped after epoch {cancelled_at[0]}")
         if interrupted_at:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable
-from functools import lru_cache
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -33,8 +33,8 @@ class StudySetupError(RuntimeError):
 
 
 def sampler_seed(spec: StudySpec, slot: int) -> int | None:
-    """A distinct seed per trial slot: each trial runs in a fresh process, and a shared seed
-    would make every process draw the same 'random' startup points."""
+    """A distinct seed per process, from the first trial slot it runs: a shared seed would make
+    every slot process draw the same 'random' startup points."""
     seed = spec.sampler.seed
     if seed is None or spec.sampler.name in SHARED_SEED_SAMPLERS:
         return seed
@@ -45,19 +45,30 @@ def load_study(settings: Settings, spec: StudySpec, slot: int) -> optuna.Study:
     sampler = build_sampler(spec.sampler.name, sampler_seed(spec, slot),
                             grid=grid(spec.search_space, spec.sampler.grid_points))
     pruner = build_pruner(spec.pruner.name, spec.search_space.max_epochs())
-    return optuna.load_study(study_name=spec.name, storage=_cached(storage_for(settings)), sampler=sampler,
-                             pruner=pruner)
+    return optuna.load_study(study_name=spec.name, storage=storage_for(settings), sampler=sampler, pruner=pruner)
 
 
-@lru_cache(maxsize=8)
-def _cached(storage: optuna.storages.RDBStorage) -> optuna.storages.BaseStorage:
-    """Optuna's caching wrapper, kept for the life of a slot process.
+# Studies a process has run trials of, kept for its life: see `study_for`.
+_STUDIES: OrderedDict[tuple[str, int], optuna.Study] = OrderedDict()
+_KEPT_STUDIES = 16
 
-    `load_study` with a bare RDBStorage wraps it anew each time, and the fresh wrapper reads
-    every trial of the study again: a cost that grows with the study. Kept, the wrapper reads
-    only the trials that are new or still unfinished since its last read.
+
+def study_for(settings: Settings, spec: StudySpec, claim: ClaimedSlot) -> optuna.Study:
+    """The process's Optuna study object for the claim's study: loaded at its first trial here, then kept.
+
+    A study loaded afresh for every trial reads every trial of the study again (Optuna's trial
+    cache lives in the study's storage wrapper) and gives its sampler an empty memory (TPE
+    recomputes its search space over all trials): costs that grow with the study. Kept, both
+    read only what is new, and the sampler goes on with one random stream, seeded by the
+    first trial slot this process ran. Keyed by Converge's study id, so a study deleted and
+    created again under the same name is loaded anew.
     """
-    return optuna.storages.get_storage(storage)
+    key = (settings.database_url, claim.study_id)
+    study = _STUDIES.pop(key, None) or load_study(settings, spec, claim.slot)
+    _STUDIES[key] = study  # the most recently used last
+    while len(_STUDIES) > _KEPT_STUDIES:
+        _STUDIES.popitem(last=False)
+    return study
 
 
 def run_slot(settings: Settings, slot: ClaimedSlot, *, device: str = "auto",
@@ -67,7 +78,7 @@ def run_slot(settings: Settings, slot: ClaimedSlot, *, device: str = "auto",
     """Run the slot's one trial to its end (complete, pruned or failed) and return it."""
     try:
         spec = StudySpec.model_validate(slot.spec)
-        study = load_study(settings, spec, slot.slot)
+        study = study_for(settings, spec, slot)
     except Exception as exc:
         if is_transient(exc):
             raise  # the database, not the study: the worker gives the slot back and tries again

@@ -22,9 +22,6 @@ from studies.retries import CRASHED, INTERRUPTED, settle_dead_attempt
 from studies.spec import StudySpec
 from studies.storage import storage_for
 
-# Trials are asked in-process here, not inside Study.optimize, which Optuna's heartbeat prefers.
-pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used:UserWarning")
-
 
 def _start(settings: Settings, name: str, **overrides: object) -> optuna.Study:
     submit_study(settings, StudySpec.model_validate(tiny_spec(name, **overrides)))

@@ -16,6 +16,7 @@ from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch.nn import functional as F
 
 from trainers import MODEL_NAMES, SKLEARN_DATASETS, DataSplit, FitResult, TrainConfig, fit, load_dataset
+from trainers.fit import make_loaders
 from trainers.models import MLP, SmallCNN, build_network
 
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "grad_norm", "param_norm", "lr", "epoch_seconds"}
@@ -158,6 +159,67 @@ def test_same_seed_same_first_epoch() -> None:
     first, second = (fit(tiny(epochs=1, seed=7)).epochs[0] for _ in range(2))
     assert first["train_loss"] == second["train_loss"]
     assert first["val_loss"] == second["val_loss"]
+
+
+@pytest.mark.slow
+def test_every_epoch_metric_equals_a_hand_computation() -> None:
+    """The lean trainer (manual optimization, means kept as tensors, norms combined per epoch) reports what a
+    plain loop over the same batches computes: the size-weighted mean train loss, the mean of the steps'
+    global gradient norms, the val loss and accuracy, the final weight norm and the learning rate."""
+    config = tiny(epochs=3, weight_decay=0.01)
+    split = load_dataset(config.dataset, config.val_fraction, config.seed)
+    reported = fit(config, split=split).epochs
+
+    torch.manual_seed(config.seed)
+    network = build_network(config, split)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    train_batches, val_batches = make_loaders(split, config.batch_size, config.seed)
+    for epoch in reported:
+        loss_sum, grad_norms = 0.0, []
+        network.train()
+        for x, y in train_batches:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(network(x), y)
+            loss.backward()
+            grads = torch.cat([p.grad.flatten() for p in network.parameters()])
+            grad_norms.append(grads.norm().item())
+            optimizer.step()
+            loss_sum += loss.item() * len(x)
+        network.eval()
+        with torch.no_grad():
+            outputs = torch.cat([network(x) for x, _ in val_batches])
+        weights = torch.cat([p.detach().flatten() for p in network.parameters()])
+        expected = {
+            "train_loss": loss_sum / len(split.y_train),
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "val_loss": F.cross_entropy(outputs, split.y_val).item(),
+            "val_acc": (outputs.argmax(dim=1) == split.y_val).float().mean().item(),
+            "param_norm": weights.norm().item(),
+        }
+        for key, value in expected.items():
+            assert epoch[key] == pytest.approx(value, rel=1e-5), (epoch["epoch"], key)
+        assert epoch["lr"] == config.lr
+
+
+@pytest.mark.slow
+def test_mixed_precision_still_applies_under_manual_optimization(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fit` steps the optimizer itself; bf16-mixed (what a GPU worker gets) must still autocast the steps."""
+    from trainers.module import LitModel
+
+    autocast: list[bool] = []
+    training_step = LitModel.training_step
+
+    def spy(self: LitModel, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        autocast.append(torch.is_autocast_enabled("cpu"))
+        training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(sys.modules["trainers.fit"], "_precision", lambda accelerator: "bf16-mixed")
+    monkeypatch.setattr(LitModel, "training_step", spy)
+    result = fit(tiny(epochs=2))
+
+    assert autocast and all(autocast)
+    assert_well_formed(result, epochs=2)
+    assert result.epochs[1]["train_loss"] < result.epochs[0]["train_loss"]
 
 
 # --- data -------------------------------------------------------------------------------------

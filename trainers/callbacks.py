@@ -11,6 +11,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from trainers.module import LitModel
+
 EpochHook = Callable[[dict[str, float | int | None]], bool]
 
 
@@ -36,7 +38,7 @@ class EpochMetricsCallback(pl.Callback):
     """Records one metrics dict per epoch and passes it to `on_epoch_end`; a True answer stops training.
 
     It runs at `on_train_epoch_end`, which Lightning 2.x calls after the epoch's validation
-    pass, so each dict carries that epoch's `val_loss` and `val_acc`.
+    pass, so each dict carries that epoch's `val_loss` and `val_acc` (read from `LitModel.epoch_means`).
     """
 
     def __init__(self, on_epoch_end: EpochHook | None = None, norms: bool = True):
@@ -63,14 +65,14 @@ class EpochMetricsCallback(pl.Callback):
             # once, at the epoch's end. Every op counts: a small model's step is well under a millisecond.
             self._step_norms.append(_norms(grads))
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        logged = trainer.callback_metrics
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: LitModel) -> None:
+        means = pl_module.epoch_means()
         grad_norm = _mean_global_norm(self._step_norms)
         metrics: dict[str, float | int | None] = {
             "epoch": trainer.current_epoch,
-            "train_loss": _float(logged.get("train_loss")),
-            "val_loss": _float(logged.get("val_loss")),
-            "val_acc": _float(logged["val_acc"]) if "val_acc" in logged else None,
+            "train_loss": _float(means["train_loss"]),
+            "val_loss": _float(means["val_loss"]),
+            "val_acc": _float(means["val_acc"]) if pl_module.task == "classification" else None,
             "grad_norm": grad_norm,
             "param_norm": _float(global_norm(pl_module.parameters())) if self.norms else math.nan,
             "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),

@@ -7,11 +7,12 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.profilers import PassThroughProfiler
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 from trainers.callbacks import EpochHook, EpochMetricsCallback
@@ -30,6 +31,8 @@ class FitResult:
     epochs: list[dict[str, float | int | None]] = field(default_factory=list)
     stopped_early: bool = False
     seconds: float = 0.0
+    device: str = "cpu"  # where it trained: "cpu" or the GPU's name
+    precision: str = "32-true"  # Lightning's precision: "bf16-mixed" on a GPU that supports it
 
 
 def fit(config: TrainConfig, on_epoch_end: EpochHook | None = None, split: DataSplit | None = None,
@@ -49,6 +52,7 @@ def fit(config: TrainConfig, on_epoch_end: EpochHook | None = None, split: DataS
             split = load_dataset(config.dataset, config.val_fraction, config.seed)
         module = LitModel(build_network(config, split), split.task, config.lr, config.weight_decay)
         accelerator = _accelerator(config.device)
+        precision = _precision(accelerator)
         train_loader, val_loader = make_loaders(split, config.batch_size, config.seed,
                                                 device="cuda" if accelerator == "gpu" else "cpu")
         metrics = EpochMetricsCallback(on_epoch_end, norms=norms)
@@ -56,7 +60,7 @@ def fit(config: TrainConfig, on_epoch_end: EpochHook | None = None, split: DataS
             max_epochs=config.epochs,
             accelerator=accelerator,
             devices=1,
-            precision=_precision(accelerator),
+            precision=precision,
             callbacks=[metrics],
             enable_checkpointing=False,
             logger=False,
@@ -64,9 +68,11 @@ def fit(config: TrainConfig, on_epoch_end: EpochHook | None = None, split: DataS
             enable_model_summary=False,
             num_sanity_val_steps=0,
             deterministic=False,
+            profiler=_Unprofiled(),
         )
         trainer.fit(module, train_loader, val_loader)
-    return FitResult(epochs=metrics.epochs, stopped_early=metrics.stopped_early,
+    device = torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"
+    return FitResult(epochs=metrics.epochs, stopped_early=metrics.stopped_early, device=device, precision=precision,
                      seconds=time.perf_counter() - started)
 
 
@@ -110,6 +116,15 @@ def make_loaders(split: DataSplit, batch_size: int, seed: int,
     train = TensorBatches(on(split.x_train), on(split.y_train), batch_size, shuffle=True, seed=seed)
     val = TensorBatches(on(split.x_val), on(split.y_val), batch_size, shuffle=False)
     return train, val
+
+
+class _Unprofiled(PassThroughProfiler):
+    """Lightning's default no-op profiler without its per-call generator: Lightning enters it ~30 times a step."""
+
+    _NOTHING = nullcontext()
+
+    def profile(self, action_name: str) -> AbstractContextManager[None]:
+        return self._NOTHING
 
 
 def _accelerator(device: str) -> str:

@@ -10,6 +10,7 @@ import numbers
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -232,13 +233,32 @@ def record_epoch(session: Session, study_id: int, trial_id: int, trial_number: i
     """
     values = dict(study_id=study_id, trial_id=trial_id, trial_number=trial_number, epoch=int(metrics["epoch"]),
                   recorded_at=utcnow(), **{name: _as_float(metrics.get(name)) for name in METRIC_COLUMNS})
-    dialect = session.get_bind().dialect.name
-    if dialect in ("sqlite", "postgresql"):
-        insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
-        session.execute(insert(TrialMetric).values(**values).on_conflict_do_nothing(
-            index_elements=[TrialMetric.study_id, TrialMetric.trial_number, TrialMetric.epoch]))
+    statement = _upsert(session.get_bind().dialect.name, TrialMetric)
+    if statement is None:  # other databases: the ORM (a duplicate raises there)
+        session.add(TrialMetric(**values))
         return
-    session.add(TrialMetric(**values))
+    session.execute(statement, values)
+
+
+@lru_cache(maxsize=8)
+def _upsert(dialect: str, model: type[TrialMetric] | type[TrialDiagnosis]) -> Any:
+    """INSERT ... ON CONFLICT for a per-epoch write, built once per process and executed with
+    parameters: building the statement anew every epoch cost more than running it.
+
+    Metrics: an epoch already stored is left as it is. Diagnoses: the trial's row is replaced.
+    None for a database without ON CONFLICT.
+    """
+    if dialect not in ("sqlite", "postgresql"):
+        return None
+    statement = (sqlite_insert if dialect == "sqlite" else postgresql_insert)(model)
+    if model is TrialMetric:
+        return statement.on_conflict_do_nothing(
+            index_elements=[TrialMetric.study_id, TrialMetric.trial_number, TrialMetric.epoch])
+    kept = ("id", "study_id", "trial_number")
+    return statement.on_conflict_do_update(
+        index_elements=[TrialDiagnosis.study_id, TrialDiagnosis.trial_number],
+        set_={c.name: statement.excluded[c.name] for c in TrialDiagnosis.__table__.columns if c.name not in kept},
+    )
 
 
 def trial_metrics(session: Session, study_id: int, trial_number: int) -> list[TrialMetric]:
@@ -300,15 +320,9 @@ def save_diagnosis(session: Session, study_id: int, trial_id: int, trial_number:
         onset_epoch=None if diagnosis.get("onset_epoch") is None else int(diagnosis["onset_epoch"]),
         final=bool(final), diagnosis=_json_safe(diagnosis), updated_at=utcnow(),
     )
-    dialect = session.get_bind().dialect.name
-    if dialect in ("sqlite", "postgresql"):
-        insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
-        statement = insert(TrialDiagnosis).values(**values)
-        statement = statement.on_conflict_do_update(
-            index_elements=[TrialDiagnosis.study_id, TrialDiagnosis.trial_number],
-            set_={name: statement.excluded[name] for name in values if name not in ("study_id", "trial_number")},
-        )
-        session.execute(statement)
+    statement = _upsert(session.get_bind().dialect.name, TrialDiagnosis)
+    if statement is not None:
+        session.execute(statement, values)
         return
     row = get_diagnosis(session, study_id, trial_number)  # other databases: read, then write
     if row is None:
