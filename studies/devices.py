@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Slot:
-    """One concurrent trial: a device and the environment its child process gets."""
+    """One concurrent trial: a device and the environment its slot process gets."""
 
     index: int
     device: str  # "cpu" or "cuda:N"

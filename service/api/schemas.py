@@ -234,7 +234,7 @@ class ProblemsOut(BaseModel):
 
 class WorkerTrialOut(BaseModel):
     study: str
-    trial: int | None = Field(description="the trial's number; null while its child process is starting")
+    trial: int | None = Field(description="the trial's number; null while its slot process is starting it")
     device: str
     slot: int = Field(description="the trial slot of the study this child claimed")
 
