@@ -186,7 +186,10 @@ class Worker:
                 process = self.processes[slot.index] = self._start_process(slot)
             process.trial_id.value = -1
             process.claim = claim
-            process.conn.send(claim)
+            try:
+                process.conn.send(claim)
+            except OSError:  # it died just now: reaped next step, and the unstarted slot given back
+                process.answer = DIED
             self.trials_started += 1
             log.info("slot %d (%s): study %s, trial slot %d", slot.index, slot.device, claim.study_name,
                      claim.slot)
