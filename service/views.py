@@ -28,6 +28,7 @@ from service.db import repo
 from service.db.errors import NotFound
 from service.db.models import Study, TrialDiagnosis, TrialRetry
 from studies.diagnosis import diagnose
+from studies.pruning import PRUNED_BY_ATTR
 from studies.retries import RETRY_OF_ATTR
 
 _STATE_NAMES = {
@@ -96,6 +97,7 @@ def _trial_fields(trial: FrozenTrial, epochs: int, diagnosis: TrialDiagnosis | N
         verdict=diagnosis.verdict if diagnosis is not None else None,
         confidence=diagnosis.confidence if diagnosis is not None else None,
         retry_of=trial.user_attrs.get(RETRY_OF_ATTR), rerun_as=retry.retry_number if retry is not None else None,
+        pruned_by=trial.user_attrs.get(PRUNED_BY_ATTR),
     )
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from service.db import repo
 from service.db.engine import retry_unit_of_work
 from studies.diagnosis import MAX_EPOCHS, HistoryError, diagnose
+from studies.pruning import PRUNED_BY_ATTR, PruneDecision, diagnosis_rule
 from studies.retries import INTERRUPTED, rerun
 from studies.search_space import suggest
 from studies.spec import StudySpec
@@ -81,7 +82,8 @@ class Objective:
         from trainers import TrainConfig, fit  # torch is imported in the trial's process only
 
         metric = self.spec.objective.metric
-        pruned_at: list[int] = []
+        pruned: list[PruneDecision] = []
+        max_epochs = int(params["epochs"])
         cancelled_at: list[int] = []
         interrupted_at: list[int] = []
 
@@ -105,12 +107,21 @@ class Objective:
             if self.should_stop is not None and self.should_stop():
                 interrupted_at.append(int(metrics["epoch"]))
                 return True
+            epoch = int(metrics["epoch"])
+            if self.spec.pruner.name == "convergence" and diagnosis is not None:
+                rule = diagnosis_rule(diagnosis, epoch, len(diagnoser.epochs), max_epochs,
+                                      min_fraction=self.spec.pruner.min_fraction,
+                                      min_confidence=self.spec.pruner.min_confidence)
+                if rule is not None:
+                    pruned.append(rule)
+                    return True
             value = metrics.get(metric)
             if value is None or not math.isfinite(value):
                 return True  # nothing to learn from further epochs; the objective check below fails it
-            trial.report(value, step=int(metrics["epoch"]))  # also what the dashboard plots per epoch
+            trial.report(value, step=epoch)  # also what the dashboard plots per epoch
             if self.spec.pruner.name != "none" and trial.should_prune():  # "none" would ask the storage for nothing
-                pruned_at.append(int(metrics["epoch"]))
+                base = self.spec.pruner.base if self.spec.pruner.name == "convergence" else self.spec.pruner.name
+                pruned.append(PruneDecision(base, epoch, f"the {base} pruner's decision"))
                 return True
             return False
 
@@ -130,12 +141,13 @@ class Objective:
             raise StudyCancelled(f"the study was cancelled; the trial stopped after epoch {cancelled_at[0]}")
         if interrupted_at:
             raise self._requeue(trial, interrupted_at[0])
+        if pruned:  # before the objective check: a diverged trial pruned by its diagnosis is pruned, not failed
+            trial.set_user_attr(PRUNED_BY_ATTR, pruned[0].as_attr())
+            raise optuna.TrialPruned(f"pruned at epoch {pruned[0].epoch}: {pruned[0].reason}")
         last = result.epochs[-1]
         value = last.get(metric)
         if value is None or not math.isfinite(value):
             raise ObjectiveNotFinite(f"{metric} became {value} at epoch {last['epoch']}: the trial diverged")
-        if pruned_at:
-            raise optuna.TrialPruned(f"pruned by the {self.spec.pruner.name} pruner at epoch {pruned_at[0]}")
         return float(value)
 
 

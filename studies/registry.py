@@ -86,17 +86,21 @@ def _sha(max_epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
 
 
-PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
+BASE_PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
     "none": _none,
     "median": _median,
     "hyperband": _hyperband,
     "sha": _sha,
 }
+# `convergence` is its base pruner in Optuna's eyes; its diagnosis rules run in the objective
+# (`studies.pruning`), which sees each epoch's diagnosis.
+PRUNERS = {"convergence": _hyperband, **BASE_PRUNERS}
 
 
 def build_sampler(name: str, seed: int | None, grid: dict[str, list[Any]] | None = None) -> optuna.samplers.BaseSampler:
     return SAMPLERS[name](seed, grid=grid or {})
 
 
-def build_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
-    return PRUNERS[name](max_epochs)
+def build_pruner(name: str, max_epochs: int, base: str = "hyperband") -> optuna.pruners.BasePruner:
+    """The Optuna pruner for a spec's pruner: for `convergence`, its `base`."""
+    return BASE_PRUNERS[base if name == "convergence" else name](max_epochs)

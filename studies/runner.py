@@ -44,7 +44,7 @@ def sampler_seed(spec: StudySpec, slot: int) -> int | None:
 def load_study(settings: Settings, spec: StudySpec, slot: int) -> optuna.Study:
     sampler = build_sampler(spec.sampler.name, sampler_seed(spec, slot),
                             grid=grid(spec.search_space, spec.sampler.grid_points))
-    pruner = build_pruner(spec.pruner.name, spec.search_space.max_epochs())
+    pruner = build_pruner(spec.pruner.name, spec.search_space.max_epochs(), spec.pruner.base)
     return optuna.load_study(study_name=spec.name, storage=storage_for(settings), sampler=sampler, pruner=pruner)
 
 

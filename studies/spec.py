@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from studies.registry import PRUNERS, SAMPLERS
+from studies.registry import BASE_PRUNERS, PRUNERS, SAMPLERS
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
 # Each built-in model and the integer params it takes, with their minimum (depth 0 is linear).
@@ -273,12 +273,35 @@ class Sampler(_Strict):
 
 
 class Pruner(_Strict):
-    name: str = "median"
+    """`convergence` (the default): the `base` pruner over epochs, plus stopping a trial whose live
+    diagnosis is diverged, exploding_gradients or vanishing_gradients, or slow_convergence or
+    underfitting with at least `min_confidence` once `min_fraction` of its epochs have run."""
+
+    name: str = "convergence"
+    base: str = Field(default="hyperband", description="convergence only: the multi-fidelity pruner it wraps")
+    min_fraction: float = Field(default=0.5, gt=0, le=1, description="convergence only: the share of a trial's "
+                                "epochs before slow_convergence or underfitting may prune it")
+    min_confidence: float = Field(default=0.8, ge=0, le=1, description="convergence only: the diagnosis' "
+                                  "confidence needed to prune a slow or underfitting trial")
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
         return _registered("pruner", v, PRUNERS)
+
+    @field_validator("base")
+    @classmethod
+    def _known_base(cls, v: str) -> str:
+        return _registered("base pruner", v, BASE_PRUNERS)
+
+    @model_validator(mode="after")
+    def _options_need_convergence(self) -> Pruner:
+        # Compared with the defaults, not with what was given: a stored spec carries every field.
+        misplaced = [name for name in ("base", "min_fraction", "min_confidence")
+                     if getattr(self, name) != type(self).model_fields[name].default]
+        if misplaced and self.name != "convergence":
+            raise ValueError(f"{', '.join(misplaced)}: only the convergence pruner takes these, not {self.name!r}")
+        return self
 
 
 class StudySpec(_Strict):

@@ -48,7 +48,7 @@ def test_invalid_spec_is_a_422_listing_every_problem_and_writes_nothing(client: 
         "name: name 'bad name' must be 1-100 characters of A-Z a-z 0-9 . _ -",
         "search_space.lr: low (1) must be below high (0.1); use {value: x} to fix a value",
         "n_trials: n_trials must be between 1 and 10000, got 0",
-        "pruner.name: unknown pruner 'nope'; known pruners: none, median, hyperband, sha",
+        "pruner.name: unknown pruner 'nope'; known pruners: convergence, none, median, hyperband, sha",
     }
     with session_scope(get_engine(settings.database_url)) as session:
         assert repo.count_studies(session) == 0

@@ -70,6 +70,9 @@ class TrialOut(BaseModel):
                                     "trial's first epoch is recorded")
     confidence: float | None = Field(default=None, description="the latest diagnosis' confidence, 0..1")
     retry_of: int | None = Field(default=None, description="the failed attempt this trial reruns")
+    pruned_by: dict[str, Any] | None = Field(
+        default=None, description="a pruned trial's rule (a diagnosis verdict such as diverged, or the base pruner's "
+        "name), the epoch it stopped at, and the reason")
     rerun_as: int | None = Field(default=None, description="the trial that reruns this failed attempt (its process "
                                  "died or its worker stopped)")
 

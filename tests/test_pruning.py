@@ -1,0 +1,89 @@
+"""The convergence pruner: its rules on diagnoses, its spec, and a real sweep it prunes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import pytest
+
+from conftest import tiny_spec
+from service.settings import Settings
+from studies.pruning import PRUNED_BY_ATTR, diagnosis_rule
+from studies.registry import build_pruner
+from studies.spec import StudySpec, parse_spec
+from studies.storage import storage_for
+from studies.sweep import run_sweep
+
+
+def _diagnosis(verdict: str, confidence: float = 0.9) -> dict[str, Any]:
+    return {"verdict": verdict, "confidence": confidence, "summary": f"{verdict}, as told"}
+
+
+def _rule(verdict: str, epochs_seen: int, confidence: float = 0.9, max_epochs: int = 10) -> str | None:
+    decision = diagnosis_rule(_diagnosis(verdict, confidence), epochs_seen - 1, epochs_seen, max_epochs,
+                              min_fraction=0.5, min_confidence=0.8)
+    return None if decision is None else decision.rule
+
+
+@pytest.mark.parametrize("verdict", ["diverged", "exploding_gradients", "vanishing_gradients"])
+def test_a_hopeless_trial_is_pruned_at_once_whatever_the_confidence(verdict: str) -> None:
+    assert _rule(verdict, epochs_seen=1, confidence=0.3) == verdict
+
+
+@pytest.mark.parametrize("verdict", ["slow_convergence", "underfitting"])
+def test_a_poor_trial_is_pruned_only_when_confident_and_far_enough(verdict: str) -> None:
+    assert _rule(verdict, epochs_seen=4) is None  # 4 of 10 < min_fraction 0.5
+    assert _rule(verdict, epochs_seen=5, confidence=0.7) is None  # not confident enough
+    assert _rule(verdict, epochs_seen=5) == verdict
+
+
+@pytest.mark.parametrize("verdict", ["converged", "still_improving", "oscillating", "overfitting"])
+def test_other_verdicts_never_prune(verdict: str) -> None:
+    assert _rule(verdict, epochs_seen=10, confidence=1.0) is None
+
+
+def test_the_decision_says_what_and_when() -> None:
+    decision = diagnosis_rule(_diagnosis("diverged"), 3, 4, 10, min_fraction=0.5, min_confidence=0.8)
+    assert decision is not None and decision.as_attr() == {
+        "rule": "diverged", "epoch": 3, "reason": "diverged (confidence 0.90): diverged, as told"}
+
+
+def test_convergence_is_the_default_pruner_over_hyperband() -> None:
+    pruner = StudySpec.model_validate({"name": "x"}).pruner
+    assert (pruner.name, pruner.base) == ("convergence", "hyperband")
+    assert (pruner.min_fraction, pruner.min_confidence) == (0.5, 0.8)
+    assert isinstance(build_pruner("convergence", 20), optuna.pruners.HyperbandPruner)
+    assert isinstance(build_pruner("convergence", 20, "median"), optuna.pruners.MedianPruner)
+
+
+@pytest.mark.parametrize(("pruner", "problem"), [
+    ({"name": "median", "base": "sha"}, "only the convergence pruner takes these"),
+    ({"name": "convergence", "base": "convergence"}, "unknown base pruner 'convergence'"),
+    ({"name": "convergence", "min_fraction": 0}, "min_fraction"),
+    ({"name": "convergence", "min_confidence": 1.5}, "min_confidence"),
+])
+def test_bad_pruner_options_are_refused(pruner: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        StudySpec.model_validate({"name": "x", "pruner": pruner})
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_is_pruned_by_its_diagnosis_at_its_first_epochs(settings: Settings) -> None:
+    spec = tiny_spec("hopeless", n_trials=1, pruner={"name": "convergence"})
+    spec["search_space"].update(lr=1e6, epochs=8)
+    assert run_sweep(settings, parse_spec(spec), progress=False) == "done"
+    (trial,) = optuna.load_study(study_name="hopeless", storage=storage_for(settings)).get_trials()
+    assert trial.state.name == "PRUNED"
+    pruned_by = trial.user_attrs[PRUNED_BY_ATTR]
+    assert pruned_by["rule"] in ("diverged", "exploding_gradients") and pruned_by["epoch"] < 7
+    assert "error" not in trial.user_attrs
+
+
+@pytest.mark.slow
+def test_a_healthy_trial_runs_to_its_end_under_the_convergence_pruner(settings: Settings) -> None:
+    spec = tiny_spec("healthy", n_trials=1, pruner={"name": "convergence"})
+    spec["search_space"].update(lr=1e-2, epochs=6)
+    assert run_sweep(settings, parse_spec(spec), progress=False) == "done"
+    (trial,) = optuna.load_study(study_name="healthy", storage=storage_for(settings)).get_trials()
+    assert trial.state.name == "COMPLETE" and PRUNED_BY_ATTR not in trial.user_attrs
