@@ -328,6 +328,25 @@ def study_cancel(name: str) -> None:
     click.echo(f"study {name!r} cancelled: running trials stop at their next epoch")
 
 
+@cli.command("repair")
+@click.argument("study_name", metavar="STUDY")
+@click.argument("number", type=click.IntRange(min=0))
+def repair(study_name: str, number: int) -> None:
+    """Queue an unhealthy trial again with its diagnosis' first remedy applied.
+
+    The remedy is kept inside the study's search space; the study gets one more trial to run
+    it. A running, healthy or already repaired trial, or one without a usable remedy, is an
+    error (exit status 1) that says why.
+    """
+    from studies.repair import repair_trial
+
+    done = repair_trial(get_settings(), study_name, number)
+    remedy = done.remedy
+    change = f"{remedy['param']} {remedy['action']}" + (f" ×{remedy['factor']:g}" if remedy.get("factor") else "")
+    click.echo(f"trial {number} of {study_name!r}: {change} → {remedy['param']} = {done.params[remedy['param']]:.4g}; "
+               f"queued as trial {done.repair_number}")
+
+
 @study.command("show")
 @click.argument("name")
 def study_show(name: str) -> None:

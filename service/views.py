@@ -16,6 +16,7 @@ from service.api.schemas import (
     EpochOut,
     MetricsOut,
     ObjectiveOut,
+    RepairOutcome,
     StudyOut,
     TrialCounts,
     TrialDetail,
@@ -26,9 +27,10 @@ from service.api.schemas import (
 )
 from service.db import repo
 from service.db.errors import NotFound
-from service.db.models import Study, TrialDiagnosis, TrialRetry
+from service.db.models import Study, TrialDiagnosis, TrialRepair, TrialRetry
 from studies.diagnosis import diagnose
 from studies.pruning import PRUNED_BY_ATTR
+from studies.repair import REPAIR_OF_ATTR, repair_summary
 from studies.retries import RETRY_OF_ATTR
 
 _STATE_NAMES = {
@@ -88,7 +90,7 @@ def _aware(value: datetime | None) -> datetime | None:
 
 
 def _trial_fields(trial: FrozenTrial, epochs: int, diagnosis: TrialDiagnosis | None,
-                  retry: TrialRetry | None) -> dict[str, Any]:
+                  retry: TrialRetry | None, repair: TrialRepair | None) -> dict[str, Any]:
     duration = trial.duration.total_seconds() if trial.duration is not None else None
     return dict(
         number=trial.number, state=_STATE_NAMES[trial.state], params=trial.params, value=trial.value,
@@ -97,7 +99,8 @@ def _trial_fields(trial: FrozenTrial, epochs: int, diagnosis: TrialDiagnosis | N
         verdict=diagnosis.verdict if diagnosis is not None else None,
         confidence=diagnosis.confidence if diagnosis is not None else None,
         retry_of=trial.user_attrs.get(RETRY_OF_ATTR), rerun_as=retry.retry_number if retry is not None else None,
-        pruned_by=trial.user_attrs.get(PRUNED_BY_ATTR),
+        pruned_by=trial.user_attrs.get(PRUNED_BY_ATTR), repair_of=trial.user_attrs.get(REPAIR_OF_ATTR),
+        repaired_as=repair.repair_number if repair is not None else None,
     )
 
 
@@ -108,11 +111,12 @@ def list_trial_outs(session: Session, storage: optuna.storages.BaseStorage, name
     epochs = repo.epochs_recorded(session, study.id)
     diagnoses = repo.diagnoses_by_trial(session, study.id, with_diagnosis=False)
     retries = repo.retries_by_trial(session, study.id)
+    repairs = repo.repairs_by_trial(session, study.id)
     trials = _optuna_trials(storage, name)
     if verdict is not None:
         trials = [t for t in trials if t.number in diagnoses and diagnoses[t.number].verdict == verdict]
-    return [TrialOut(**_trial_fields(t, epochs.get(t.number, 0), diagnoses.get(t.number), retries.get(t.number)))
-            for t in trials]
+    return [TrialOut(**_trial_fields(t, epochs.get(t.number, 0), diagnoses.get(t.number), retries.get(t.number),
+                                     repairs.get(t.number))) for t in trials]
 
 
 def _find_trial(storage: optuna.storages.BaseStorage, name: str, number: int) -> FrozenTrial:
@@ -129,7 +133,8 @@ def get_trial_detail(session: Session, storage: optuna.storages.BaseStorage, nam
     epochs = repo.epochs_recorded(session, study.id).get(number, 0)
     diagnosis = repo.get_diagnosis(session, study.id, number)
     retry = repo.get_retry(session, study.id, number)
-    return TrialDetail(**_trial_fields(trial, epochs, diagnosis, retry),
+    repair = repo.get_repair(session, study.id, number)
+    return TrialDetail(**_trial_fields(trial, epochs, diagnosis, retry, repair),
                        intermediate_values=dict(trial.intermediate_values), user_attrs=trial.user_attrs,
                        diagnosis=DiagnosisOut.model_validate(diagnosis.diagnosis) if diagnosis is not None else None)
 
@@ -145,8 +150,22 @@ def get_trial_diagnosis(session: Session, storage: optuna.storages.BaseStorage, 
             raise NotFound(f"trial {number} has epochs recorded but no diagnosis: it failed on every epoch "
                            "(the worker's log says why)")
         raise NotFound(f"trial {number} has no epochs recorded yet, so no diagnosis")
+    repair = repo.get_repair(session, study.id, number)
     return TrialDiagnosisOut.model_validate({**row.diagnosis, "study": name, "trial": number, "epoch": row.epoch,
-                                             "final": row.final, "updated_at": row.updated_at})
+                                             "final": row.final, "updated_at": row.updated_at,
+                                             "repair": _repair_outcome(session, storage, name, study.id, repair)})
+
+
+def _repair_outcome(session: Session, storage: optuna.storages.BaseStorage, name: str, study_id: int,
+                    repair: TrialRepair | None) -> RepairOutcome | None:
+    """How a repair went: its trial's state and latest verdict (healthy or not)."""
+    if repair is None:
+        return None
+    trial = _find_trial(storage, name, repair.repair_number)
+    diagnosis = repo.get_diagnosis(session, study_id, repair.repair_number)
+    return RepairOutcome(**repair_summary(repair), state=_STATE_NAMES[trial.state],
+                         verdict=diagnosis.verdict if diagnosis is not None else None,
+                         healthy=diagnosis.healthy if diagnosis is not None else None)
 
 
 def get_trial_metrics(session: Session, storage: optuna.storages.BaseStorage, name: str,

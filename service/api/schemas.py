@@ -70,6 +70,8 @@ class TrialOut(BaseModel):
                                     "trial's first epoch is recorded")
     confidence: float | None = Field(default=None, description="the latest diagnosis' confidence, 0..1")
     retry_of: int | None = Field(default=None, description="the failed attempt this trial reruns")
+    repair_of: int | None = Field(default=None, description="the unhealthy trial this trial repairs")
+    repaired_as: int | None = Field(default=None, description="the trial that repairs this unhealthy one")
     pruned_by: dict[str, Any] | None = Field(
         default=None, description="a pruned trial's rule (a diagnosis verdict such as diverged, or the base pruner's "
         "name), the epoch it stopped at, and the reason")
@@ -117,6 +119,24 @@ class DiagnosisOut(BaseModel):
     summary: str
 
 
+class RepairOut(BaseModel):
+    """An unhealthy trial queued again as a new trial with its diagnosis' first applicable remedy."""
+
+    trial: int = Field(description="the trial repaired")
+    repair_trial: int = Field(description="the new trial, waiting for a worker")
+    remedy: dict[str, Any] = Field(description="the remedy applied, as in the diagnosis")
+    params: dict[str, Any] = Field(description="the repair's parameters")
+    automatic: bool = Field(description="made by the spec's auto_repair rather than by a user")
+
+
+class RepairOutcome(RepairOut):
+    """A repair and how it went: the repair trial's state and latest diagnosis."""
+
+    state: TrialState
+    verdict: Verdict | None = Field(description="the repair trial's latest verdict; null before its first epoch")
+    healthy: bool | None
+
+
 class TrialDiagnosisOut(DiagnosisOut):
     """A trial's latest diagnosis, rewritten after each of its epochs."""
 
@@ -125,6 +145,8 @@ class TrialDiagnosisOut(DiagnosisOut):
     epoch: int = Field(description="the last epoch the diagnosis saw")
     final: bool = Field(description="the trial has ended: this is its last diagnosis")
     updated_at: datetime
+    repair: RepairOutcome | None = Field(default=None, description="the trial's repair and its outcome, once "
+                                         "it was repaired (POST .../repair)")
 
 
 class TrialDetail(TrialOut):

@@ -183,3 +183,24 @@ class TrialRetry(Base):
     reason: Mapped[str] = mapped_column(String(16), comment="crashed | stale | interrupted")
     failures: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TrialRepair(Base):
+    """A trial whose diagnosis was unhealthy, queued again with its first remedy applied.
+
+    `repair_number` is the new trial; the origin's diagnosis reports how that went.
+    """
+
+    __tablename__ = "converge_trial_repairs"
+    __table_args__ = (
+        UniqueConstraint("study_id", "trial_number", name="uq_converge_trial_repairs_trial"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("converge_studies.id", ondelete="CASCADE"))
+    trial_number: Mapped[int] = mapped_column(Integer, comment="the trial repaired")
+    repair_number: Mapped[int] = mapped_column(Integer, comment="the trial that runs the remedy")
+    remedy: Mapped[dict[str, Any]] = mapped_column(JSON, comment="the remedy applied, as in the diagnosis")
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, comment="the repair's parameters")
+    automatic: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

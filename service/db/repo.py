@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -26,6 +26,7 @@ from service.db.models import (
     Study,
     TrialDiagnosis,
     TrialMetric,
+    TrialRepair,
     TrialRetry,
     Worker,
     utcnow,
@@ -215,6 +216,45 @@ def retries_by_trial(session: Session, study_id: int) -> dict[int, TrialRetry]:
 
 def retried_attempts(session: Session, study_id: int) -> int:
     return session.scalar(select(func.count()).select_from(TrialRetry).where(TrialRetry.study_id == study_id)) or 0
+
+
+# ---------------------------------------------------------------- repairs
+
+
+ENDED_BY_TRIALS = ("done", "failed")  # ended because its trials did, not by a user: a repair reopens it
+
+
+def record_repair(session: Session, study_id: int, trial_number: int, repair_number: int, remedy: dict[str, Any],
+                  params: dict[str, Any], automatic: bool = False) -> bool:
+    """Record a repair and make room for its trial: one more of `n_trials`, and an ended study runs again.
+
+    False (and nothing written) when the trial was already repaired.
+    """
+    try:
+        with session.begin_nested():
+            session.add(TrialRepair(study_id=study_id, trial_number=trial_number, repair_number=repair_number,
+                                    remedy=_json_safe(remedy), params=_json_safe(params), automatic=automatic))
+    except IntegrityError:
+        return False
+    session.execute(
+        update(Study).where(Study.id == study_id)
+        .values(n_trials=Study.n_trials + 1,
+                state=case((Study.state.in_(ENDED_BY_TRIALS), "running"), else_=Study.state),
+                detail=case((Study.state.in_(ENDED_BY_TRIALS), None), else_=Study.detail),
+                finished_at=case((Study.state.in_(ENDED_BY_TRIALS), None), else_=Study.finished_at))
+        .execution_options(synchronize_session=False)
+    )
+    return True
+
+
+def get_repair(session: Session, study_id: int, trial_number: int) -> TrialRepair | None:
+    return session.scalar(select(TrialRepair).where(TrialRepair.study_id == study_id,
+                                                    TrialRepair.trial_number == trial_number))
+
+
+def repairs_by_trial(session: Session, study_id: int) -> dict[int, TrialRepair]:
+    """Each repaired trial of one study, by the repaired trial's number."""
+    return {r.trial_number: r for r in session.scalars(select(TrialRepair).where(TrialRepair.study_id == study_id))}
 
 
 # ---------------------------------------------------------------- per-epoch metrics

@@ -10,6 +10,7 @@ from service import views
 from service.api.deps import SessionDep, SettingsDep, StorageDep
 from service.api.schemas import (
     MetricsOut,
+    RepairOut,
     StudyOut,
     StudyState,
     TrialDetail,
@@ -17,7 +18,7 @@ from service.api.schemas import (
     TrialOut,
     Verdict,
 )
-from studies import lifecycle
+from studies import lifecycle, repair
 from studies.spec import NAME_PATTERN, StudySpec
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
@@ -88,6 +89,20 @@ def get_trial_diagnosis(name: StudyName, number: TrialNumber, session: SessionDe
     and marked `final` once the trial has ended.
     """
     return views.get_trial_diagnosis(session, storage, name, number)
+
+
+@router.post("/{name}/trials/{number}/repair", status_code=status.HTTP_201_CREATED, response_model=RepairOut,
+             responses={**_ERRORS, 409: {"description": "the trial is running or waiting, healthy, has no "
+                                                       "diagnosis or no remedy that fits the search space, or "
+                                                       "was already repaired; `detail` says which"}})
+def repair_trial(name: StudyName, number: TrialNumber, settings: SettingsDep) -> RepairOut:
+    """Queue an unhealthy trial again as a new trial, with its diagnosis' first remedy applied.
+
+    The remedy (e.g. lr ×0.1) is kept inside the study's search space, and the study gets one more
+    trial to run it (a done or failed study runs again; a cancelled one is a 409). The origin's
+    diagnosis then reports the repair's outcome.
+    """
+    return RepairOut(**repair.repair_summary(repair.repair_trial(settings, name, number)))
 
 
 @router.get("/{name}/trials/{number}/metrics", response_model=MetricsOut, responses=_ERRORS)

@@ -1,0 +1,114 @@
+"""Repair an unhealthy trial: queue it again as a new trial with its diagnosis' first remedy applied.
+
+The new trial is a WAITING Optuna trial with the origin's parameters changed by the remedy
+(kept inside the study's search space), which the study's next claim runs; the study gets
+one more trial to run it (`n_trials` + 1, and a done or failed study runs again). `converge_trial_repairs`
+links the origin to its repair; the repair carries `converge_repair_of`. The origin's diagnosis
+then reports how the repair went.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from service.db import repo
+from service.db.engine import get_engine, session_scope
+from service.db.errors import Conflict, NotFound
+from service.db.models import TrialRepair
+from service.settings import Settings
+from studies.diagnosis.remedies import apply_remedy
+from studies.diagnosis.result import Remedy
+from studies.search_space import PARAM_NAMES
+from studies.spec import FloatRange, IntChoices, IntRange, SearchSpace, StudySpec
+from studies.storage import storage_for
+
+REPAIR_OF_ATTR = "converge_repair_of"
+
+
+def repair_trial(settings: Settings, name: str, number: int, *, automatic: bool = False) -> TrialRepair:
+    """Queue the repair of trial `number` of study `name`; NotFound or Conflict (with the reason) otherwise."""
+    engine = get_engine(settings.database_url)
+    storage = storage_for(settings)
+    with session_scope(engine) as session:
+        study = repo.get_study(session, name)
+        spec = StudySpec.model_validate(study.spec)
+        row = repo.get_diagnosis(session, study.id, number)
+        done = repo.get_repair(session, study.id, number)
+    trial = _trial(storage, name, number)
+    if study.state == "cancelled":
+        raise Conflict(f"study {name!r} was cancelled: its trials are not repaired")
+    if done is not None:
+        raise Conflict(f"trial {number} was already repaired as trial {done.repair_number}")
+    if trial.state in (TrialState.RUNNING, TrialState.WAITING):
+        raise Conflict(f"trial {number} is {trial.state.name.lower()}: repair it once it has ended")
+    if row is None:
+        raise Conflict(f"trial {number} has no diagnosis (no epoch was recorded): nothing to repair")
+    if row.healthy:
+        raise Conflict(f"trial {number} is healthy ({row.verdict}): nothing to repair")
+    remedies = row.diagnosis.get("remedies", [])
+    remedy, params = first_applicable_remedy(remedies, trial.params, spec.search_space)
+    if remedy is None:
+        tried = "; ".join(f"{r['param']} {r['action']}" for r in remedies) or "none"
+        raise Conflict(f"trial {number} ({row.verdict}) has no remedy that changes a hyperparameter within the "
+                       f"study's search space (its remedies: {tried})")
+
+    copy = optuna.trial.create_trial(state=TrialState.WAITING, params=params, distributions=trial.distributions,
+                                     user_attrs={REPAIR_OF_ATTR: number})
+    copy_id = storage.create_new_trial(storage.get_study_id_from_name(name), template_trial=copy)
+    copy_number = storage.get_trial_number_from_id(copy_id)
+    with session_scope(engine) as session:
+        if not repo.record_repair(session, study.id, number, copy_number, remedy, params, automatic):
+            storage.set_trial_state_values(copy_id, TrialState.FAIL)  # lost a race: the copy must not run
+            raise Conflict(f"trial {number} was already repaired")
+        repair = repo.get_repair(session, study.id, number)
+    assert repair is not None
+    return repair
+
+
+def first_applicable_remedy(remedies: list[dict[str, Any]], params: dict[str, Any],
+                            space: SearchSpace) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The first remedy that changes one of the five hyperparameters within the search space, and the
+    parameters it gives; (None, params) when none does (gradient clipping, the model, a fixed value,
+    a value already at the edge of its range)."""
+    for remedy in remedies:
+        name = remedy["param"]
+        if name not in PARAM_NAMES or name not in params:
+            continue
+        fields = {k: remedy.get(k) for k in ("param", "action", "reason", "factor", "value")}
+        wanted = apply_remedy(params, Remedy(**fields))[name]
+        fitted = _within(getattr(space, name), wanted, params[name])
+        if fitted is not None:
+            return remedy, {**params, name: fitted}
+    return None, params
+
+
+def _within(spec: Any, wanted: float | int, current: float | int) -> float | int | None:
+    """`wanted` moved into the search space, or None when that leaves the value where it is."""
+    if isinstance(spec, FloatRange | IntRange):
+        value = min(max(wanted, spec.low), spec.high)
+        value = int(round(value)) if isinstance(spec, IntRange) else float(value)
+    elif isinstance(spec, IntChoices):  # the nearest choice on the remedy's side of the current value
+        side = [c for c in spec.choices if (c - current) * (wanted - current) > 0]
+        value = min(side, key=lambda c: abs(c - wanted)) if side else current
+    else:  # a fixed value stays fixed
+        return None
+    return None if math.isclose(value, current) else value
+
+
+def _trial(storage: optuna.storages.BaseStorage, name: str, number: int) -> FrozenTrial:
+    try:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(name), number)
+    except KeyError:
+        raise NotFound(f"study {name!r} has no trial {number}") from None
+    return storage.get_trial(trial_id)
+
+
+def repair_summary(repair: TrialRepair) -> dict[str, Any]:
+    """What a repair changed, for the API and CLI."""
+    return {"trial": repair.trial_number, "repair_trial": repair.repair_number, "remedy": repair.remedy,
+            "params": repair.params, "automatic": repair.automatic}
+
