@@ -98,8 +98,8 @@ def test_openapi_describes_every_operation(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert set(paths) == {"/v1/studies", "/v1/studies/{name}", "/v1/studies/{name}/cancel", "/v1/studies/{name}/trials",
                           "/v1/studies/{name}/trials/{number}", "/v1/studies/{name}/trials/{number}/metrics",
-                          "/v1/studies/{name}/trials/{number}/diagnosis", "/v1/diagnose", "/v1/workers",
-                          "/v1/health"}
+                          "/v1/studies/{name}/trials/{number}/diagnosis", "/v1/studies/{name}/trials/{number}/repair",
+                          "/v1/diagnose", "/v1/workers", "/v1/health"}
     for path, operations in paths.items():
         for method, operation in operations.items():
             assert operation.get("description"), f"{method.upper()} {path} has no description"

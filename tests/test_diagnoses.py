@@ -125,7 +125,7 @@ def test_a_trials_diagnosis_is_served_with_its_epoch_and_finality(client: TestCl
     assert (body["study"], body["trial"], body["epoch"], body["final"]) == ("served", 0, 2, True)
     assert body["updated_at"].endswith(("+00:00", "Z"))
     assert body == {**diagnose(DIVERGED).to_dict(), "study": "served", "trial": 0, "epoch": 2, "final": True,
-                    "updated_at": body["updated_at"]}  # the stored contract JSON, unchanged
+                    "updated_at": body["updated_at"], "repair": None}  # the stored contract JSON, unchanged
 
     assert client.get("/v1/studies/served/trials/1/diagnosis").json()["final"] is False
     none_yet = client.get("/v1/studies/served/trials/2/diagnosis")
