@@ -282,7 +282,9 @@ def test_postgres_restart_mid_study_loses_no_trial_and_no_metric(settings: Setti
     assert _server_started_at() > started_at  # the server really restarted
     assert during.status_code == 503 and "cannot use database" in during.json()["detail"]
     assert worker.returncode == 0, output
-    assert "storing epoch" in output and "retrying" in output, output  # the outage hit running trials
+    # The outage hit running trials: a slot process retried one of its writes (its epoch row, or
+    # an Optuna call such as the epoch's report, whichever the stop caught first).
+    assert any("[slot " in line and "retrying" in line for line in output.splitlines()), output
     assert client.get("/v1/health").status_code == 200  # the API's pool reconnected by itself
     _assert_every_trial_complete_with_all_its_epochs(client, "restarted", n_trials)
     states = Counter(t.state.name for t in optuna.load_study(study_name="restarted", storage=storage).trials)
