@@ -32,6 +32,7 @@ from studies.diagnosis import diagnose
 from studies.pruning import PRUNED_BY_ATTR
 from studies.repair import REPAIR_OF_ATTR, repair_summary
 from studies.retries import RETRY_OF_ATTR
+from studies.storage import optuna_study_id, trial_by_number
 
 _STATE_NAMES = {
     TrialState.RUNNING: "running",
@@ -54,11 +55,10 @@ def _best(storage: optuna.storages.BaseStorage, name: str) -> BestTrial | None:
     return BestTrial(number=best.number, value=best.value, params=best.params)
 
 
-def study_out(session: Session, study: Study, counts: Counter[str],
-              storage: optuna.storages.BaseStorage) -> StudyOut:
+def study_out(study: Study, counts: Counter[str], rerun: int, storage: optuna.storages.BaseStorage) -> StudyOut:
     return StudyOut(
         name=study.name, state=study.state, detail=study.detail, n_trials=study.n_trials,
-        trials=_counts(counts, repo.retried_attempts(session, study.id)), best=_best(storage, study.name),
+        trials=_counts(counts, rerun), best=_best(storage, study.name),
         created_at=study.created_at,
         started_at=study.started_at, finished_at=study.finished_at, spec=study.spec,
     )
@@ -68,20 +68,18 @@ def list_study_outs(session: Session, storage: optuna.storages.BaseStorage,
                     state: str | None = None) -> list[StudyOut]:
     studies = repo.list_studies(session, state=state)
     counts = repo.trial_state_counts(session, [s.name for s in studies])
-    return [study_out(session, s, counts[s.name], storage) for s in studies]
+    reruns = repo.retried_attempts_by_study(session, [s.id for s in studies])
+    return [study_out(s, counts[s.name], reruns.get(s.id, 0), storage) for s in studies]
 
 
 def get_study_out(session: Session, storage: optuna.storages.BaseStorage, name: str) -> StudyOut:
     study = repo.get_study(session, name)
-    return study_out(session, study, repo.trial_state_counts(session, [name])[name], storage)
+    return study_out(study, repo.trial_state_counts(session, [name])[name], repo.retried_attempts(session, study.id),
+                     storage)
 
 
 def _optuna_trials(storage: optuna.storages.BaseStorage, name: str) -> list[FrozenTrial]:
-    try:
-        study_id = storage.get_study_id_from_name(name)
-    except KeyError:
-        raise NotFound(f"study {name!r} has no Optuna study in this database") from None
-    return storage.get_all_trials(study_id, deepcopy=False)
+    return storage.get_all_trials(optuna_study_id(storage, name), deepcopy=False)
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -119,17 +117,10 @@ def list_trial_outs(session: Session, storage: optuna.storages.BaseStorage, name
                                      repairs.get(t.number))) for t in trials]
 
 
-def _find_trial(storage: optuna.storages.BaseStorage, name: str, number: int) -> FrozenTrial:
-    for trial in _optuna_trials(storage, name):
-        if trial.number == number:
-            return trial
-    raise NotFound(f"study {name!r} has no trial {number}")
-
-
 def get_trial_detail(session: Session, storage: optuna.storages.BaseStorage, name: str,
                      number: int) -> TrialDetail:
     study = repo.get_study(session, name)
-    trial = _find_trial(storage, name, number)
+    trial = trial_by_number(storage, name, number)
     epochs = repo.epochs_recorded(session, study.id).get(number, 0)
     diagnosis = repo.get_diagnosis(session, study.id, number)
     retry = repo.get_retry(session, study.id, number)
@@ -145,7 +136,7 @@ def get_trial_diagnosis(session: Session, storage: optuna.storages.BaseStorage, 
     study = repo.get_study(session, name)
     row = repo.get_diagnosis(session, study.id, number)
     if row is None:
-        _find_trial(storage, name, number)  # an unknown trial is its own 404
+        trial_by_number(storage, name, number)  # an unknown trial is its own 404
         if repo.epochs_recorded(session, study.id).get(number, 0):
             raise NotFound(f"trial {number} has epochs recorded but no diagnosis: it failed on every epoch "
                            "(the worker's log says why)")
@@ -161,7 +152,7 @@ def _repair_outcome(session: Session, storage: optuna.storages.BaseStorage, name
     """How a repair went: its trial's state and latest verdict (healthy or not)."""
     if repair is None:
         return None
-    trial = _find_trial(storage, name, repair.repair_number)
+    trial = trial_by_number(storage, name, repair.repair_number)
     diagnosis = repo.get_diagnosis(session, study_id, repair.repair_number)
     return RepairOutcome(**repair_summary(repair), state=_STATE_NAMES[trial.state],
                          verdict=diagnosis.verdict if diagnosis is not None else None,
@@ -171,7 +162,7 @@ def _repair_outcome(session: Session, storage: optuna.storages.BaseStorage, name
 def get_trial_metrics(session: Session, storage: optuna.storages.BaseStorage, name: str,
                       number: int) -> MetricsOut:
     study = repo.get_study(session, name)
-    trial = _find_trial(storage, name, number)
+    trial = trial_by_number(storage, name, number)
     rows = repo.trial_metrics(session, study.id, number)
     objective = study.spec["objective"]
     max_epochs = int(trial.params.get("epochs", len(rows)))

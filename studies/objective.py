@@ -83,7 +83,6 @@ class Objective:
 
         metric = self.spec.objective.metric
         pruned: list[PruneDecision] = []
-        max_epochs = int(params["epochs"])
         cancelled_at: list[int] = []
         interrupted_at: list[int] = []
 
@@ -109,7 +108,7 @@ class Objective:
                 return True
             epoch = int(metrics["epoch"])
             if self.spec.pruner.name == "convergence" and diagnosis is not None:
-                rule = diagnosis_rule(diagnosis, epoch, len(diagnoser.epochs), max_epochs,
+                rule = diagnosis_rule(diagnosis, epoch, len(diagnoser.epochs), diagnoser.max_epochs,
                                       min_fraction=self.spec.pruner.min_fraction,
                                       min_confidence=self.spec.pruner.min_confidence)
                 if rule is not None:

@@ -13,18 +13,18 @@ import math
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from service.db import repo
 from service.db.engine import get_engine, session_scope
-from service.db.errors import Conflict, NotFound
+from service.db.errors import Conflict
 from service.db.models import TrialRepair
 from service.settings import Settings
 from studies.diagnosis.remedies import apply_remedy
 from studies.diagnosis.result import Remedy
 from studies.search_space import PARAM_NAMES
 from studies.spec import FloatRange, IntChoices, IntRange, SearchSpace, StudySpec
-from studies.storage import storage_for
+from studies.storage import optuna_study_id, storage_for, trial_by_number
 
 REPAIR_OF_ATTR = "converge_repair_of"
 
@@ -38,7 +38,7 @@ def repair_trial(settings: Settings, name: str, number: int, *, automatic: bool 
         spec = StudySpec.model_validate(study.spec)
         row = repo.get_diagnosis(session, study.id, number)
         done = repo.get_repair(session, study.id, number)
-    trial = _trial(storage, name, number)
+    trial = trial_by_number(storage, name, number)
     if study.state == "cancelled":
         raise Conflict(f"study {name!r} was cancelled: its trials are not repaired")
     if done is not None:
@@ -58,7 +58,7 @@ def repair_trial(settings: Settings, name: str, number: int, *, automatic: bool 
 
     copy = optuna.trial.create_trial(state=TrialState.WAITING, params=params, distributions=trial.distributions,
                                      user_attrs={REPAIR_OF_ATTR: number})
-    copy_id = storage.create_new_trial(storage.get_study_id_from_name(name), template_trial=copy)
+    copy_id = storage.create_new_trial(optuna_study_id(storage, name), template_trial=copy)
     copy_number = storage.get_trial_number_from_id(copy_id)
     with session_scope(engine) as session:
         if not repo.record_repair(session, study.id, number, copy_number, remedy, params, automatic):
@@ -97,14 +97,6 @@ def _within(spec: Any, wanted: float | int, current: float | int) -> float | int
     else:  # a fixed value stays fixed
         return None
     return None if math.isclose(value, current) else value
-
-
-def _trial(storage: optuna.storages.BaseStorage, name: str, number: int) -> FrozenTrial:
-    try:
-        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(name), number)
-    except KeyError:
-        raise NotFound(f"study {name!r} has no trial {number}") from None
-    return storage.get_trial(trial_id)
 
 
 def repair_summary(repair: TrialRepair) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from functools import lru_cache, partial, wraps
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 from sqlalchemy.exc import OperationalError
 
 from service.db.engine import (
@@ -23,6 +24,7 @@ from service.db.engine import (
     retry_transient,
     translate_db_error,
 )
+from service.db.errors import NotFound
 from service.db.migrate import check_schema
 from service.settings import Settings
 from studies.retries import rerun_stale_trial
@@ -103,6 +105,23 @@ def open_storage(url: str, heartbeat_interval_s: int, grace_period_s: int,
             )
         except OperationalError as exc:
             raise translate_db_error(exc, url) from None
+
+
+def optuna_study_id(storage: optuna.storages.BaseStorage, name: str) -> int:
+    """The Optuna study id of a Converge study; NotFound if Optuna has no study of that name."""
+    try:
+        return storage.get_study_id_from_name(name)
+    except KeyError:
+        raise NotFound(f"study {name!r} has no Optuna study in this database") from None
+
+
+def trial_by_number(storage: optuna.storages.BaseStorage, name: str, number: int) -> FrozenTrial:
+    """One trial of a study by its number, in one lookup (not a read of the whole study); NotFound if none."""
+    try:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(optuna_study_id(storage, name), number)
+    except KeyError:
+        raise NotFound(f"study {name!r} has no trial {number}") from None
+    return storage.get_trial(trial_id)
 
 
 def storage_for(settings: Settings, *, patient: bool = True) -> optuna.storages.RDBStorage:

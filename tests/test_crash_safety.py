@@ -56,6 +56,14 @@ def _assert_exactly_n_with_one_rerun(client: TestClient, name: str, victim: dict
     assert rerun["retry_of"] == victim["number"]
 
 
+def _finish_with_a_second_worker(settings: Settings, client: TestClient, name: str, victim: dict[str, Any]) -> None:
+    """Another worker runs the study to its end: exactly n_trials, the victim's rerun among them."""
+    second = start_worker(settings.database_url, "--exit-when-idle")
+    output, _ = second.communicate(timeout=240)
+    assert second.returncode == 0, output
+    _assert_exactly_n_with_one_rerun(client, name, victim)
+
+
 def test_a_killed_slot_process_has_its_trial_rerun(settings: Settings) -> None:
     client = TestClient(create_app(settings))
     client.post("/v1/studies", json=_long_spec("killed-slot"))
@@ -80,10 +88,7 @@ def test_a_killed_worker_has_its_trial_failed_after_the_grace_period_and_rerun(s
     assert client.get(f"/v1/studies/killed-worker/trials/{victim['number']}").json()["state"] == "running"
 
     time.sleep(settings.grace_period_s + 1)  # its heartbeat is now stale
-    second = start_worker(settings.database_url, "--exit-when-idle")
-    output, _ = second.communicate(timeout=240)
-    assert second.returncode == 0, output
-    _assert_exactly_n_with_one_rerun(client, "killed-worker", victim)
+    _finish_with_a_second_worker(settings, client, "killed-worker", victim)
 
 
 def test_sigterm_stops_the_trial_at_its_epoch_end_requeues_it_and_exits(settings: Settings) -> None:
@@ -104,10 +109,7 @@ def test_sigterm_stops_the_trial_at_its_epoch_end_requeues_it_and_exits(settings
     waiting = client.get(f"/v1/studies/sigterm/trials/{attempt['rerun_as']}").json()
     assert waiting["state"] == "waiting" and waiting["params"] == attempt["params"]
 
-    second = start_worker(settings.database_url, "--exit-when-idle")
-    output, _ = second.communicate(timeout=240)
-    assert second.returncode == 0, output
-    _assert_exactly_n_with_one_rerun(client, "sigterm", victim)
+    _finish_with_a_second_worker(settings, client, "sigterm", victim)
 
 
 def test_a_trial_that_cannot_reach_its_epoch_end_in_time_is_killed_and_requeued(settings: Settings) -> None:

@@ -194,13 +194,20 @@ def record_retry(session: Session, study_id: int, trial_number: int, trial_id: i
     Both in the caller's transaction, so the slot is released exactly once: False (and nothing
     written) when the attempt was already recorded by another process.
     """
-    try:
-        with session.begin_nested():
-            session.add(TrialRetry(study_id=study_id, trial_number=trial_number, trial_id=trial_id,
-                                   retry_number=retry_number, reason=reason, failures=failures))
-    except IntegrityError:
+    if not _add_once(session, TrialRetry(study_id=study_id, trial_number=trial_number, trial_id=trial_id,
+                                         retry_number=retry_number, reason=reason, failures=failures)):
         return False
     release_trial_slot(session, study_id)
+    return True
+
+
+def _add_once(session: Session, row: TrialRetry | TrialRepair) -> bool:
+    """Insert a row whose unique key says "this trial was already handled"; False if it was."""
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:
+        return False
     return True
 
 
@@ -215,7 +222,16 @@ def retries_by_trial(session: Session, study_id: int) -> dict[int, TrialRetry]:
 
 
 def retried_attempts(session: Session, study_id: int) -> int:
-    return session.scalar(select(func.count()).select_from(TrialRetry).where(TrialRetry.study_id == study_id)) or 0
+    return retried_attempts_by_study(session, [study_id]).get(study_id, 0)
+
+
+def retried_attempts_by_study(session: Session, study_ids: list[int]) -> dict[int, int]:
+    """Rerun attempts per study, for a list of studies in one GROUP BY."""
+    if not study_ids:
+        return {}
+    rows = session.execute(select(TrialRetry.study_id, func.count()).where(TrialRetry.study_id.in_(study_ids))
+                           .group_by(TrialRetry.study_id))
+    return {study_id: n for study_id, n in rows}
 
 
 # ---------------------------------------------------------------- repairs
@@ -230,11 +246,8 @@ def record_repair(session: Session, study_id: int, trial_number: int, repair_num
 
     False (and nothing written) when the trial was already repaired.
     """
-    try:
-        with session.begin_nested():
-            session.add(TrialRepair(study_id=study_id, trial_number=trial_number, repair_number=repair_number,
-                                    remedy=_json_safe(remedy), params=_json_safe(params), automatic=automatic))
-    except IntegrityError:
+    if not _add_once(session, TrialRepair(study_id=study_id, trial_number=trial_number, repair_number=repair_number,
+                                          remedy=_json_safe(remedy), params=_json_safe(params), automatic=automatic)):
         return False
     session.execute(
         update(Study).where(Study.id == study_id)
