@@ -16,6 +16,7 @@ from typing import Any
 PRUNED_BY_ATTR = "converge_pruned_by"  # the trial's user attribute: {"rule": ..., "epoch": ..., "reason": ...}
 HOPELESS = frozenset({"diverged", "exploding_gradients", "vanishing_gradients"})
 POOR = frozenset({"slow_convergence", "underfitting"})
+DIAGNOSIS_RULES = HOPELESS | POOR  # the rules that prune by diagnosis (any other rule is the base pruner)
 
 
 @dataclass(frozen=True)

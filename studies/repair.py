@@ -9,6 +9,7 @@ then reports how the repair went.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -17,16 +18,19 @@ from optuna.trial import TrialState
 
 from service.db import repo
 from service.db.engine import get_engine, session_scope
-from service.db.errors import Conflict
+from service.db.errors import Conflict, NotFound
 from service.db.models import TrialRepair
 from service.settings import Settings
 from studies.diagnosis.remedies import apply_remedy
 from studies.diagnosis.result import Remedy
+from studies.pruning import DIAGNOSIS_RULES, PRUNED_BY_ATTR
 from studies.search_space import PARAM_NAMES
 from studies.spec import FloatRange, IntChoices, IntRange, SearchSpace, StudySpec
 from studies.storage import optuna_study_id, storage_for, trial_by_number
 
 REPAIR_OF_ATTR = "converge_repair_of"
+
+log = logging.getLogger("converge.repair")
 
 
 def repair_trial(settings: Settings, name: str, number: int, *, automatic: bool = False) -> TrialRepair:
@@ -55,6 +59,11 @@ def repair_trial(settings: Settings, name: str, number: int, *, automatic: bool 
         tried = "; ".join(f"{r['param']} {r['action']}" for r in remedies) or "none"
         raise Conflict(f"trial {number} ({row.verdict}) has no remedy that changes a hyperparameter within the "
                        f"study's search space (its remedies: {tried})")
+    if automatic:
+        limit = spec.auto_repair.max if spec.auto_repair is not None else 0
+        with session_scope(engine) as session:
+            if not repo.reserve_auto_repair(session, study.id, limit):
+                raise Conflict(f"study {name!r} has had its {limit} automatic repair(s)")
 
     copy = optuna.trial.create_trial(state=TrialState.WAITING, params=params, distributions=trial.distributions,
                                      user_attrs={REPAIR_OF_ATTR: number})
@@ -66,6 +75,33 @@ def repair_trial(settings: Settings, name: str, number: int, *, automatic: bool 
             raise Conflict(f"trial {number} was already repaired")
         repair = repo.get_repair(session, study.id, number)
     assert repair is not None
+    return repair
+
+
+def auto_repair(settings: Settings, spec: StudySpec, trial: optuna.trial.FrozenTrial) -> TrialRepair | None:
+    """After a trial ended: repair it when the spec's `auto_repair` asks and it ended unhealthy.
+
+    Trials the base pruner stopped are left alone: it judged them worse than their peers, and
+    their diagnosis saw a cut-short run. Reruns of crashed or interrupted attempts are not
+    repairs either. Never raises: a trial that cannot be repaired is logged and left as it is.
+    """
+    if spec.auto_repair is None or trial.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+        return None
+    pruned_by = trial.user_attrs.get(PRUNED_BY_ATTR)
+    if trial.state == TrialState.PRUNED and not (pruned_by and pruned_by.get("rule") in DIAGNOSIS_RULES):
+        return None
+    if str(trial.user_attrs.get("error", "")).startswith(("TrialInterrupted", "StudyCancelled")):
+        return None
+    try:
+        repair = repair_trial(settings, spec.name, trial.number, automatic=True)
+    except (Conflict, NotFound) as exc:
+        log.info("trial %d of %s not repaired automatically: %s", trial.number, spec.name, exc)
+        return None
+    except Exception:
+        log.exception("trial %d of %s: the automatic repair failed", trial.number, spec.name)
+        return None
+    log.info("trial %d of %s repaired automatically as trial %d (%s %s)", trial.number, spec.name,
+             repair.repair_number, repair.remedy["param"], repair.remedy["action"])
     return repair
 
 

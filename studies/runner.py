@@ -21,6 +21,7 @@ from service.db.repo import ClaimedSlot
 from service.settings import Settings
 from studies.objective import EpochListener, Objective
 from studies.registry import SHARED_SEED_SAMPLERS, build_pruner, build_sampler
+from studies.repair import auto_repair
 from studies.search_space import grid
 from studies.spec import StudySpec
 from studies.storage import storage_for
@@ -95,7 +96,9 @@ def run_slot(settings: Settings, slot: ClaimedSlot, *, device: str = "auto",
     study.optimize(objective, n_trials=1, catch=(Exception,))
     if not started:  # optimize() failed before calling the objective: nothing ran
         raise RuntimeError(f"study {slot.study_name}: Optuna did not start a trial")
-    return study._storage.get_trial(started[0])
+    trial = study._storage.get_trial(started[0])
+    auto_repair(settings, spec, trial)  # before the slot is reported done: the study must not end first
+    return trial
 
 
 # What a slot process answers for each claim it was handed.

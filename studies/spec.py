@@ -304,6 +304,13 @@ class Pruner(_Strict):
         return self
 
 
+class AutoRepair(_Strict):
+    """Repair unhealthy trials without a user asking: each gets one new trial with its first remedy,
+    at most `max` per study (each adds one trial to the study's n_trials)."""
+
+    max: int = Field(ge=1, le=MAX_TRIALS, description="the most automatic repairs in the study")
+
+
 class StudySpec(_Strict):
     """A study as submitted. Every field but `name` has a default."""
 
@@ -316,6 +323,8 @@ class StudySpec(_Strict):
     pruner: Pruner = Field(default_factory=Pruner)
     retries: int = Field(default=2, ge=0, le=MAX_RETRIES,
                          description="how many times a trial whose process died is rerun with its parameters")
+    auto_repair: AutoRepair | None = Field(default=None, description="repair unhealthy trials automatically, "
+                                           "at most `max` per study; off when absent")
 
     model_config = ConfigDict(
         extra="forbid",

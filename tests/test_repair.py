@@ -15,7 +15,7 @@ from service.db import repo
 from service.db.engine import get_engine, session_scope
 from service.settings import Settings
 from studies.lifecycle import submit_study
-from studies.repair import first_applicable_remedy
+from studies.repair import auto_repair, first_applicable_remedy
 from studies.spec import SearchSpace, StudySpec, parse_spec
 from studies.storage import storage_for
 from studies.sweep import run_sweep
@@ -150,3 +150,52 @@ def test_a_repaired_diverging_trial_runs_and_its_origin_reports_the_outcome(
     assert repair["repair_trial"] == 1 and repair["state"] in ("complete", "pruned", "failed")
     assert repair["verdict"] is not None and repair["healthy"] in (True, False)
     assert repair["params"]["lr"] < 1e5
+
+
+def test_auto_repair_is_capped_per_study_by_one_conditional_update(settings: Settings) -> None:
+    submit_study(settings, parse_spec(tiny_spec("capped", auto_repair={"max": 2})))
+    with session_scope(get_engine(settings.database_url)) as session:
+        study_id = repo.get_study(session, "capped").id
+    taken = []
+    for _ in range(3):
+        with session_scope(get_engine(settings.database_url)) as session:
+            taken.append(repo.reserve_auto_repair(session, study_id, 2))
+    assert taken == [True, True, False]
+
+
+def test_auto_repair_must_allow_at_least_one_repair() -> None:
+    with pytest.raises(ValueError, match="auto_repair.max"):
+        parse_spec(tiny_spec("zero", auto_repair={"max": 0}))
+    assert parse_spec(tiny_spec("off")).auto_repair is None
+
+
+def test_auto_repair_leaves_trials_the_base_pruner_stopped(settings: Settings) -> None:
+    spec = parse_spec(tiny_spec("base-pruned", auto_repair={"max": 5}))
+    by_hyperband = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={}, distributions={},
+                                             user_attrs={"converge_pruned_by": {"rule": "hyperband", "epoch": 1}})
+    interrupted = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={}, distributions={},
+                                            user_attrs={"error": "TrialInterrupted: the worker stopped"})
+    assert auto_repair(settings, spec, by_hyperband) is None
+    assert auto_repair(settings, spec, interrupted) is None
+
+
+@pytest.mark.slow
+def test_auto_repair_repairs_unhealthy_trials_up_to_its_max(settings: Settings, client: TestClient) -> None:
+    spec = tiny_spec("auto", n_trials=3, auto_repair={"max": 2})
+    spec["search_space"].update(lr={"low": 1e-3, "high": 1e6, "log": True}, epochs=2)
+    submit_study(settings, parse_spec(spec))
+    study = optuna.load_study(study_name="auto", storage=storage_for(settings))
+    for lr in (1e5, 2e5, 3e5):  # three trials that blow up at once
+        study.enqueue_trial({"lr": lr})
+    assert run_sweep(settings, parse_spec(spec), progress=False) == "done"
+
+    body = client.get("/v1/studies/auto").json()
+    assert body["n_trials"] == 5  # three trials and two automatic repairs: the cap
+    trials = client.get("/v1/studies/auto/trials").json()
+    repaired = [t for t in trials if t["repaired_as"] is not None]
+    assert [t["number"] for t in repaired] == [0, 1]  # the first two; the third found the cap taken
+    for origin in repaired:
+        repair = client.get(f"/v1/studies/auto/trials/{origin['number']}/diagnosis").json()["repair"]
+        assert repair["automatic"] is True and repair["params"]["lr"] < origin["params"]["lr"]
+        assert repair["state"] in ("complete", "pruned", "failed")
+    assert len(trials) == 5 and all(t["state"] in ("complete", "pruned", "failed") for t in trials)

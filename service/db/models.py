@@ -88,6 +88,10 @@ class Study(Base):
     n_trials: Mapped[int] = mapped_column(Integer)
     # Trial slots handed to workers so far; a worker claims one by incrementing it.
     n_claimed: Mapped[int] = mapped_column(Integer, default=0)
+    # Automatic repairs reserved so far (spec `auto_repair.max` caps it); one is reserved by incrementing it.
+    auto_repairs: Mapped[int] = mapped_column(Integer, default=0, server_default="0",
+                                              comment="automatic repairs reserved so far; one is reserved by "
+                                                      "incrementing it")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)

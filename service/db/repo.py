@@ -260,6 +260,17 @@ def record_repair(session: Session, study_id: int, trial_number: int, repair_num
     return True
 
 
+def reserve_auto_repair(session: Session, study_id: int, limit: int) -> bool:
+    """Take one of the study's `limit` automatic repairs, in one conditional UPDATE: two workers
+    repairing at once never take more than `limit` between them. False when none is left."""
+    result = session.execute(
+        update(Study).where(Study.id == study_id, Study.auto_repairs < limit)
+        .values(auto_repairs=Study.auto_repairs + 1)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
 def get_repair(session: Session, study_id: int, trial_number: int) -> TrialRepair | None:
     return session.scalar(select(TrialRepair).where(TrialRepair.study_id == study_id,
                                                     TrialRepair.trial_number == trial_number))
