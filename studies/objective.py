@@ -128,7 +128,7 @@ class Objective:
             model=self.spec.task.model,
             dataset=self.spec.task.dataset,
             val_fraction=self.spec.task.val_fraction,
-            seed=self.spec.sampler.seed or 0,  # one split and one init for every trial: comparable values
+            seed=self.spec.training_seed(),
             params=dict(self.spec.task.params),
             device=self.device,
             **params,

@@ -32,7 +32,8 @@ NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
 # Each built-in model and the integer params it takes, with their minimum (depth 0 is linear).
 MODEL_PARAMS: dict[str, dict[str, int]] = {"mlp": {"width": 1, "depth": 0}, "cnn": {"channels": 1}}
 MODELS = frozenset(MODEL_PARAMS)
-SKLEARN_DATASETS = frozenset({"digits", "wine", "breast_cancer", "iris"})
+SKLEARN_DATASETS = frozenset({"digits", "wine", "breast_cancer", "iris", "diabetes"})
+REGRESSION_DATASETS = frozenset({"sklearn:diabetes"})  # besides CSV files that say &task=regression
 IMAGE_DATASETS = frozenset({"sklearn:digits"})
 MAX_TRIALS = 10_000
 MAX_RETRIES = 10
@@ -202,6 +203,8 @@ class Task(_Strict):
     dataset: str = "sklearn:digits"
     val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     params: dict[str, Any] = Field(default_factory=dict, description="model parameters, e.g. width, depth")
+    seed: int | None = Field(default=None, description="the data split's and the weights' initial seed, the same "
+                             "for every trial; the sampler's seed (or 0) when absent")
 
     @field_validator("model")
     @classmethod
@@ -354,9 +357,16 @@ class StudySpec(_Strict):
             raise ValueError(f"n_trials must be between 1 and {MAX_TRIALS}, got {v}")
         return v
 
+    def training_seed(self) -> int:
+        """One split and one initialisation for every trial of the study, so their values compare."""
+        if self.task.seed is not None:
+            return self.task.seed
+        return self.sampler.seed or 0
+
     @model_validator(mode="after")
     def _metric_fits_task(self) -> StudySpec:
-        if self.objective.metric == "val_acc" and self.task.dataset.endswith("&task=regression"):
+        regression = self.task.dataset in REGRESSION_DATASETS or self.task.dataset.endswith("&task=regression")
+        if self.objective.metric == "val_acc" and regression:
             raise ValueError("objective val_acc needs a classification dataset")
         return self
 

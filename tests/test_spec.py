@@ -110,3 +110,14 @@ def test_spec_files(tmp_path) -> None:
         load_spec_file(tmp_path / "bad.yaml")
     with pytest.raises(SpecError, match="No such file"):
         load_spec_file(tmp_path / "missing.yaml")
+
+
+def test_the_training_seed_is_the_tasks_or_else_the_samplers() -> None:
+    assert parse_spec({"name": "a", "sampler": {"seed": 7}}).training_seed() == 7
+    assert parse_spec({"name": "a", "sampler": {"seed": None}}).training_seed() == 0
+    assert parse_spec({"name": "a", "sampler": {"seed": 7}, "task": {"seed": 3}}).training_seed() == 3
+
+
+def test_diabetes_is_a_regression_dataset_so_val_acc_is_refused() -> None:
+    with pytest.raises(SpecError, match="val_acc needs a classification dataset"):
+        parse_spec({"name": "a", "task": {"dataset": "sklearn:diabetes"}, "objective": {"metric": "val_acc"}})

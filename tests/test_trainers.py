@@ -238,7 +238,14 @@ def test_sklearn_datasets(name: str, n_classes: int) -> None:
 
 def test_registries() -> None:
     assert MODEL_NAMES == frozenset({"mlp", "cnn"})
-    assert SKLEARN_DATASETS == frozenset({"digits", "wine", "breast_cancer", "iris"})
+    assert SKLEARN_DATASETS == frozenset({"digits", "wine", "breast_cancer", "iris", "diabetes"})
+
+
+def test_diabetes_is_a_standardised_regression_target() -> None:
+    split = load_dataset("sklearn:diabetes", 0.2, 0)
+    assert split.task == "regression" and split.n_classes is None and split.n_features == 10
+    assert split.y_train.dtype == torch.float32 and split.y_train.shape == (353, 1)
+    assert split.y_train.mean().abs() < 1e-4 and (split.y_train.std() - 1).abs() < 0.01
 
 
 def test_split_is_deterministic_by_seed() -> None:
