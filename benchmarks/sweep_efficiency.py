@@ -21,7 +21,7 @@ budget; ratios are to `tpe`. The data split and initial weights are the same in 
 Each trial that a diagnosis rule pruned is then trained again in full, unpruned, with the same
 parameters and seed, and diagnosed: "healthy on rerun" counts the rule's mistakes.
 
-    .venv/bin/python benchmarks/sweep_efficiency.py [--seeds 5] [--trials 30] [--tasks digits,diabetes]
+    .venv/bin/python benchmarks/sweep_efficiency.py [--seeds 5] [--trials 30] [--tasks digits,diabetes] [--threads 1]
 """
 
 from __future__ import annotations
@@ -243,11 +243,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--trials", type=int, default=30, help="N: the unpruned configurations' trials")
     parser.add_argument("--tasks", default="digits,diabetes")
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     tasks, configs = args.tasks.split(","), args.configs.split(",")
     unknown = [t for t in tasks if t not in TASKS] + [c for c in configs if c not in CONFIGS]
     if unknown or REFERENCE not in configs:
         parser.error(f"unknown task or config {unknown}; the configs must include {REFERENCE!r}")
+    import torch
+
+    # One thread, as a worker's slot on a shared machine: torch's threads spin-wait when the cores are
+    # busy, which makes trials many times slower at random and the wall times meaningless.
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warm_up()

@@ -23,6 +23,11 @@ class Settings(BaseSettings):
         description="after SIGTERM, how long a running trial may take to reach its epoch's end before it is "
                     "killed and rerun",
     )
+    trial_reads_max_age_s: float = Field(
+        default=1.0, ge=0,
+        description="a trial re-reads its study's trials (for sampling and pruning) at most this often; "
+                    "0 reads at every call",
+    )
     worker_poll_s: float = Field(default=1.0, gt=0, description="how often an idle worker looks for work")
 
 

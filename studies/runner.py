@@ -24,7 +24,7 @@ from studies.registry import SHARED_SEED_SAMPLERS, build_pruner, build_sampler
 from studies.repair import auto_repair
 from studies.search_space import grid
 from studies.spec import StudySpec
-from studies.storage import storage_for
+from studies.storage import ThrottledReads, storage_for
 
 log = logging.getLogger("converge.runner")
 
@@ -46,7 +46,8 @@ def load_study(settings: Settings, spec: StudySpec, slot: int) -> optuna.Study:
     sampler = build_sampler(spec.sampler.name, sampler_seed(spec, slot),
                             grid=grid(spec.search_space, spec.sampler.grid_points))
     pruner = build_pruner(spec.pruner.name, spec.search_space.max_epochs(), spec.pruner.base)
-    return optuna.load_study(study_name=spec.name, storage=storage_for(settings), sampler=sampler, pruner=pruner)
+    storage = ThrottledReads(storage_for(settings), settings.trial_reads_max_age_s)
+    return optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner)
 
 
 # Studies a process has run trials of, kept for its life: see `study_for`.

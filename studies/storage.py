@@ -7,13 +7,15 @@ trial whose process died is failed after the grace period, and rerun (`studies.r
 from __future__ import annotations
 
 import logging
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from functools import lru_cache, partial, wraps
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.storages._cached_storage import _CachedStorage
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import OperationalError
 
 from service.db.engine import (
@@ -79,6 +81,38 @@ def _patient(name: str) -> Callable[..., Any]:
 
 for _name in PATIENT_CALLS:
     setattr(PatientRDBStorage, _name, _patient(_name))
+
+
+class ThrottledReads(_CachedStorage):
+    """Optuna's per-study trial cache (what `load_study` wraps an RDBStorage in), refreshed from
+    the database at most every `max_age_s` seconds.
+
+    A trial reads its study's new and unfinished trials up to five times: the waiting-trial check
+    at ask, TPE's search space, TPE's constant-liar sample, the pruner at every epoch. Each read
+    is six queries over every unfinished trial: most of what a short trial costs outside its fit.
+    Here a read within `max_age_s` of the last one reuses it, except the waiting-trial check at
+    ask, which always reads: a rerun or repair queued as WAITING must never be missed. What a
+    reused read can miss, a trial another worker started or finished within the last second,
+    shifts a sampling or pruning decision as if that trial had come a second later.
+    """
+
+    def __init__(self, backend: optuna.storages.RDBStorage, max_age_s: float = 1.0):
+        super().__init__(backend)
+        self.max_age_s = max_age_s
+        self._read_at: dict[int, float] = {}
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True,
+                       states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        if states == (TrialState.WAITING,):  # Study.ask looking for a queued trial to run
+            self._read_at.pop(study_id, None)
+        return super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
+
+    def _read_trials_from_remote_storage(self, study_id: int) -> None:
+        now = time.monotonic()
+        if now - self._read_at.get(study_id, -float("inf")) < self.max_age_s:
+            return
+        super()._read_trials_from_remote_storage(study_id)
+        self._read_at[study_id] = now
 
 
 @lru_cache(maxsize=8)

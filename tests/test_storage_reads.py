@@ -1,0 +1,53 @@
+"""ThrottledReads: a trial's reads of its study share one database read; a claim never misses a queued trial."""
+
+from __future__ import annotations
+
+import optuna
+from sqlalchemy import event
+
+from conftest import tiny_spec
+from service.settings import Settings
+from studies.lifecycle import submit_study
+from studies.spec import parse_spec
+from studies.storage import ThrottledReads, storage_for
+
+
+def _count_trial_reads(storage: optuna.storages.RDBStorage) -> list[str]:
+    """Every SELECT on Optuna's trials table the storage's engine runs from now on."""
+    seen: list[str] = []
+
+    @event.listens_for(storage.engine, "before_cursor_execute")
+    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("SELECT") and "FROM trials" in statement:
+            seen.append(statement)
+
+    return seen
+
+
+def _study(settings: Settings, name: str, max_age_s: float) -> tuple[optuna.Study, ThrottledReads]:
+    submit_study(settings, parse_spec(tiny_spec(name)))
+    throttled = ThrottledReads(storage_for(settings), max_age_s)
+    return optuna.load_study(study_name=name, storage=throttled), throttled
+
+
+def test_reads_within_the_window_reuse_the_last_one(settings: Settings) -> None:
+    study, storage = _study(settings, "window", max_age_s=60)
+    study.get_trials()
+    reads = _count_trial_reads(storage_for(settings))
+    for _ in range(5):
+        study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert reads == []
+
+    storage.max_age_s = 0  # no window: every call reads what is new
+    study.get_trials()
+    study.get_trials()
+    assert len(reads) == 2
+
+
+def test_a_claim_always_sees_a_trial_queued_elsewhere_a_moment_ago(settings: Settings) -> None:
+    study, _ = _study(settings, "queued", max_age_s=60)
+    assert study.get_trials() == []  # the window starts now: nothing queued yet
+    elsewhere = optuna.load_study(study_name="queued", storage=storage_for(settings))
+    elsewhere.enqueue_trial({"lr": 0.02})
+    trial = study.ask()  # within the window, yet the waiting trial is found and run
+    assert trial.number == 0 and trial.suggest_float("lr", 1e-3, 1e-1, log=True) == 0.02
