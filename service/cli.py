@@ -350,10 +350,13 @@ def repair(study_name: str, number: int) -> None:
 @study.command("show")
 @click.argument("name")
 def study_show(name: str) -> None:
-    """One study: its state, best trial, every trial, then each trial's verdict.
+    """One study: its state, best trial, every trial, each trial's verdict, then the study's diagnosis.
 
     The verdict table gives each trial's latest diagnosis (verdict, confidence, first remedy;
-    "-" before its first epoch) and ends with a count of trials per verdict.
+    "-" before its first epoch) and ends with a count of trials per verdict. The study's
+    diagnosis (as GET /v1/studies/NAME/diagnosis) follows: the verdict counts, the
+    hyperparameter regions that explain the unhealthy verdicts, parameter importance, and a
+    spec for the next sweep in YAML (`converge study create --spec` takes it).
     """
     _show_study(name, verdicts=True)
 
@@ -385,6 +388,8 @@ def _show_study(name: str, *, verdicts: bool = False) -> None:
     if verdicts:
         click.echo()
         click.echo(_verdict_table(trials, diagnoses))
+        click.echo()
+        click.echo(_study_diagnosis_text(views.study_diagnosis_out(s.spec, trials)))
 
 
 def _verdict_table(trials: list[Any], diagnoses: dict[int, Any]) -> str:
@@ -403,6 +408,30 @@ def _verdict_table(trials: list[Any], diagnoses: dict[int, Any]) -> str:
         counts[d.verdict] += 1
     total = ", ".join(f"{verdict} {n}" for verdict, n in counts.most_common()) or "no trials"
     return _table(rows) + f"\nverdicts: {total}"
+
+
+def _study_diagnosis_text(d: Any) -> str:
+    """The study's diagnosis for people: counts, regions, importance, then the next spec as YAML."""
+    import yaml
+
+    left_out = f"; {d.rerun_attempts} rerun attempts left out" if d.rerun_attempts else ""
+    lines = [f"study diagnosis: {d.trials} trials, {d.healthy} healthy, {d.undiagnosed} undiagnosed, "
+             f"{d.provisional} still running{left_out}",
+             "  verdicts: " + (", ".join(f"{verdict} {n}" for verdict, n in d.verdicts.items()) or "none yet"),
+             "  regions: " + ("" if d.regions else "none explains an unhealthy verdict")]
+    lines += [f"    {region.text}" for region in d.regions]
+    imp = d.importance
+    if imp.importances is None:
+        lines.append(f"  importance: none ({imp.reason})")
+    else:
+        shares = ", ".join(f"{name} {share:.2f}" for name, share in imp.importances.items())
+        lines.append(f"  importance ({imp.evaluator}, {imp.trials_used} trials): {shares}")
+    lines.append("  next sweep:")
+    lines += [f"    {change}" for change in d.recommendation.changes]
+    spec_yaml = yaml.safe_dump(d.recommendation.spec, sort_keys=False, allow_unicode=True)
+    lines.append("  recommended spec (`converge study create --spec FILE` takes it as it is):")
+    lines += [f"    {line}" for line in spec_yaml.splitlines()]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _remedy_label(remedy: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from service.api.schemas import (
     MetricsOut,
     ObjectiveOut,
     RepairOutcome,
+    StudyDiagnosisOut,
     StudyOut,
     TrialCounts,
     TrialDetail,
@@ -32,7 +33,9 @@ from studies.diagnosis import diagnose
 from studies.pruning import PRUNED_BY_ATTR
 from studies.repair import REPAIR_OF_ATTR, repair_summary
 from studies.retries import RETRY_OF_ATTR
+from studies.spec import StudySpec
 from studies.storage import optuna_study_id, trial_by_number
+from studies.study_diagnosis import TrialRecord, diagnose_study
 
 _STATE_NAMES = {
     TrialState.RUNNING: "running",
@@ -115,6 +118,22 @@ def list_trial_outs(session: Session, storage: optuna.storages.BaseStorage, name
         trials = [t for t in trials if t.number in diagnoses and diagnoses[t.number].verdict == verdict]
     return [TrialOut(**_trial_fields(t, epochs.get(t.number, 0), diagnoses.get(t.number), retries.get(t.number),
                                      repairs.get(t.number))) for t in trials]
+
+
+def get_study_diagnosis(session: Session, storage: optuna.storages.BaseStorage, name: str) -> StudyDiagnosisOut:
+    """The whole study's diagnosis, from one read of its trials; NotFound for an unknown study."""
+    study = repo.get_study(session, name)
+    return study_diagnosis_out(study.spec, list_trial_outs(session, storage, name))
+
+
+def study_diagnosis_out(spec: dict[str, Any], trials: list[TrialOut]) -> StudyDiagnosisOut:
+    """Diagnose a study from its trials as listed (the CLI has them already): every trial counts
+    but failed attempts that were rerun, which say nothing of their hyperparameters."""
+    counted = [t for t in trials if t.rerun_as is None]
+    records = [TrialRecord(number=t.number, state=t.state, params=t.params, value=t.value, verdict=t.verdict)
+               for t in counted]
+    diagnosis = diagnose_study(StudySpec.model_validate(spec), records)
+    return StudyDiagnosisOut.model_validate({**diagnosis.to_dict(), "rerun_attempts": len(trials) - len(counted)})
 
 
 def get_trial_detail(session: Session, storage: optuna.storages.BaseStorage, name: str,

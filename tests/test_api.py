@@ -96,7 +96,8 @@ def test_health_is_503_before_db_upgrade(empty_db_url: str) -> None:
 
 def test_openapi_describes_every_operation(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
-    assert set(paths) == {"/v1/studies", "/v1/studies/{name}", "/v1/studies/{name}/cancel", "/v1/studies/{name}/trials",
+    assert set(paths) == {"/v1/studies", "/v1/studies/{name}", "/v1/studies/{name}/cancel",
+                          "/v1/studies/{name}/diagnosis", "/v1/studies/{name}/trials",
                           "/v1/studies/{name}/trials/{number}", "/v1/studies/{name}/trials/{number}/metrics",
                           "/v1/studies/{name}/trials/{number}/diagnosis", "/v1/studies/{name}/trials/{number}/repair",
                           "/v1/diagnose", "/v1/workers", "/v1/health"}

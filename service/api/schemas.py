@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, SerializerFunctionWrapHandler, model_serializer
 
 from studies.diagnosis import MAX_EPOCHS, REMEDY_ACTIONS, REMEDY_PARAMS, VERDICTS
+from studies.spec import parse_spec
 
 
 def _json_float(value: float | None) -> float | str | None:
@@ -147,6 +148,77 @@ class TrialDiagnosisOut(DiagnosisOut):
     updated_at: datetime
     repair: RepairOutcome | None = Field(default=None, description="the trial's repair and its outcome, once "
                                          "it was repaired (POST .../repair)")
+
+
+class VerdictRegionOut(BaseModel):
+    """A hyperparameter region where ended trials mostly got one unhealthy verdict."""
+
+    verdict: Verdict
+    param: str = Field(description="the hyperparameter")
+    op: Literal[">", "<", ">=", "<="] = Field(description="> and < for floats (a round number between two "
+                                              "observed values), >= and <= for integers (an observed value)")
+    threshold: float | int
+    matching: int = Field(description="ended, diagnosed trials inside the region")
+    with_verdict: int = Field(description="of those, the trials with the verdict")
+    precision: float = Field(description="with_verdict / matching")
+    text: str = Field(description='the region in words, e.g. "lr > 0.21: 9 of 10 trials diverged"')
+
+
+class ParamImportanceOut(BaseModel):
+    importances: dict[str, float] | None = Field(description="each swept hyperparameter's share of the importance "
+                                                 "(summing to 1), largest first; null with `reason` when it "
+                                                 "cannot be told")
+    reason: str | None = Field(description="why `importances` is null")
+    evaluator: str = Field(description="Optuna's importance evaluator")
+    trials_used: int = Field(description="completed trials with a finite value it was computed on")
+
+
+class RecommendationOut(BaseModel):
+    spec: dict[str, Any] = Field(description="a complete study spec, named NAME-next, that POST /v1/studies "
+                                 "accepts as it is")
+    changes: list[str] = Field(description="what changed in the search space, in words")
+
+
+STUDY_DIAGNOSIS_EXAMPLE: dict[str, Any] = {
+    "study": "digits-mlp", "trials": 40, "verdicts": {"converged": 21, "diverged": 10, "still_improving": 7,
+                                                      "underfitting": 2},
+    "healthy": 28, "undiagnosed": 0, "provisional": 0, "rerun_attempts": 0,
+    "regions": [{"verdict": "diverged", "param": "lr", "op": ">", "threshold": 0.21, "matching": 10,
+                 "with_verdict": 9, "precision": 0.9, "text": "lr > 0.21: 9 of 10 trials diverged"}],
+    "importance": {"importances": {"lr": 0.81, "dropout": 0.1, "batch_size": 0.05, "epochs": 0.03,
+                                   "weight_decay": 0.01},
+                   "reason": None, "evaluator": "PedAnovaImportanceEvaluator", "trials_used": 28},
+    "recommendation": {
+        "spec": parse_spec({"name": "digits-mlp-next", "n_trials": 40, "search_space": {
+            "lr": {"low": 0.00031, "high": 0.026, "log": True}, "batch_size": {"choices": [16, 32, 64, 128]},
+            "epochs": {"low": 3, "high": 10}, "weight_decay": 0.0001, "dropout": {"low": 0.0, "high": 0.32}},
+        }).model_dump(mode="json"),  # complete, as the endpoint returns it
+        "changes": ["lr: 1e-05..1 → 0.00031..0.026, avoiding lr > 0.21 (diverged)",
+                    "batch_size: [16, 32, 64, 128, 256] → [16, 32, 64, 128]", "dropout: 0..0.7 → 0..0.32"],
+    },
+}
+
+
+class StudyDiagnosisOut(BaseModel):
+    """A whole study's diagnosis: its trials' verdicts, the regions that explain the unhealthy ones,
+    parameter importance, and a narrower search space for the next sweep."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [STUDY_DIAGNOSIS_EXAMPLE]})
+
+    study: str
+    trials: int = Field(description="the trials counted: every trial but the failed attempts that were rerun")
+    verdicts: dict[Verdict, int] = Field(description="trials per verdict of their latest diagnosis (final once "
+                                         "the trial ended), most frequent first")
+    healthy: int = Field(description="trials with a healthy verdict (converged, still_improving)")
+    undiagnosed: int = Field(description="trials without a diagnosis yet (waiting, or no epoch recorded)")
+    provisional: int = Field(description="diagnosed trials still running: their verdict may change, and they "
+                             "are left out of `regions`")
+    rerun_attempts: int = Field(description="failed attempts rerun as another trial (their process died or "
+                                "their worker stopped): left out of everything")
+    regions: list[VerdictRegionOut] = Field(description="for each unhealthy verdict, the hyperparameter regions "
+                                            "that explain it, best first (at most three per verdict)")
+    importance: ParamImportanceOut
+    recommendation: RecommendationOut
 
 
 class TrialDetail(TrialOut):

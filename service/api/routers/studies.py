@@ -11,6 +11,7 @@ from service.api.deps import SessionDep, SettingsDep, StorageDep
 from service.api.schemas import (
     MetricsOut,
     RepairOut,
+    StudyDiagnosisOut,
     StudyOut,
     StudyState,
     TrialDetail,
@@ -50,6 +51,25 @@ def list_studies(session: SessionDep, storage: StorageDep,
 def get_study(name: StudyName, session: SessionDep, storage: StorageDep) -> StudyOut:
     """One study: state, spec, trial counts by state, best trial."""
     return views.get_study_out(session, storage, name)
+
+
+@router.get("/{name}/diagnosis", response_model=StudyDiagnosisOut, responses={404: {"description": "no such study"}})
+def get_study_diagnosis(name: StudyName, session: SessionDep, storage: StorageDep) -> StudyDiagnosisOut:
+    """The whole study's diagnosis, for planning the next sweep.
+
+    - `verdicts`: trials per verdict of their latest diagnosis (final once the trial ended);
+      `undiagnosed` trials are counted apart, and failed attempts that were rerun not at all.
+    - `regions`: for each unhealthy verdict, the hyperparameter thresholds that explain it, e.g.
+      "lr > 0.21: 9 of 10 trials diverged" (ended trials only; at least 2 trials with the verdict,
+      60% of the region's trials and 20 points above the verdict's share in the study, and
+      unlikely by chance).
+    - `importance`: Optuna's PED-ANOVA parameter importance over the completed trials (up to
+      5,000, evenly subsampled); null with a `reason` under 10 of them.
+    - `recommendation`: a complete spec named NAME-next that `POST /v1/studies` accepts as it is:
+      each swept range narrowed to the best quarter of the completed trials (with a margin) and
+      away from the unhealthy regions, fixed values kept; `changes` says what moved.
+    """
+    return views.get_study_diagnosis(session, storage, name)
 
 
 @router.post("/{name}/cancel", response_model=StudyOut,
