@@ -181,8 +181,16 @@ def healthy_on_full_rerun(run: Run, trial: TrialOutcome) -> bool:
     return bool(diagnose(history).healthy)
 
 
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
+def _to_target(runs: list[Run], target: float) -> tuple[float, float]:
+    """Median epochs and seconds to the target; a run that never reached it counts as infinity."""
+    hits = [r.to_target(target) for r in runs]
+    return (statistics.median(h[0] if h else math.inf for h in hits),
+            statistics.median(h[1] if h else math.inf for h in hits))
+
+
+def _ratio(value: float, reference: float) -> float | None:
+    """value / reference; None where either is infinite (a median run that never reached the target)."""
+    return value / reference if math.isfinite(value) and math.isfinite(reference) and reference else None
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
@@ -194,8 +202,7 @@ def report(task: str, runs: dict[str, list[Run]]) -> dict[str, Any]:
     reference = runs[REFERENCE]
     target = statistics.median(r.best_within(math.inf) for r in reference)
     budget = statistics.median(r.epochs for r in reference)
-    ref_to_target = _median([hit[0] for r in reference if (hit := r.to_target(target))])
-    ref_seconds = _median([hit[1] for r in reference if (hit := r.to_target(target))])
+    ref_to_target, ref_seconds = _to_target(reference, target)
     ref_best = statistics.median(r.best_within(budget) for r in reference)
     print(f"\n{task}: target val_loss {target:.4f} (median final best of {REFERENCE}); "
           f"equal budget {budget:.0f} epochs")
@@ -208,16 +215,14 @@ def report(task: str, runs: dict[str, list[Run]]) -> dict[str, Any]:
         if "tpe+hyperband" in runs else None
     for config, config_runs in runs.items():
         hits = [r.to_target(target) for r in config_runs]
-        # A run that never reached the target counts as the whole budget and more: infinity in the median.
-        epochs = statistics.median(h[0] if h else math.inf for h in hits)
-        seconds = statistics.median(h[1] if h else math.inf for h in hits)
+        epochs, seconds = _to_target(config_runs, target)
         bests = [b for r in config_runs if (b := r.best_within(budget)) is not None]
         best = statistics.median(bests) if bests else None
         rule_pruned = [(r, t) for r in config_runs for t in r.trials
                        if t.pruned_by and t.pruned_by.get("rule") in DIAGNOSIS_RULES]
         healthy = sum(healthy_on_full_rerun(r, t) for r, t in rule_pruned)
-        figures[config] = {"epochs_to_target": epochs, "ratio_budget": epochs / budget,
-                           "ratio_to_target": epochs / ref_to_target if ref_to_target else None,
+        figures[config] = {"epochs_to_target": epochs, "ratio_budget": _ratio(epochs, budget),
+                           "ratio_to_target": _ratio(epochs, ref_to_target),
                            "seconds_to_target": seconds, "best_at_budget": best,
                            "vs_hyperband": (best - hyperband_best) / abs(hyperband_best)
                            if best is not None and hyperband_best else None,
@@ -225,7 +230,7 @@ def report(task: str, runs: dict[str, list[Run]]) -> dict[str, Any]:
         f = figures[config]
         rows.append([config, f"{sum(h is not None for h in hits)}/{len(hits)}", _fmt(epochs, ".0f"),
                      _fmt(f["ratio_budget"], ".2f"), _fmt(f["ratio_to_target"], ".2f"), _fmt(seconds, ".1f"),
-                     _fmt(seconds / ref_seconds if ref_seconds else None, ".2f"), _fmt(best),
+                     _fmt(_ratio(seconds, ref_seconds), ".2f"), _fmt(best),
                      _fmt((best - ref_best) / abs(ref_best) if best is not None else None, "+.1%"),
                      _fmt(f["vs_hyperband"], "+.1%"),
                      _fmt(statistics.median(len(r.trials) for r in config_runs), ".0f"),
@@ -234,7 +239,25 @@ def report(task: str, runs: dict[str, list[Run]]) -> dict[str, Any]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    print_targets(figures)
     return figures
+
+
+def print_targets(figures: dict[str, Any]) -> None:
+    """The issue's three targets for TPE + the convergence pruner, met or not."""
+    conv = figures.get("tpe+convergence")
+    if conv is None:
+        return
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    ratio, gap = conv["ratio_budget"], conv["vs_hyperband"]
+    healthy = sum(figures[c]["healthy_on_rerun"] for c in figures if c.startswith("tpe+convergence"))
+    print(f"targets, tpe+convergence: epochs to target / {REFERENCE}'s budget {_fmt(ratio, '.2f')} (<= 0.25: "
+          f"{verdict(ratio is not None and ratio <= 0.25)}); best at equal budget vs tpe+hyperband "
+          f"{_fmt(gap, '+.1%')} (<= +2%: {verdict(gap is not None and gap <= 0.02)}); healthy trials pruned by "
+          f"a rule {healthy} (0: {verdict(healthy == 0)})")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
