@@ -2,8 +2,10 @@
 
 For the reference MLP and CNN, both sides train on the same sklearn:digits tensors with the
 same network class, init seed, AdamW, batch size, epochs, per-epoch validation and per-step
-gradient-norm measurement, on CPU, so the ratio is the framework's overhead alone. Each rep
-runs every model through both sides, interleaved, so a busy machine slows both alike.
+gradient-norm measurement, on CPU, so the ratio is the framework's overhead alone. (`fit` hands
+Lightning each epoch as one batch and its step loops over the mini-batches, one optimizer step
+each: the same steps, in the same order, as the plain loop's.) Each rep runs every model through
+both sides, interleaved, so a busy machine slows both alike.
 
     .venv/bin/python benchmarks/trainer_overhead.py [--reps 5] [--epochs 10] [--batch-size 64] [--threads N]
 """

@@ -16,7 +16,7 @@ from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch.nn import functional as F
 
 from trainers import MODEL_NAMES, SKLEARN_DATASETS, DataSplit, FitResult, TrainConfig, fit, load_dataset
-from trainers.fit import make_loaders
+from trainers.fit import WholeEpoch, make_loaders
 from trainers.models import MLP, SmallCNN, build_network
 
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "grad_norm", "param_norm", "lr", "epoch_seconds"}
@@ -222,7 +222,50 @@ def test_mixed_precision_still_applies_under_manual_optimization(monkeypatch: py
     assert result.epochs[1]["train_loss"] < result.epochs[0]["train_loss"]
 
 
+@pytest.mark.slow
+def test_mixed_precision_steps_see_the_weights_the_previous_step_updated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16-mixed each step must use the weights the previous step left, as when each step is its own
+    autocast region. An epoch's steps share one region (one `training_step`); an autocast that kept its bf16
+    copies of the weights for the region (torch's default cache; Lightning turns it off) would give them all
+    the epoch's first weights."""
+    monkeypatch.setattr(sys.modules["trainers.fit"], "_precision", lambda accelerator: "bf16-mixed")
+    config = tiny(epochs=2)
+    split = load_dataset(config.dataset, config.val_fraction, config.seed)
+    reported = fit(config, split=split).epochs
+
+    torch.manual_seed(config.seed)
+    network = build_network(config, split)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    train_batches, _ = make_loaders(split, config.batch_size, config.seed)
+    for epoch in reported:
+        network.train()
+        loss_sum = 0.0
+        for x, y in train_batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # one region per step
+                optimizer.zero_grad()
+                loss = F.cross_entropy(network(x), y)
+                loss.backward()
+                optimizer.step()
+            loss_sum += loss.item() * len(x)
+        assert epoch["train_loss"] == pytest.approx(loss_sum / len(split.y_train), rel=1e-3), epoch["epoch"]
+
+
 # --- data -------------------------------------------------------------------------------------
+
+
+def test_whole_epoch_is_one_lightning_batch_of_the_same_mini_batches() -> None:
+    """`fit` hands Lightning each pass as one batch; the steps must still see the loader's own mini-batches."""
+    split = load_dataset("sklearn:digits", 0.2, 0)
+    direct, _ = make_loaders(split, 64, seed=3)
+    wrapped, _ = make_loaders(split, 64, seed=3)
+    lightning_batches = WholeEpoch(wrapped)
+    assert len(lightning_batches) == 1
+    for _ in range(2):  # a fresh shuffle each pass, drawn alike
+        (only,) = list(lightning_batches)
+        pairs = list(zip(only, direct, strict=True))
+        assert len(pairs) == len(direct) == math.ceil(len(split.y_train) / 64)
+        for (x, y), (x_direct, y_direct) in pairs:
+            assert torch.equal(x, x_direct) and torch.equal(y, y_direct)
 
 
 @pytest.mark.parametrize(("name", "n_classes"), [("digits", 10), ("wine", 3), ("breast_cancer", 2), ("iris", 3)])

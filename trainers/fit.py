@@ -70,7 +70,7 @@ def fit(config: TrainConfig, on_epoch_end: EpochHook | None = None, split: DataS
             deterministic=False,
             profiler=_Unprofiled(),
         )
-        trainer.fit(module, train_loader, val_loader)
+        trainer.fit(module, WholeEpoch(train_loader), WholeEpoch(val_loader))
     device = torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"
     return FitResult(epochs=metrics.epochs, stopped_early=metrics.stopped_early, device=device, precision=precision,
                      seconds=time.perf_counter() - started)
@@ -102,6 +102,25 @@ class TensorBatches:
         for start in range(0, n, self.batch_size):
             index = order[start:start + self.batch_size]
             yield self.x[index], self.y[index]
+
+
+class WholeEpoch:
+    """`batches` handed to Lightning as one batch per pass: an iterator over all its mini-batches.
+
+    Lightning's per-batch machinery (fetcher, hooks, progress tracking) costs more than a small
+    model's whole step; with the pass as its unit, it runs once an epoch, and `LitModel`'s steps
+    loop over the mini-batches themselves. They are `batches`' own, gathered one at a time as the
+    step reaches them: the same mini-batches, order and seeded shuffles as iterating `batches`.
+    """
+
+    def __init__(self, batches: TensorBatches):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        yield iter(self.batches)
 
 
 def make_loaders(split: DataSplit, batch_size: int, seed: int,

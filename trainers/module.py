@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import pytorch_lightning as pl
@@ -18,7 +18,7 @@ _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 def _signed(method: _Method) -> _Method:
-    """Store the method's signature on it: Lightning inspects the step methods' every step (30 us; stored, 12)."""
+    """Store the method's signature on it: Lightning inspects the step methods' every epoch (30 us; stored, 12)."""
     method.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]
     return method
 
@@ -41,7 +41,9 @@ class _RunningMean:
 class LitModel(pl.LightningModule):
     """Cross-entropy for classification, MSE for regression; keeps `train_loss`, `val_loss`, `val_acc` per epoch.
 
-    Lean for small models, whose whole step is well under a millisecond: the epoch means are
+    Lean for small models, whose whole step is well under a millisecond: each Lightning batch is
+    a whole pass's mini-batches, which the step methods loop over (`fit.WholeEpoch`), so
+    Lightning's per-batch machinery runs once an epoch rather than every step; the epoch means are
     kept as tensors and read once per epoch (`epoch_means`) instead of through `self.log`,
     whose result collection costs about a millisecond a call; optimization is manual, which
     skips the closure machinery of automatic optimization (precision plugins still apply, via
@@ -75,34 +77,37 @@ class LitModel(pl.LightningModule):
         return F.mse_loss(output, y)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # `fit` puts the data on the training device once; skip Lightning's walk over every batch.
-        if isinstance(batch, (tuple, list)) and all(isinstance(t, Tensor) and t.device == device for t in batch):
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        # `fit` puts the data on the training device once, and a batch is an epoch's lazy mini-batches.
+        return batch
 
     def on_train_epoch_start(self) -> None:
         self._train_loss = _RunningMean(self.device)
 
     @_signed
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def training_step(self, batches: Iterable[tuple[Tensor, Tensor]], batch_idx: int) -> None:
+        """One optimizer step per mini-batch of `batches` (an epoch's, see `fit.WholeEpoch`).
+
+        Under bf16-mixed one autocast region wraps the whole call; Lightning's keeps no cache of
+        cast weights, so each step still sees the weights the step before it updated.
+        """
         optimizer = self.optimizers()
-        optimizer.zero_grad()
-        loss = self._loss(self(x), y)
-        self.manual_backward(loss)
-        optimizer.step()  # runs the callbacks' on_before_optimizer_step (gradient norms) first
-        self._train_loss.add(loss, len(x))
+        for x, y in batches:
+            optimizer.zero_grad()
+            loss = self._loss(self(x), y)
+            self.manual_backward(loss)
+            optimizer.step()  # runs the callbacks' on_before_optimizer_step (gradient norms) first
+            self._train_loss.add(loss, len(x))
 
     def on_validation_epoch_start(self) -> None:
         self._val_loss, self._val_acc = _RunningMean(self.device), _RunningMean(self.device)
 
     @_signed
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        output = self(x)
-        self._val_loss.add(self._loss(output, y), len(x))
-        if self.task == "classification":
-            self._val_acc.add((output.argmax(dim=1) == y).float().mean(), len(x))
+    def validation_step(self, batches: Iterable[tuple[Tensor, Tensor]], batch_idx: int) -> None:
+        for x, y in batches:
+            output = self(x)
+            self._val_loss.add(self._loss(output, y), len(x))
+            if self.task == "classification":
+                self._val_acc.add((output.argmax(dim=1) == y).float().mean(), len(x))
 
     def epoch_means(self) -> dict[str, Tensor | None]:
         """The epoch's `train_loss`, `val_loss`, `val_acc` as 0-d tensors; None if none was seen (or regression)."""
