@@ -8,6 +8,7 @@ goes to Optuna, for pruning.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import deque
@@ -62,7 +63,9 @@ class Objective:
         if self.on_trial_start is not None:
             self.on_trial_start(trial)
         try:
-            return self._train(trial, suggest(trial, self.spec.search_space))
+            with _params_in_one_write(trial.study._storage):
+                params = suggest(trial, self.spec.search_space)
+            return self._train(trial, params)
         except optuna.TrialPruned:
             raise
         except Exception as exc:
@@ -156,6 +159,12 @@ class Objective:
         retry = rerun(storage, self.engine, self.spec.name, storage.get_trial(trial._trial_id), INTERRUPTED)
         where = f"rerun as trial {retry}" if retry is not None else "not rerun: its study has ended"
         return TrialInterrupted(f"the worker stopped after epoch {epoch}; {where}")
+
+
+def _params_in_one_write(storage: Any) -> Any:
+    """The storage's batched parameter writes where it has them (`studies.storage.ThrottledReads`)."""
+    batched = getattr(storage, "params_in_one_write", None)
+    return batched() if batched is not None else contextlib.nullcontext()
 
 
 class TrialDiagnoser:

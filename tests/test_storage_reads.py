@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import optuna
+import pytest
 from sqlalchemy import event
 
 from conftest import tiny_spec
@@ -51,3 +52,32 @@ def test_a_claim_always_sees_a_trial_queued_elsewhere_a_moment_ago(settings: Set
     elsewhere.enqueue_trial({"lr": 0.02})
     trial = study.ask()  # within the window, yet the waiting trial is found and run
     assert trial.number == 0 and trial.suggest_float("lr", 1e-3, 1e-1, log=True) == 0.02
+
+
+def test_a_trials_suggestions_are_written_together_at_the_end_of_the_block(settings: Settings) -> None:
+    study, storage = _study(settings, "batched", max_age_s=60)
+    inserts: list[str] = []
+
+    @event.listens_for(storage_for(settings).engine, "before_cursor_execute")
+    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().startswith("INSERT INTO trial_params"):
+            inserts.append(statement)
+
+    trial = study.ask()
+    with storage.params_in_one_write():
+        lr = trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+        batch_size = trial.suggest_categorical("batch_size", [64, 128])
+        assert inserts == [] and trial.params == {"lr": lr, "batch_size": batch_size}
+    assert len(inserts) == 2
+    assert storage_for(settings).get_trial(trial._trial_id).params == {"lr": lr, "batch_size": batch_size}
+
+
+def test_a_suggestion_that_contradicts_the_study_fails_at_once_in_a_batch(settings: Settings) -> None:
+    study, storage = _study(settings, "clash", max_age_s=0)
+    study.enqueue_trial({"lr": 0.01})
+    first = study.ask()
+    first.suggest_float("lr", 1e-3, 1e-1, log=True)
+    study.tell(first, 0.5)
+    second = study.ask()
+    with pytest.raises(ValueError), storage.params_in_one_write():
+        second.suggest_categorical("lr", ["a", "b"])

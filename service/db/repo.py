@@ -153,6 +153,8 @@ def finish_study_if_complete(session: Session, study_id: int) -> str | None:
     study = session.get(Study, study_id)
     if study is None or study.state != "running":
         return None
+    if study.n_claimed < study.n_trials:  # a slot nobody has run yet: not done, and no need to count
+        return None
     counts = trial_state_counts(session, [study.name]).get(study.name, Counter())
     # A failed attempt that was rerun is replaced by its retry: it is not one of the n_trials.
     finished = sum(counts[s] for s in FINISHED_TRIAL_STATES) - retried_attempts(session, study_id)
