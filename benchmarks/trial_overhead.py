@@ -1,14 +1,16 @@
 """What does a trial cost outside its fit, and does that grow with the study?
 
-Runs one study of tiny trials (MLP width 16 on sklearn:digits, 2 epochs, TPE, median pruner)
+Runs studies of tiny trials (MLP width 16 on sklearn:digits, 2 epochs, TPE, median pruner)
 trial after trial in this process, the way a worker's slot process does (claim the slot,
 `run_slot`: ask, train, write each epoch's metrics and diagnosis, report, prune check, tell;
 then the study's finish check), and times each trial whole and its `trainers.fit` alone.
 Overhead is the difference.
 
-Around trial 100 and around trial 1,000, trials alternate between two ways of running, in the
-same study at the same size: Converge's slot process as it is (the Optuna study object, with its
-trial cache and its sampler, kept for the process's life: `runner.study_for`), and the study
+Around trial 100 and around trial 1,000 (one study filled to each size first, untimed), the
+timed trials take turns across both studies and two ways of running, so a change in the
+machine's speed during the run weighs on all four windows alike. The two ways: Converge's slot
+process as it is (the Optuna study object, with its trial cache and its sampler, kept for the
+process's life: `runner.study_for`), and the study
 loaded afresh for the trial, as before (which re-reads every trial of the study and rebuilds
 TPE's search space over all of them at every claim). Medians per way and window.
 
@@ -95,21 +97,29 @@ def run_trial(settings: Settings, name: str, timer: FitTimer, *, loaded_afresh: 
 
 
 def run_study(settings: Settings, centers: list[int], size: int) -> dict[tuple[int, bool], list[tuple[float, float]]]:
-    """Times per (window center, loaded afresh) of the trials in the windows around `centers`."""
-    n_trials = max(centers) + size
-    submit_study(settings, spec("overhead", n_trials))
+    """Times per (window center, loaded afresh) of `size` trials each around `centers`.
+
+    One study per center is first filled, untimed, to `size` trials short of its center; then
+    the timed trials take turns (each study, each way, round and round), so a machine that
+    speeds up or slows down during the run weighs on every window alike.
+    """
     timer = FitTimer()
     trainers.fit = timer
+    names = {center: f"overhead-{center}" for center in centers}
+    for center, name in names.items():
+        submit_study(settings, spec(name, center + size))
     times: dict[tuple[int, bool], list[tuple[float, float]]] = {}
     try:
-        for number in range(n_trials):
-            center = next((c for c in centers if c - size <= number < c + size), None)
-            afresh = center is not None and number % 2 == 1
-            result = run_trial(settings, "overhead", timer, loaded_afresh=afresh)
-            if center is not None:
-                times.setdefault((center, afresh), []).append(result)
-            if number % 100 == 0:
-                print(f"  trial {number}", flush=True)
+        for center, name in names.items():
+            for number in range(center - size):
+                run_trial(settings, name, timer, loaded_afresh=False)
+                if number % 100 == 0:
+                    print(f"  filling {name}: trial {number}", flush=True)
+        for _ in range(size):
+            for center, name in names.items():
+                for afresh in (False, True):
+                    times.setdefault((center, afresh), []).append(
+                        run_trial(settings, name, timer, loaded_afresh=afresh))
     finally:
         trainers.fit = timer.original
     return times
@@ -152,7 +162,8 @@ def main() -> None:
     with scratch_database(args.database_url) as url:
         upgrade(url)
         settings = Settings(database_url=url)
-        print(f"database: {sa.make_url(url).get_backend_name()}; one study of {max(args.centers) + args.window} trials")
+        print(f"database: {sa.make_url(url).get_backend_name()}; one study per center: {args.centers}, "
+              f"{args.window} timed trials of each way around each")
         times = run_study(settings, args.centers, args.window)
 
     print(f"\nmedian ms, {args.window} trials each   study kept (now)            study loaded per trial (before)")
