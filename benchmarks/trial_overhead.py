@@ -86,7 +86,7 @@ def run_trial(settings: Settings, name: str, timer: FitTimer, *, loaded_afresh: 
     with session_scope(engine) as session:
         claim = repo.claim_trial_slot(session, name)
     assert claim is not None
-    run_slot(settings, claim, device="cpu")
+    run_slot(settings, claim, device="cpu", read_back=False)  # as a worker's slot process calls it
     with session_scope(engine) as session:
         repo.finish_study_if_complete(session, claim.study_id)
     seconds = time.perf_counter() - started

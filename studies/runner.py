@@ -76,8 +76,10 @@ def study_for(settings: Settings, spec: StudySpec, claim: ClaimedSlot) -> optuna
 def run_slot(settings: Settings, slot: ClaimedSlot, *, device: str = "auto",
              on_trial_start: Callable[[optuna.Trial], None] | None = None,
              on_epoch: EpochListener | None = None,
-             should_stop: Callable[[], bool] | None = None) -> optuna.trial.FrozenTrial:
-    """Run the slot's one trial to its end (complete, pruned or failed) and return it."""
+             should_stop: Callable[[], bool] | None = None,
+             read_back: bool = True) -> optuna.trial.FrozenTrial | None:
+    """Run the slot's one trial to its end (complete, pruned or failed) and return it as stored
+    (None without `read_back`: a worker's slot needs nothing back, and the read is a few ms)."""
     try:
         spec = StudySpec.model_validate(slot.spec)
         study = study_for(settings, spec, slot)
@@ -97,8 +99,9 @@ def run_slot(settings: Settings, slot: ClaimedSlot, *, device: str = "auto",
     study.optimize(objective, n_trials=1, catch=(Exception,))
     if not started:  # optimize() failed before calling the objective: nothing ran
         raise RuntimeError(f"study {slot.study_name}: Optuna did not start a trial")
-    trial = study._storage.get_trial(started[0])
-    auto_repair(settings, spec, trial)  # before the slot is reported done: the study must not end first
+    trial = study._storage.get_trial(started[0]) if read_back or spec.auto_repair is not None else None
+    if spec.auto_repair is not None and trial is not None:
+        auto_repair(settings, spec, trial)  # before the slot is reported done: the study must not end first
     return trial
 
 
@@ -150,7 +153,8 @@ def slot_main(settings_data: dict[str, Any], device: str, torch_threads: int, co
 def _run_claim(settings: Settings, claim: ClaimedSlot, device: str,
                on_trial_start: Callable[[optuna.Trial], None], should_stop: Callable[[], bool]) -> str:
     try:
-        run_slot(settings, claim, device=device, on_trial_start=on_trial_start, should_stop=should_stop)
+        run_slot(settings, claim, device=device, on_trial_start=on_trial_start, should_stop=should_stop,
+                 read_back=False)
     except StudySetupError as exc:
         log.error("study %s cannot run: %s", claim.study_name, exc)
         with session_scope(get_engine(settings.database_url)) as session:

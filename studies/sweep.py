@@ -56,7 +56,7 @@ def run_sweep(settings: Settings, spec: StudySpec, *, progress: bool = True) -> 
             if slot is None:
                 break
             trial = run_slot(settings, slot, on_epoch=show_epoch)
-            if trial.value is not None:
+            if trial is not None and trial.value is not None:
                 better = max if spec.objective.direction == "maximize" else min
                 best[:] = [better([trial.value, *best])]
             bar.update(1)
