@@ -16,13 +16,14 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from service.db import repo
 from service.db.engine import retry_unit_of_work
 from studies.diagnosis import MAX_EPOCHS, HistoryError, diagnose
-from studies.pruning import PRUNED_BY_ATTR, PruneDecision, diagnosis_rule
+from studies.pruning import PRUNED_BY_ATTR, PruneDecision, behind_peers, diagnosis_rule
 from studies.retries import INTERRUPTED, rerun
 from studies.search_space import suggest
 from studies.spec import StudySpec
@@ -113,7 +114,8 @@ class Objective:
             if self.spec.pruner.name == "convergence" and diagnosis is not None:
                 rule = diagnosis_rule(diagnosis, epoch, len(diagnoser.epochs), diagnoser.max_epochs,
                                       min_fraction=self.spec.pruner.min_fraction,
-                                      min_confidence=self.spec.pruner.min_confidence)
+                                      min_confidence=self.spec.pruner.min_confidence,
+                                      behind_peers=lambda: self._behind_peers(trial, epoch, metrics.get(metric)))
                 if rule is not None:
                     pruned.append(rule)
                     return True
@@ -152,6 +154,12 @@ class Objective:
             raise ObjectiveNotFinite(f"{metric} became {value} at epoch {last['epoch']}: the trial diverged")
         return float(value)
 
+
+    def _behind_peers(self, trial: optuna.Trial, epoch: int, value: float | None) -> bool:
+        """The trial's objective against the ended trials' at this epoch (from the study's cached read)."""
+        ended = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        peers = [t.intermediate_values[epoch] for t in ended if epoch in t.intermediate_values]
+        return behind_peers(value, peers, self.spec.objective.direction)
 
     def _requeue(self, trial: optuna.Trial, epoch: int) -> TrialInterrupted:
         """Add the trial's rerun before Optuna fails this attempt, so the study never counts it as done."""

@@ -278,7 +278,8 @@ class Sampler(_Strict):
 class Pruner(_Strict):
     """`convergence` (the default): the `base` pruner over epochs, plus stopping a trial whose live
     diagnosis is diverged, exploding_gradients or vanishing_gradients, or slow_convergence or
-    underfitting with at least `min_confidence` once `min_fraction` of its epochs have run."""
+    underfitting with at least `min_confidence` once `min_fraction` of its epochs have run and its
+    objective is behind the median of the study's ended trials at that epoch."""
 
     name: str = "convergence"
     base: str = Field(default="hyperband", description="convergence only: the multi-fidelity pruner it wraps")

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_spec
 from service.settings import Settings
-from studies.pruning import PRUNED_BY_ATTR, diagnosis_rule
+from studies.pruning import PRUNED_BY_ATTR, behind_peers, diagnosis_rule
 from studies.registry import build_pruner
 from studies.spec import StudySpec, parse_spec
 from studies.storage import storage_for
@@ -20,9 +20,10 @@ def _diagnosis(verdict: str, confidence: float = 0.9) -> dict[str, Any]:
     return {"verdict": verdict, "confidence": confidence, "summary": f"{verdict}, as told"}
 
 
-def _rule(verdict: str, epochs_seen: int, confidence: float = 0.9, max_epochs: int = 10) -> str | None:
+def _rule(verdict: str, epochs_seen: int, confidence: float = 0.9, max_epochs: int = 10,
+          behind: bool = True) -> str | None:
     decision = diagnosis_rule(_diagnosis(verdict, confidence), epochs_seen - 1, epochs_seen, max_epochs,
-                              min_fraction=0.5, min_confidence=0.8)
+                              min_fraction=0.5, min_confidence=0.8, behind_peers=lambda: behind)
     return None if decision is None else decision.rule
 
 
@@ -36,6 +37,20 @@ def test_a_poor_trial_is_pruned_only_when_confident_and_far_enough(verdict: str)
     assert _rule(verdict, epochs_seen=4) is None  # 4 of 10 < min_fraction 0.5
     assert _rule(verdict, epochs_seen=5, confidence=0.7) is None  # not confident enough
     assert _rule(verdict, epochs_seen=5) == verdict
+    assert _rule(verdict, epochs_seen=5, behind=False) is None  # as good as its peers: the task, not the run
+
+
+def test_a_hopeless_trial_needs_no_peers() -> None:
+    assert _rule("diverged", epochs_seen=1, behind=False) == "diverged"
+
+
+def test_behind_peers_compares_with_the_median_at_the_same_epoch_in_the_studys_direction() -> None:
+    peers = [0.5, 0.6, 0.7, 0.8]
+    assert behind_peers(0.9, peers, "minimize") and not behind_peers(0.6, peers, "minimize")
+    assert behind_peers(0.6, peers, "maximize") and not behind_peers(0.9, peers, "maximize")
+    assert not behind_peers(0.9, peers[:3], "minimize")  # too few peers to call anyone slow
+    assert not behind_peers(0.9, [*peers[:3], float("nan")], "minimize")
+    assert not behind_peers(None, peers, "minimize") and not behind_peers(float("nan"), peers, "minimize")
 
 
 @pytest.mark.parametrize("verdict", ["converged", "still_improving", "oscillating", "overfitting"])
@@ -87,3 +102,16 @@ def test_a_healthy_trial_runs_to_its_end_under_the_convergence_pruner(settings: 
     assert run_sweep(settings, parse_spec(spec), progress=False) == "done"
     (trial,) = optuna.load_study(study_name="healthy", storage=storage_for(settings)).get_trials()
     assert trial.state.name == "COMPLETE" and PRUNED_BY_ATTR not in trial.user_attrs
+
+
+def test_the_objective_reads_its_peers_from_the_study_at_the_same_epoch() -> None:
+    from studies.objective import Objective
+
+    study = optuna.create_study()
+    for value in (0.5, 0.6, 0.7, 0.8):
+        study.add_trial(optuna.trial.create_trial(value=value, intermediate_values={3: value, 4: value}))
+    study.add_trial(optuna.trial.create_trial(value=0.1, intermediate_values={1: 0.1}))  # no value at epoch 3
+    objective = Objective(parse_spec(tiny_spec("peers")), study_id=1, engine=None)  # type: ignore[arg-type]
+    trial = study.ask()
+    assert objective._behind_peers(trial, 3, 0.9) and not objective._behind_peers(trial, 3, 0.55)
+    assert not objective._behind_peers(trial, 1, 0.9)  # one peer at epoch 1: too few
