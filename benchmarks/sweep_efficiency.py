@@ -151,6 +151,7 @@ def run_study(workdir: Path, spec: StudySpec, task: str, config: str, seed: int,
             break
         epochs_seen.clear()
         trial = run_slot(settings, slot, on_epoch=lambda _trial, metrics: epochs_seen.append(metrics["epoch"]))
+        assert trial is not None
         run.trials.append(TrialOutcome(
             number=trial.number, state=trial.state.name.lower(),
             value=trial.value if trial.state == optuna.trial.TrialState.COMPLETE else None,
