@@ -45,7 +45,7 @@ from service.db.migrate import upgrade
 from service.settings import Settings
 from studies.diagnosis import diagnose
 from studies.lifecycle import submit_study
-from studies.objective import HISTORY_KEYS
+from studies.objective import HISTORY_KEYS, train_config
 from studies.pruning import DIAGNOSIS_RULES, PRUNED_BY_ATTR
 from studies.runner import run_slot
 from studies.spec import MAX_TRIALS, StudySpec, parse_spec
@@ -170,11 +170,10 @@ def warm_up() -> None:
 
 def healthy_on_full_rerun(run: Run, trial: TrialOutcome) -> bool:
     """Train the pruned trial again to its last epoch, unpruned, and diagnose the whole history."""
-    from trainers import TrainConfig, fit
+    from trainers import fit
 
     spec = run.spec
-    config = TrainConfig(model=spec.task.model, dataset=spec.task.dataset, val_fraction=spec.task.val_fraction,
-                         seed=spec.training_seed(), params=dict(spec.task.params), device="cpu", **trial.params)
+    config = train_config(spec, trial.params, device="cpu")
     result = fit(config)
     history = {"objective": {"metric": spec.objective.metric, "direction": spec.objective.direction},
                "max_epochs": config.epochs,

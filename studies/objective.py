@@ -83,7 +83,7 @@ class Objective:
             diagnoser.save_final(self.engine, self.study_id, trial._trial_id)
 
     def _fit(self, trial: optuna.Trial, params: dict[str, Any], diagnoser: TrialDiagnoser) -> float:
-        from trainers import TrainConfig, fit  # torch is imported in the trial's process only
+        from trainers import fit  # torch is imported in the trial's process only
 
         metric = self.spec.objective.metric
         pruned: list[PruneDecision] = []
@@ -129,16 +129,7 @@ class Objective:
                 return True
             return False
 
-        config = TrainConfig(
-            model=self.spec.task.model,
-            dataset=self.spec.task.dataset,
-            val_fraction=self.spec.task.val_fraction,
-            seed=self.spec.training_seed(),
-            params=dict(self.spec.task.params),
-            device=self.device,
-            **params,
-        )
-        result = fit(config, on_epoch_end=on_epoch_end)
+        result = fit(train_config(self.spec, params, self.device), on_epoch_end=on_epoch_end)
         log.info("trial %d: %d epoch(s) in %.2f s on %s, precision %s", trial.number, len(result.epochs),
                  result.seconds, result.device, result.precision)
         if cancelled_at:
@@ -167,6 +158,14 @@ class Objective:
         retry = rerun(storage, self.engine, self.spec.name, storage.get_trial(trial._trial_id), INTERRUPTED)
         where = f"rerun as trial {retry}" if retry is not None else "not rerun: its study has ended"
         return TrialInterrupted(f"the worker stopped after epoch {epoch}; {where}")
+
+
+def train_config(spec: StudySpec, params: dict[str, Any], device: str = "auto") -> Any:
+    """The trainer's config for one trial: the study's task and its split and init seed, the trial's params."""
+    from trainers import TrainConfig
+
+    return TrainConfig(model=spec.task.model, dataset=spec.task.dataset, val_fraction=spec.task.val_fraction,
+                       seed=spec.training_seed(), params=dict(spec.task.params), device=device, **params)
 
 
 def _params_in_one_write(storage: Any) -> Any:

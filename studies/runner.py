@@ -99,9 +99,10 @@ def run_slot(settings: Settings, slot: ClaimedSlot, *, device: str = "auto",
     study.optimize(objective, n_trials=1, catch=(Exception,))
     if not started:  # optimize() failed before calling the objective: nothing ran
         raise RuntimeError(f"study {slot.study_name}: Optuna did not start a trial")
-    trial = study._storage.get_trial(started[0]) if read_back or spec.auto_repair is not None else None
-    if spec.auto_repair is not None and trial is not None:
-        auto_repair(settings, spec, trial)  # before the slot is reported done: the study must not end first
+    if not read_back and spec.auto_repair is None:
+        return None
+    trial = study._storage.get_trial(started[0])
+    auto_repair(settings, spec, trial)  # before the slot is reported done: the study must not end first
     return trial
 
 

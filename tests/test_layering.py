@@ -40,7 +40,9 @@ sys.exit(1 if heavy else 0)
 def test_spec_names_match_the_trainers_registries() -> None:
     import trainers
     from studies import spec
+    from trainers.data import SKLEARN_REGRESSION
 
     assert spec.MODELS == trainers.MODEL_NAMES
     assert spec.MODEL_PARAMS == trainers.MODEL_PARAMS  # names and minimums
     assert spec.SKLEARN_DATASETS == trainers.SKLEARN_DATASETS
+    assert spec.REGRESSION_DATASETS == {f"sklearn:{name}" for name in SKLEARN_REGRESSION}

@@ -8,6 +8,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch.nn import functional as F
 
 from trainers import MODEL_NAMES, SKLEARN_DATASETS, DataSplit, FitResult, TrainConfig, fit, load_dataset
-from trainers.fit import WholeEpoch, make_loaders
+from trainers.fit import TensorBatches, WholeEpoch, make_loaders
 from trainers.models import MLP, SmallCNN, build_network
 
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "grad_norm", "param_norm", "lr", "epoch_seconds"}
@@ -161,19 +162,26 @@ def test_same_seed_same_first_epoch() -> None:
     assert first["val_loss"] == second["val_loss"]
 
 
+def _fit_and_its_twin(config: TrainConfig) -> tuple[list[dict[str, Any]], DataSplit, torch.nn.Module,
+                                                     torch.optim.Optimizer, TensorBatches, TensorBatches]:
+    """`fit`'s epochs, and what a hand-written loop needs to repeat them: the same split, network,
+    initial weights, optimizer and batches."""
+    split = load_dataset(config.dataset, config.val_fraction, config.seed)
+    reported = fit(config, split=split).epochs
+    torch.manual_seed(config.seed)
+    network = build_network(config, split)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    train_batches, val_batches = make_loaders(split, config.batch_size, config.seed)
+    return reported, split, network, optimizer, train_batches, val_batches
+
+
 @pytest.mark.slow
 def test_every_epoch_metric_equals_a_hand_computation() -> None:
     """The lean trainer (manual optimization, means kept as tensors, norms combined per epoch) reports what a
     plain loop over the same batches computes: the size-weighted mean train loss, the mean of the steps'
     global gradient norms, the val loss and accuracy, the final weight norm and the learning rate."""
     config = tiny(epochs=3, weight_decay=0.01)
-    split = load_dataset(config.dataset, config.val_fraction, config.seed)
-    reported = fit(config, split=split).epochs
-
-    torch.manual_seed(config.seed)
-    network = build_network(config, split)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    train_batches, val_batches = make_loaders(split, config.batch_size, config.seed)
+    reported, split, network, optimizer, train_batches, val_batches = _fit_and_its_twin(config)
     for epoch in reported:
         loss_sum, grad_norms = 0.0, []
         network.train()
@@ -230,13 +238,7 @@ def test_mixed_precision_steps_see_the_weights_the_previous_step_updated(monkeyp
     the epoch's first weights."""
     monkeypatch.setattr(sys.modules["trainers.fit"], "_precision", lambda accelerator: "bf16-mixed")
     config = tiny(epochs=2)
-    split = load_dataset(config.dataset, config.val_fraction, config.seed)
-    reported = fit(config, split=split).epochs
-
-    torch.manual_seed(config.seed)
-    network = build_network(config, split)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    train_batches, _ = make_loaders(split, config.batch_size, config.seed)
+    reported, split, network, optimizer, train_batches, _ = _fit_and_its_twin(config)
     for epoch in reported:
         network.train()
         loss_sum = 0.0

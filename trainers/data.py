@@ -21,7 +21,7 @@ _SKLEARN_LOADERS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
     "diabetes": datasets.load_diabetes,
 }
 SKLEARN_DATASETS = frozenset(_SKLEARN_LOADERS)
-_SKLEARN_REGRESSION = frozenset({"diabetes"})  # the others are classification
+SKLEARN_REGRESSION = frozenset({"diabetes"})  # the others are classification
 TASKS = frozenset({"classification", "regression"})
 MAX_INFERRED_CLASSES = 20  # an integer target with more distinct values is taken as regression
 _IMAGE_SHAPES = {"sklearn:digits": (1, 8, 8)}
@@ -51,7 +51,7 @@ def load_dataset(ref: str, val_fraction: float, seed: int) -> DataSplit:
         if rest not in _SKLEARN_LOADERS:
             raise ValueError(f"unknown sklearn dataset {rest!r} in {ref!r}; expected one of {sorted(SKLEARN_DATASETS)}")
         x, y = _SKLEARN_LOADERS[rest](return_X_y=True)
-        task = "regression" if rest in _SKLEARN_REGRESSION else "classification"
+        task = "regression" if rest in SKLEARN_REGRESSION else "classification"
         return _split(x.astype(np.float64), y, task, val_fraction, seed, _IMAGE_SHAPES.get(ref))
     if kind == "csv" and rest:
         x, y, task = _read_csv(ref, rest)
