@@ -3,8 +3,9 @@
 Runs studies of tiny trials (MLP width 16 on sklearn:digits, 2 epochs, TPE, median pruner)
 trial after trial in this process, the way a worker's slot process does (claim the slot,
 `run_slot`: ask, train, write each epoch's metrics and diagnosis, report, prune check, tell;
-then the study's finish check), and times each trial whole and its `trainers.fit` alone.
-Overhead is the difference.
+then the study's finish check), and times each trial whole and its training alone (`trainers.fit`
+less the objective's per-epoch hook, whose metric writes, diagnosis, report and prune check are
+overhead). Overhead is the difference.
 
 Around trial 100 and around trial 1,000 (one study filled to each size first, untimed), the
 timed trials take turns across both studies and two ways of running, so a change in the
@@ -58,18 +59,30 @@ def spec(name: str, n_trials: int) -> StudySpec:
 
 
 class FitTimer:
-    """Wraps `trainers.fit` (which the objective imports at call time) to add up its wall time."""
+    """Wraps `trainers.fit` (which the objective imports at call time) to add up the time spent
+    training: its wall time less the time in its `on_epoch_end` hook, which is the objective's
+    per-epoch work (metric and diagnosis writes, report, prune check) and so overhead."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self.original = trainers.fit
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, on_epoch_end: Any = None, **kwargs: Any) -> Any:
+        in_hook = 0.0
+
+        def timed_hook(metrics: dict[str, Any]) -> bool:
+            nonlocal in_hook
+            started = time.perf_counter()
+            try:
+                return on_epoch_end(metrics)
+            finally:
+                in_hook += time.perf_counter() - started
+
         started = time.perf_counter()
         try:
-            return self.original(*args, **kwargs)
+            return self.original(*args, on_epoch_end=timed_hook if on_epoch_end else None, **kwargs)
         finally:
-            self.seconds += time.perf_counter() - started
+            self.seconds += time.perf_counter() - started - in_hook
 
 
 def run_trial(settings: Settings, name: str, timer: FitTimer, *, loaded_afresh: bool) -> tuple[float, float]:

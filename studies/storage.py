@@ -6,6 +6,7 @@ trial whose process died is failed after the grace period, and rerun (`studies.r
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -16,8 +17,10 @@ from functools import lru_cache, partial, wraps
 from typing import Any
 
 import optuna
+from optuna import distributions
 from optuna.distributions import BaseDistribution, check_distribution_compatibility
 from optuna.storages._cached_storage import _CachedStorage
+from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import OperationalError
@@ -47,7 +50,7 @@ PATIENT_CALLS = (
     "get_study_system_attrs", "get_all_studies", "get_trial", "_get_trials", "get_trial_id_from_study_id_trial_number",
     "get_trial_param", "get_trial_user_attrs", "get_trial_system_attrs", "_get_best_trial_id", "_get_stale_trial_ids",
     "_create_new_trial", "_set_trial_param", "set_trial_intermediate_value", "set_trial_state_values",
-    "set_trial_user_attr", "set_trial_system_attr", "set_trial_params",
+    "set_trial_user_attr", "set_trial_system_attr", "set_trial_params", "has_waiting_trials",
 )
 
 
@@ -76,11 +79,37 @@ class PatientRDBStorage(optuna.storages.RDBStorage):
     """
 
     def set_trial_params(self, params: list[PendingParam]) -> None:
-        """Write several suggested parameters in one transaction (see `ThrottledReads.params_in_one_write`)."""
+        """Write one trial's suggested parameters in one transaction (see
+        `ThrottledReads.params_in_one_write`): what `_set_trial_param_without_commit` does for each,
+        with the trial looked up and checked once rather than once a parameter."""
+        if len({p.trial_id for p in params}) != 1:
+            raise ValueError("set_trial_params writes the parameters of exactly one trial")
         with _create_scoped_session(self.scoped_session, True) as session:
+            trial = models.TrialModel.find_or_raise_by_id(params[0].trial_id, session)
+            self.check_trial_is_updatable(trial.trial_id, trial.state)
             for p in params:
-                self._set_trial_param_without_commit(session, p.trial_id, p.name, p.value_internal, p.distribution,
-                                                     p.previous_distribution)
+                previous = p.previous_distribution or self._stored_distribution(session, trial.study_id, p.name)
+                if previous is not None:
+                    check_distribution_compatibility(previous, p.distribution)
+                session.add(models.TrialParamModel(trial_id=trial.trial_id, param_name=p.name,
+                                                   param_value=p.value_internal,
+                                                   distribution_json=distributions.distribution_to_json(p.distribution)))
+
+    @staticmethod
+    def _stored_distribution(session: Any, study_id: int, name: str) -> BaseDistribution | None:
+        """The distribution another trial of the study stored for parameter `name`, if any."""
+        record = (session.query(models.TrialParamModel).join(models.TrialModel)
+                  .filter(models.TrialModel.study_id == study_id, models.TrialParamModel.param_name == name)
+                  .first())
+        return None if record is None else distributions.json_to_distribution(record.distribution_json)
+
+    def has_waiting_trials(self, study_id: int) -> bool:
+        """Whether the study has a trial queued to run (a rerun, a repair, an enqueued one): one
+        indexed query, where reading the queued trials themselves takes six."""
+        with _create_scoped_session(self.scoped_session) as session:
+            return session.query(models.TrialModel.trial_id).filter(
+                models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.WAITING,
+            ).first() is not None
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
@@ -113,7 +142,8 @@ class ThrottledReads(_CachedStorage):
     at ask, TPE's search space, TPE's constant-liar sample, the pruner at every epoch. Each read
     is six queries over every unfinished trial: most of what a short trial costs outside its fit.
     Here a read within `max_age_s` of the last one reuses it, except the waiting-trial check at
-    ask, which always reads: a rerun or repair queued as WAITING must never be missed. What a
+    ask, which always asks the database (one query: are any queued?) and reads when one is: a
+    rerun or repair queued as WAITING must never be missed. What a
     reused read can miss, a trial another worker started or finished within the last second,
     shifts a sampling or pruning decision as if that trial had come a second later.
     """
@@ -124,6 +154,22 @@ class ThrottledReads(_CachedStorage):
         self._read_at: dict[int, float] = {}
         self._stale_checked_at: dict[int, float] = {}
         self._pending_params: list[PendingParam] | None = None
+        self._just_created: dict[int, FrozenTrial] = {}
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        """Optuna's `Trial` reads back the trial `ask` just created (six queries); the creation
+        already returned it, so that first read is answered from it. Any write to the trial
+        before that read drops it."""
+        trial_id = super().create_new_trial(study_id, template_trial)
+        with self._lock:
+            _, number = self._trial_id_to_study_id_and_number[trial_id]
+            self._just_created = {trial_id: copy.deepcopy(self._studies[study_id].trials[number])}
+        return trial_id
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        with self._lock:
+            created = self._just_created.pop(trial_id, None)
+        return created if created is not None else super().get_trial(trial_id)
 
     @contextmanager
     def params_in_one_write(self) -> Iterator[None]:
@@ -138,8 +184,30 @@ class ThrottledReads(_CachedStorage):
             if pending:
                 self._backend.set_trial_params(pending)
 
+    def _written(self, trial_id: int) -> None:
+        """A write to the trial: a copy kept from its creation is no longer the trial as stored."""
+        with self._lock:
+            self._just_created.pop(trial_id, None)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        self._written(trial_id)
+        return super().set_trial_state_values(trial_id, state, values)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        self._written(trial_id)
+        super().set_trial_intermediate_value(trial_id, step, intermediate_value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._written(trial_id)
+        super().set_trial_user_attr(trial_id, key, value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._written(trial_id)
+        super().set_trial_system_attr(trial_id, key, value)
+
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                         distribution: BaseDistribution) -> None:
+        self._written(trial_id)
         if self._pending_params is None or not isinstance(self._backend, PatientRDBStorage):
             super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
             return
@@ -157,7 +225,9 @@ class ThrottledReads(_CachedStorage):
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
         if states == (TrialState.WAITING,):  # Study.ask looking for a queued trial to run
-            self._read_at.pop(study_id, None)
+            if isinstance(self._backend, PatientRDBStorage) and not self._backend.has_waiting_trials(study_id):
+                return []
+            self._read_at.pop(study_id, None)  # one is queued: read it now, however recent the last read
         return super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:

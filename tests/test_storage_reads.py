@@ -81,3 +81,34 @@ def test_a_suggestion_that_contradicts_the_study_fails_at_once_in_a_batch(settin
     second = study.ask()
     with pytest.raises(ValueError), storage.params_in_one_write():
         second.suggest_categorical("lr", ["a", "b"])
+
+
+def test_ask_checks_the_queue_in_one_query_and_does_not_read_its_new_trial_back(settings: Settings) -> None:
+    study, _ = _study(settings, "lean-ask", max_age_s=60)
+    study.get_trials()  # the window starts now
+    reads = _count_trial_reads(storage_for(settings))
+    trial = study.ask()
+    # Is anything queued? Which number comes next? Nothing else: the new trial is not read back.
+    assert len(reads) == 2, reads
+    assert "WHERE trials.study_id" in reads[0] and "count(" in reads[1]
+    stored = storage_for(settings).get_trial(trial._trial_id)
+    assert (trial.number, stored.state, trial.params) == (stored.number, optuna.trial.TrialState.RUNNING, {})
+    assert trial.datetime_start == stored.datetime_start
+
+
+def test_a_trial_written_since_its_creation_is_read_back(settings: Settings) -> None:
+    study, storage = _study(settings, "written", max_age_s=60)
+    trial_id = storage.create_new_trial(study._study_id)
+    storage.set_trial_user_attr(trial_id, "note", "hello")
+    assert storage.get_trial(trial_id).user_attrs == {"note": "hello"}
+
+
+def test_a_batch_of_suggestions_looks_its_trial_up_once(settings: Settings) -> None:
+    study, storage = _study(settings, "one-lookup", max_age_s=60)
+    trial = study.ask()
+    lookups = _count_trial_reads(storage_for(settings))
+    with storage.params_in_one_write():
+        for name in ("a", "b", "c"):
+            trial.suggest_float(name, 0.0, 1.0)
+    assert len([s for s in lookups if "trials.trial_id = " in s]) == 1
+    assert set(storage_for(settings).get_trial(trial._trial_id).params) == {"a", "b", "c"}
