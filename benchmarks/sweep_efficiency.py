@@ -18,7 +18,9 @@ until its best value first reached the target, and its best value within that eq
 budget; ratios are to `tpe`. The data split and initial weights are the same in every run
 (`task.seed`); seeds vary the sampler only.
 
-Each trial that a diagnosis rule pruned is then trained again in full, unpruned, with the same
+"Stopped early" counts the trials the convergence pruner completed early because their diagnosis
+said they were done (converged or overfitting). Each trial that a diagnosis rule pruned is then
+trained again in full, unpruned, with the same
 parameters and seed, and diagnosed: "healthy on rerun" counts the rule's mistakes.
 
     .venv/bin/python benchmarks/sweep_efficiency.py [--seeds 5] [--trials 30] [--tasks digits,diabetes] [--threads 1]
@@ -46,7 +48,7 @@ from service.settings import Settings
 from studies.diagnosis import diagnose
 from studies.lifecycle import submit_study
 from studies.objective import HISTORY_KEYS, train_config
-from studies.pruning import DIAGNOSIS_RULES, PRUNED_BY_ATTR
+from studies.pruning import DIAGNOSIS_RULES, PRUNED_BY_ATTR, STOPPED_EARLY_ATTR
 from studies.runner import run_slot
 from studies.spec import MAX_TRIALS, StudySpec, parse_spec
 
@@ -79,6 +81,7 @@ class TrialOutcome:
     seconds: float  # since the run started, when the trial ended
     params: dict[str, Any]
     pruned_by: dict[str, Any] | None
+    stopped_early: dict[str, Any] | None = None  # completed early by the convergence pruner (converged, overfitting)
 
 
 @dataclass
@@ -156,7 +159,7 @@ def run_study(workdir: Path, spec: StudySpec, task: str, config: str, seed: int,
             number=trial.number, state=trial.state.name.lower(),
             value=trial.value if trial.state == optuna.trial.TrialState.COMPLETE else None,
             epochs=len(epochs_seen), seconds=time.perf_counter() - started, params=dict(trial.params),
-            pruned_by=trial.user_attrs.get(PRUNED_BY_ATTR)))
+            pruned_by=trial.user_attrs.get(PRUNED_BY_ATTR), stopped_early=trial.user_attrs.get(STOPPED_EARLY_ATTR)))
     engine.dispose()
     return run
 
@@ -208,7 +211,7 @@ def report(task: str, runs: dict[str, list[Run]]) -> dict[str, Any]:
           f"equal budget {budget:.0f} epochs")
     header = ["config", "reached", "epochs to target", f"/ {REFERENCE} budget", f"/ {REFERENCE} to target",
               "seconds to target", f"/ {REFERENCE}", "best at budget", f"vs {REFERENCE}", "vs tpe+hyperband",
-              "trials", "pruned by rule", "healthy on rerun"]
+              "trials", "stopped early", "pruned by rule", "healthy on rerun"]
     rows = [header]
     figures: dict[str, Any] = {"target": target, "budget": budget}
     hyperband_best = statistics.median(r.best_within(budget) for r in runs["tpe+hyperband"]) \
@@ -234,6 +237,8 @@ def report(task: str, runs: dict[str, list[Run]]) -> dict[str, Any]:
                      _fmt((best - ref_best) / abs(ref_best) if best is not None else None, "+.1%"),
                      _fmt(f["vs_hyperband"], "+.1%"),
                      _fmt(statistics.median(len(r.trials) for r in config_runs), ".0f"),
+                     str(sum(t.stopped_early is not None for r in config_runs for t in r.trials))
+                     if config not in UNPRUNED else "-",
                      str(len(rule_pruned)) if config not in UNPRUNED else "-",
                      str(healthy) if config not in UNPRUNED else "-"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

@@ -23,7 +23,14 @@ from sqlalchemy.orm import Session
 from service.db import repo
 from service.db.engine import retry_unit_of_work
 from studies.diagnosis import MAX_EPOCHS, HistoryError, diagnose
-from studies.pruning import PRUNED_BY_ATTR, PruneDecision, behind_peers, diagnosis_rule
+from studies.pruning import (
+    PRUNED_BY_ATTR,
+    STOPPED_EARLY_ATTR,
+    PruneDecision,
+    behind_peers,
+    diagnosis_rule,
+    early_stop_rule,
+)
 from studies.retries import INTERRUPTED, rerun
 from studies.search_space import suggest
 from studies.spec import StudySpec
@@ -87,6 +94,7 @@ class Objective:
 
         metric = self.spec.objective.metric
         pruned: list[PruneDecision] = []
+        stopped_early: list[PruneDecision] = []
         cancelled_at: list[int] = []
         interrupted_at: list[int] = []
 
@@ -127,6 +135,13 @@ class Objective:
                 base = self.spec.pruner.base if self.spec.pruner.name == "convergence" else self.spec.pruner.name
                 pruned.append(PruneDecision(base, epoch, f"the {base} pruner's decision"))
                 return True
+            if self.spec.pruner.name == "convergence" and self.spec.pruner.early_stop and diagnosis is not None:
+                done = early_stop_rule(diagnosis, epoch, len(diagnoser.epochs), diagnoser.max_epochs,
+                                       min_fraction=self.spec.pruner.min_fraction,
+                                       min_confidence=self.spec.pruner.min_confidence)
+                if done is not None:
+                    stopped_early.append(done)
+                    return True
             return False
 
         result = fit(train_config(self.spec, params, self.device), on_epoch_end=on_epoch_end)
@@ -139,6 +154,8 @@ class Objective:
         if pruned:  # before the objective check: a diverged trial pruned by its diagnosis is pruned, not failed
             trial.set_user_attr(PRUNED_BY_ATTR, pruned[0].as_attr())
             raise optuna.TrialPruned(f"pruned at epoch {pruned[0].epoch}: {pruned[0].reason}")
+        if stopped_early:
+            trial.set_user_attr(STOPPED_EARLY_ATTR, stopped_early[0].as_attr())
         last = result.epochs[-1]
         value = last.get(metric)
         if value is None or not math.isfinite(value):

@@ -7,6 +7,10 @@ whose gradients exploded or vanished will not recover, so it stops at once; one 
 too slowly or not enough stops only once the diagnosis is confident, the trial has run a
 fair share of its epochs (`min_fraction`), since early epochs of a healthy run can look slow,
 and its objective is behind the median of the study's ended trials at the same epoch.
+
+Apart from pruning, a trial whose diagnosis says it is done (converged: flat near its best;
+overfitting: its validation loss rising while training loss falls) is completed early with its
+objective at that epoch: the epochs it would still train buy nothing (`early_stop_rule`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 PRUNED_BY_ATTR = "converge_pruned_by"  # the trial's user attribute: {"rule": ..., "epoch": ..., "reason": ...}
+STOPPED_EARLY_ATTR = "converge_stopped_early"  # the same, for a trial completed early (`early_stop_rule`)
+DONE = frozenset({"converged", "overfitting"})  # more epochs would not improve the objective
 HOPELESS = frozenset({"diverged", "exploding_gradients", "vanishing_gradients"})
 POOR = frozenset({"slow_convergence", "underfitting"})
 MIN_PEERS = 4  # ended trials with a value at the epoch before a slow or underfitting trial can be "behind"
@@ -67,3 +73,18 @@ def behind_peers(value: float | None, peer_values: Iterable[float], direction: s
         return False
     median = statistics.median(finite)
     return value > median if direction == "minimize" else value < median
+
+
+def early_stop_rule(diagnosis: dict[str, Any], epoch: int, epochs_seen: int, max_epochs: int, *,
+                    min_fraction: float, min_confidence: float) -> PruneDecision | None:
+    """The reason to complete the trial now, with its objective at this epoch; None to go on.
+
+    Converged or overfitting, confidently, after `min_fraction` of its epochs (a short history's
+    plateau can be a pause): the remaining epochs would keep its objective flat or make it worse.
+    """
+    verdict = diagnosis["verdict"]
+    confidence = float(diagnosis["confidence"])
+    if verdict in DONE and confidence >= min_confidence and epochs_seen >= min_fraction * max_epochs:
+        return PruneDecision(verdict, epoch, f"{verdict} with confidence {confidence:.2f} after {epochs_seen} of "
+                                             f"{max_epochs} epochs: {diagnosis['summary']}")
+    return None

@@ -279,14 +279,18 @@ class Pruner(_Strict):
     """`convergence` (the default): the `base` pruner over epochs, plus stopping a trial whose live
     diagnosis is diverged, exploding_gradients or vanishing_gradients, or slow_convergence or
     underfitting with at least `min_confidence` once `min_fraction` of its epochs have run and its
-    objective is behind the median of the study's ended trials at that epoch."""
+    objective is behind the median of the study's ended trials at that epoch; and (`early_stop`)
+    completing early a trial whose diagnosis says it is done: converged or overfitting."""
 
     name: str = "convergence"
     base: str = Field(default="hyperband", description="convergence only: the multi-fidelity pruner it wraps")
     min_fraction: float = Field(default=0.5, gt=0, le=1, description="convergence only: the share of a trial's "
                                 "epochs before slow_convergence or underfitting may prune it")
     min_confidence: float = Field(default=0.8, ge=0, le=1, description="convergence only: the diagnosis' "
-                                  "confidence needed to prune a slow or underfitting trial")
+                                  "confidence needed to prune a slow or underfitting trial, or to stop one early")
+    early_stop: bool = Field(default=True, description="convergence only: end a trial early, complete with its "
+                             "objective at that epoch, once its diagnosis is converged or overfitting with at least "
+                             "`min_confidence` after `min_fraction` of its epochs: more epochs would not improve it")
 
     @field_validator("name")
     @classmethod
@@ -301,7 +305,7 @@ class Pruner(_Strict):
     @model_validator(mode="after")
     def _options_need_convergence(self) -> Pruner:
         # Compared with the defaults, not with what was given: a stored spec carries every field.
-        misplaced = [name for name in ("base", "min_fraction", "min_confidence")
+        misplaced = [name for name in ("base", "min_fraction", "min_confidence", "early_stop")
                      if getattr(self, name) != type(self).model_fields[name].default]
         if misplaced and self.name != "convergence":
             raise ValueError(f"{', '.join(misplaced)}: only the convergence pruner takes these, not {self.name!r}")

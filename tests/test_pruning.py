@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_spec
 from service.settings import Settings
-from studies.pruning import PRUNED_BY_ATTR, behind_peers, diagnosis_rule
+from studies.pruning import PRUNED_BY_ATTR, STOPPED_EARLY_ATTR, behind_peers, diagnosis_rule, early_stop_rule
 from studies.registry import build_pruner
 from studies.spec import StudySpec, parse_spec
 from studies.storage import storage_for
@@ -67,7 +67,7 @@ def test_the_decision_says_what_and_when() -> None:
 def test_convergence_is_the_default_pruner_over_hyperband() -> None:
     pruner = StudySpec.model_validate({"name": "x"}).pruner
     assert (pruner.name, pruner.base) == ("convergence", "hyperband")
-    assert (pruner.min_fraction, pruner.min_confidence) == (0.5, 0.8)
+    assert (pruner.min_fraction, pruner.min_confidence, pruner.early_stop) == (0.5, 0.8, True)
     assert isinstance(build_pruner("convergence", 20), optuna.pruners.HyperbandPruner)
     assert isinstance(build_pruner("convergence", 20, "median"), optuna.pruners.MedianPruner)
 
@@ -77,6 +77,7 @@ def test_convergence_is_the_default_pruner_over_hyperband() -> None:
     ({"name": "convergence", "base": "convergence"}, "unknown base pruner 'convergence'"),
     ({"name": "convergence", "min_fraction": 0}, "min_fraction"),
     ({"name": "convergence", "min_confidence": 1.5}, "min_confidence"),
+    ({"name": "hyperband", "early_stop": False}, "only the convergence pruner takes these"),
 ])
 def test_bad_pruner_options_are_refused(pruner: dict[str, Any], problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
@@ -115,3 +116,43 @@ def test_the_objective_reads_its_peers_from_the_study_at_the_same_epoch() -> Non
     trial = study.ask()
     assert objective._behind_peers(trial, 3, 0.9) and not objective._behind_peers(trial, 3, 0.55)
     assert not objective._behind_peers(trial, 1, 0.9)  # one peer at epoch 1: too few
+
+
+def _stop(verdict: str, epochs_seen: int, confidence: float = 0.9) -> str | None:
+    decision = early_stop_rule(_diagnosis(verdict, confidence), epochs_seen - 1, epochs_seen, 10,
+                               min_fraction=0.5, min_confidence=0.8)
+    return None if decision is None else decision.rule
+
+
+@pytest.mark.parametrize("verdict", ["converged", "overfitting"])
+def test_a_trial_that_is_done_stops_early_when_confident_and_far_enough(verdict: str) -> None:
+    assert _stop(verdict, epochs_seen=4) is None  # 4 of 10 < min_fraction 0.5: a plateau may be a pause
+    assert _stop(verdict, epochs_seen=5, confidence=0.7) is None
+    assert _stop(verdict, epochs_seen=5) == verdict
+
+
+@pytest.mark.parametrize("verdict", ["still_improving", "oscillating", "slow_convergence", "diverged"])
+def test_a_trial_that_is_not_done_never_stops_early(verdict: str) -> None:
+    assert _stop(verdict, epochs_seen=10, confidence=1.0) is None
+
+
+def _one_trial(settings: Settings, name: str, **pruner: Any) -> optuna.trial.FrozenTrial:
+    """lr 0.02 for 40 epochs on the tiny MLP: best val_loss by epoch ~5, overfitting clearly after ~25."""
+    spec = tiny_spec(name, n_trials=1, pruner={"name": "convergence", **pruner})
+    spec["search_space"].update(lr=0.02, epochs=40, batch_size=64)
+    assert run_sweep(settings, parse_spec(spec), progress=False) == "done"
+    (trial,) = optuna.load_study(study_name=name, storage=storage_for(settings)).get_trials()
+    return trial
+
+
+@pytest.mark.slow
+def test_an_overfitting_trial_completes_early_with_its_objective_at_that_epoch(settings: Settings) -> None:
+    trial = _one_trial(settings, "done-early")
+    stopped = trial.user_attrs[STOPPED_EARLY_ATTR]
+    assert trial.state.name == "COMPLETE" and PRUNED_BY_ATTR not in trial.user_attrs
+    assert stopped["rule"] in ("overfitting", "converged") and 20 <= stopped["epoch"] < 39
+    assert max(trial.intermediate_values) == stopped["epoch"]
+    assert trial.value == trial.intermediate_values[stopped["epoch"]]
+
+    unstopped = _one_trial(settings, "all-epochs", early_stop=False)
+    assert STOPPED_EARLY_ATTR not in unstopped.user_attrs and len(unstopped.intermediate_values) == 40
