@@ -78,16 +78,24 @@ def db_upgrade() -> None:
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to bind; one that is not loopback only once an API token exists")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="port to bind")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(0, 64),
               help="local `converge worker` processes to start (0: API only)")
 @click.option("--demo-spec", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="submit this study spec when the database holds no study yet")
 def serve(host: str, port: int, workers: int, demo_spec: Path | None) -> None:
-    """The API, the dashboard at /dashboard, and local worker(s), on one port."""
+    """The API, the dashboard at /dashboard, and local worker(s), on one port.
+
+    Once an API token exists (`converge token create`), every request but /v1/health needs one.
+    While none does, the API is open, so serve listens on a loopback address only (127.0.0.1,
+    ::1, localhost): another --host is refused (exit status 2) until a token exists. A server
+    on another host keeps requiring a token even if every token is later revoked.
+    """
     import uvicorn
 
+    from service import auth
     from service.api.app import create_app
     from service.db import repo
     from service.db.engine import get_engine, session_scope
@@ -96,6 +104,12 @@ def serve(host: str, port: int, workers: int, demo_spec: Path | None) -> None:
     _setup_logging()
     settings = get_settings()
     check_schema(settings.database_url)
+    loopback = auth.is_loopback(host)
+    if not loopback and not auth.auth_enabled(get_engine(settings.database_url)):
+        click.echo(f"converge: refusing to listen on {host}: no API token exists, so the API and the dashboard "
+                   "would be open to anyone who can reach it. Create one first with "
+                   "`converge token create --scope admin`, or bind to 127.0.0.1.", err=True)
+        click.get_current_context().exit(2)
     if demo_spec is not None:
         spec = load_spec_file(demo_spec)
         with session_scope(get_engine(settings.database_url)) as session:
@@ -107,7 +121,7 @@ def serve(host: str, port: int, workers: int, demo_spec: Path | None) -> None:
             click.echo(f"submitted demo study {spec.name!r}")
     children = [_start_local_worker() for _ in range(workers)]
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(settings, require_token=not loopback), host=host, port=port, log_level="info")
     finally:
         _stop_processes(children)
 
@@ -179,6 +193,85 @@ def worker_list() -> None:
     click.echo(_table(rows) if workers else "no workers have registered in the last day")
 
 
+# ---------------------------------------------------------------- token
+
+
+@cli.group(cls=ConvergeGroup)
+def token() -> None:
+    """API tokens for the REST API and the dashboard.
+
+    Once a token exists, every request but /v1/health needs one: `Authorization: Bearer TOKEN`,
+    or the token as the HTTP Basic password in the dashboard. Scopes: read (every GET and
+    POST /v1/diagnose; the dashboard's pages), write (also create, cancel and repair studies),
+    admin (also everything the dashboard can change). Only a hash of each token is stored.
+    """
+
+
+@token.command("create")
+@click.option("--scope", required=True, type=click.Choice(["read", "write", "admin"]),  # service.auth.SCOPES
+              help="what the token may do: read < write < admin, each including the ones before it")
+@click.option("--name", default=None, help="a label to tell tokens apart in `converge token list`")
+def token_create(scope: str, name: str | None) -> None:
+    """Create a token and print it: the only time it is shown.
+
+    Only its hash is stored, so it cannot be shown again. The token alone goes to stdout
+    (`TOKEN=$(converge token create --scope read)` works); the note about it goes to stderr.
+    Authentication is on from the first token on.
+    """
+    from service import auth
+    from service.db.engine import get_engine
+
+    engine = get_engine(get_settings().database_url)
+    first = not auth.auth_enabled(engine)
+    secret, info = auth.create_token(engine, scope, name)
+    click.echo(secret)
+    click.echo(f"token {info.id} ({info.scope}{f', {info.name!r}' if info.name else ''}) created; it cannot be "
+               "shown again: store it now", err=True)
+    if first:
+        click.echo("authentication is now on: every request but /v1/health needs a token", err=True)
+
+
+@token.command("list")
+def token_list() -> None:
+    """Every token: id, name, scope, prefix, created, last used, revoked.
+
+    The prefix is the token's first 12 characters (the token itself is not stored); `last used`
+    is updated at most once a minute.
+    """
+    from service import auth
+    from service.db.engine import get_engine
+
+    tokens = auth.list_tokens(get_engine(get_settings().database_url))
+    rows = [["id", "name", "scope", "prefix", "created", "last used", "revoked"]]
+    for t in tokens:
+        rows.append([str(t.id), t.name or "-", t.scope, f"{t.prefix}...", _when(t.created_at), _when(t.last_used_at),
+                     _when(t.revoked_at)])
+    click.echo(_table(rows) if tokens else "no API tokens: the API is open (`converge token create` makes one)")
+
+
+@token.command("revoke")
+@click.argument("token_id", metavar="ID", type=int)
+def token_revoke(token_id: int) -> None:
+    """Revoke a token by its id: it is refused from the next request on.
+
+    `converge token list` shows the ids. An unknown id is an error (exit status 1); revoking a
+    revoked token changes nothing.
+    """
+    from service import auth
+    from service.db.engine import get_engine
+
+    info, revoked_now, left = auth.revoke_token(get_engine(get_settings().database_url), token_id)
+    click.echo(f"token {info.id} ({info.prefix}...) " + ("revoked" if revoked_now else
+                                                         f"was already revoked at {_when(info.revoked_at)}"))
+    if revoked_now and not left:
+        click.echo("no active token is left: a server on loopback is open again; one started with another --host "
+                   "refuses every request until a token exists", err=True)
+
+
+def _when(moment: Any) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment is not None else "-"
+
+
 # ---------------------------------------------------------------- sweep
 
 
@@ -215,7 +308,7 @@ def diagnose_command(source: IO[str], jsonl: bool) -> None:
     """Diagnose a training history: why it did or did not converge, and what to change.
 
     FILE is a JSON history in the diagnosis contract's format (`-` reads stdin), such as the
-    body of GET /v1/studies/NAME/trials/N/metrics; NaN and infinities may be bare tokens or the
+    body of GET /v1/studies/NAME/trials/N/metrics?layout=history; NaN and infinities may be bare tokens or the
     strings "NaN", "Infinity", "-Infinity". Prints the diagnosis as JSON. Needs no database.
 
     An invalid JSON file or history: one line on stderr, exit status 2.
@@ -371,7 +464,7 @@ def _show_study(name: str, *, verdicts: bool = False) -> None:
     storage = storage_for(settings)
     with session_scope(get_engine(settings.database_url)) as session:
         s = views.get_study_out(session, storage, name)
-        trials = views.list_trial_outs(session, storage, name)
+        trials = views.list_trial_outs(session, name)
         diagnoses = repo.diagnoses_by_trial(session, repo.get_study(session, name).id) if verdicts else {}
     click.echo(f"study {s.name}: {s.state}" + (f" ({s.detail})" if s.detail else ""))
     click.echo(f"  {s.spec['task']['model']} on {s.spec['task']['dataset']}, "

@@ -7,20 +7,17 @@ from datetime import datetime, timezone
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from sqlalchemy.orm import Session
 
+from service import trial_pages
 from service.api.schemas import (
     BestTrial,
     DiagnosisOut,
-    EpochOut,
-    MetricsOut,
-    ObjectiveOut,
     RepairOutcome,
     StudyDiagnosisOut,
     StudyOut,
     TrialCounts,
-    TrialDetail,
     TrialDiagnosisOut,
     TrialOut,
     WorkerOut,
@@ -28,13 +25,11 @@ from service.api.schemas import (
 )
 from service.db import repo
 from service.db.errors import NotFound
-from service.db.models import Study, TrialDiagnosis, TrialRepair, TrialRetry
+from service.db.models import Study, TrialRepair
 from studies.diagnosis import diagnose
-from studies.pruning import PRUNED_BY_ATTR
-from studies.repair import REPAIR_OF_ATTR, repair_summary
-from studies.retries import RETRY_OF_ATTR
+from studies.repair import repair_summary
 from studies.spec import StudySpec
-from studies.storage import optuna_study_id, trial_by_number
+from studies.storage import trial_by_number
 from studies.study_diagnosis import TrialRecord, diagnose_study
 
 _STATE_NAMES = {
@@ -81,49 +76,16 @@ def get_study_out(session: Session, storage: optuna.storages.BaseStorage, name: 
                      storage)
 
 
-def _optuna_trials(storage: optuna.storages.BaseStorage, name: str) -> list[FrozenTrial]:
-    return storage.get_all_trials(optuna_study_id(storage, name), deepcopy=False)
+def list_trial_outs(session: Session, name: str, verdict: str | None = None) -> list[TrialOut]:
+    """Every trial of the study in order (read a page of 1,000 at a time); with `verdict`, only those whose
+    latest diagnosis says so. For the CLI and the study diagnosis, which need them all; the API pages."""
+    return trial_pages.list_trial_outs(session, name, verdict)
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    """Optuna hands out naive local times; the API speaks UTC with an offset."""
-    return value.astimezone(timezone.utc) if value is not None else None
-
-
-def _trial_fields(trial: FrozenTrial, epochs: int, diagnosis: TrialDiagnosis | None,
-                  retry: TrialRetry | None, repair: TrialRepair | None) -> dict[str, Any]:
-    duration = trial.duration.total_seconds() if trial.duration is not None else None
-    return dict(
-        number=trial.number, state=_STATE_NAMES[trial.state], params=trial.params, value=trial.value,
-        datetime_start=_aware(trial.datetime_start), datetime_complete=_aware(trial.datetime_complete),
-        duration_s=duration, epochs_recorded=epochs, error=trial.user_attrs.get("error"),
-        verdict=diagnosis.verdict if diagnosis is not None else None,
-        confidence=diagnosis.confidence if diagnosis is not None else None,
-        retry_of=trial.user_attrs.get(RETRY_OF_ATTR), rerun_as=retry.retry_number if retry is not None else None,
-        pruned_by=trial.user_attrs.get(PRUNED_BY_ATTR), repair_of=trial.user_attrs.get(REPAIR_OF_ATTR),
-        repaired_as=repair.repair_number if repair is not None else None,
-    )
-
-
-def list_trial_outs(session: Session, storage: optuna.storages.BaseStorage, name: str,
-                    verdict: str | None = None) -> list[TrialOut]:
-    """The study's trials in order; with `verdict`, only those whose latest diagnosis says so."""
-    study = repo.get_study(session, name)
-    epochs = repo.epochs_recorded(session, study.id)
-    diagnoses = repo.diagnoses_by_trial(session, study.id, with_diagnosis=False)
-    retries = repo.retries_by_trial(session, study.id)
-    repairs = repo.repairs_by_trial(session, study.id)
-    trials = _optuna_trials(storage, name)
-    if verdict is not None:
-        trials = [t for t in trials if t.number in diagnoses and diagnoses[t.number].verdict == verdict]
-    return [TrialOut(**_trial_fields(t, epochs.get(t.number, 0), diagnoses.get(t.number), retries.get(t.number),
-                                     repairs.get(t.number))) for t in trials]
-
-
-def get_study_diagnosis(session: Session, storage: optuna.storages.BaseStorage, name: str) -> StudyDiagnosisOut:
+def get_study_diagnosis(session: Session, name: str) -> StudyDiagnosisOut:
     """The whole study's diagnosis, from one read of its trials; NotFound for an unknown study."""
     study = repo.get_study(session, name)
-    return study_diagnosis_out(study.spec, list_trial_outs(session, storage, name))
+    return study_diagnosis_out(study.spec, list_trial_outs(session, name))
 
 
 def study_diagnosis_out(spec: dict[str, Any], trials: list[TrialOut]) -> StudyDiagnosisOut:
@@ -134,19 +96,6 @@ def study_diagnosis_out(spec: dict[str, Any], trials: list[TrialOut]) -> StudyDi
                for t in counted]
     diagnosis = diagnose_study(StudySpec.model_validate(spec), records)
     return StudyDiagnosisOut.model_validate({**diagnosis.to_dict(), "rerun_attempts": len(trials) - len(counted)})
-
-
-def get_trial_detail(session: Session, storage: optuna.storages.BaseStorage, name: str,
-                     number: int) -> TrialDetail:
-    study = repo.get_study(session, name)
-    trial = trial_by_number(storage, name, number)
-    epochs = repo.epochs_recorded(session, study.id).get(number, 0)
-    diagnosis = repo.get_diagnosis(session, study.id, number)
-    retry = repo.get_retry(session, study.id, number)
-    repair = repo.get_repair(session, study.id, number)
-    return TrialDetail(**_trial_fields(trial, epochs, diagnosis, retry, repair),
-                       intermediate_values=dict(trial.intermediate_values), user_attrs=trial.user_attrs,
-                       diagnosis=DiagnosisOut.model_validate(diagnosis.diagnosis) if diagnosis is not None else None)
 
 
 def get_trial_diagnosis(session: Session, storage: optuna.storages.BaseStorage, name: str,
@@ -176,17 +125,6 @@ def _repair_outcome(session: Session, storage: optuna.storages.BaseStorage, name
     return RepairOutcome(**repair_summary(repair), state=_STATE_NAMES[trial.state],
                          verdict=diagnosis.verdict if diagnosis is not None else None,
                          healthy=diagnosis.healthy if diagnosis is not None else None)
-
-
-def get_trial_metrics(session: Session, storage: optuna.storages.BaseStorage, name: str,
-                      number: int) -> MetricsOut:
-    study = repo.get_study(session, name)
-    trial = trial_by_number(storage, name, number)
-    rows = repo.trial_metrics(session, study.id, number)
-    objective = study.spec["objective"]
-    max_epochs = int(trial.params.get("epochs", len(rows)))
-    return MetricsOut(study=name, trial=number, objective=ObjectiveOut(**objective), max_epochs=max_epochs,
-                      epochs=[EpochOut(**repo.metric_row(r)) for r in rows])
 
 
 def diagnose_history(history: Any) -> DiagnosisOut:

@@ -32,7 +32,7 @@ def test_submit_list_and_get_a_study(client: TestClient) -> None:
     assert [s["name"] for s in listed] == ["api-one"]
     assert client.get("/v1/studies", params={"state": "done"}).json() == []
     assert client.get("/v1/studies/api-one").json()["name"] == "api-one"
-    assert client.get("/v1/studies/api-one/trials").json() == []
+    assert client.get("/v1/studies/api-one/trials").json() == {"trials": [], "next_cursor": None, "total": 0}
 
 
 def test_invalid_spec_is_a_422_listing_every_problem_and_writes_nothing(client: TestClient,
@@ -71,12 +71,14 @@ def test_duplicate_name_is_409(client: TestClient) -> None:
 
 def test_unknown_study_and_trial_are_404(client: TestClient) -> None:
     for path in ("/v1/studies/ghost", "/v1/studies/ghost/trials", "/v1/studies/ghost/trials/0",
-                 "/v1/studies/ghost/trials/0/metrics", "/v1/studies/ghost/trials/0/diagnosis"):
+                 "/v1/studies/ghost/trials/0/metrics", "/v1/studies/ghost/trials/0/diagnosis",
+                 "/v1/studies/ghost/export"):
         response = client.get(path)
         assert response.status_code == 404, path
         assert response.json()["detail"] == "no study named 'ghost'"
     client.post("/v1/studies", json=tiny_spec("real"))
     assert client.get("/v1/studies/real/trials/5").json() == {"detail": "study 'real' has no trial 5"}
+    assert client.get("/v1/studies/real/trials/5/metrics").json() == {"detail": "study 'real' has no trial 5"}
     assert client.get("/v1/studies/real/trials/5/diagnosis").json() == {"detail": "study 'real' has no trial 5"}
     assert client.get("/v1/studies/real/trials/-1").status_code == 422
 
@@ -100,7 +102,7 @@ def test_openapi_describes_every_operation(client: TestClient) -> None:
                           "/v1/studies/{name}/diagnosis", "/v1/studies/{name}/trials",
                           "/v1/studies/{name}/trials/{number}", "/v1/studies/{name}/trials/{number}/metrics",
                           "/v1/studies/{name}/trials/{number}/diagnosis", "/v1/studies/{name}/trials/{number}/repair",
-                          "/v1/diagnose", "/v1/workers", "/v1/health"}
+                          "/v1/studies/{name}/export", "/v1/diagnose", "/v1/workers", "/v1/health"}
     for path, operations in paths.items():
         for method, operation in operations.items():
             assert operation.get("description"), f"{method.upper()} {path} has no description"
@@ -120,6 +122,8 @@ def test_non_finite_metrics_are_sent_as_strings(client: TestClient, settings: Se
                           {"epoch": 0, "train_loss": 2.0, "val_loss": math.inf, "grad_norm": math.nan})
     metrics = client.get("/v1/studies/nan-study/trials/0/metrics")
     assert metrics.status_code == 200, metrics.text
-    (epoch,) = metrics.json()["epochs"]
+    columns = metrics.json()["columns"]
+    assert columns["train_loss"] == [2.0] and columns["val_loss"] == ["Infinity"] and columns["grad_norm"] == ["NaN"]
+    (epoch,) = client.get("/v1/studies/nan-study/trials/0/metrics", params={"layout": "history"}).json()["epochs"]
     assert epoch["train_loss"] == 2.0 and epoch["val_loss"] == "Infinity" and epoch["grad_norm"] == "NaN"
-    assert client.get("/v1/studies/nan-study/trials").json()[0]["state"] == "running"
+    assert client.get("/v1/studies/nan-study/trials").json()["trials"][0]["state"] == "running"

@@ -68,19 +68,19 @@ def test_cancel_stops_the_running_trial_within_an_epoch(settings: Settings) -> N
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            trials = client.get("/v1/studies/long-cancel/trials").json()
+            trials = client.get("/v1/studies/long-cancel/trials").json()["trials"]
             if trials and trials[0]["epochs_recorded"] >= 2:
                 break
             time.sleep(0.1)
         else:
             pytest.fail("the trial never started")
-        at_cancel = client.get("/v1/studies/long-cancel/trials").json()[0]["epochs_recorded"]
+        at_cancel = client.get("/v1/studies/long-cancel/trials").json()["trials"][0]["epochs_recorded"]
         assert client.post("/v1/studies/long-cancel/cancel").status_code == 200
         output, _ = worker.communicate(timeout=120)
     finally:
         worker.kill()
     assert worker.returncode == 0, output
-    trials = client.get("/v1/studies/long-cancel/trials").json()
+    trials = client.get("/v1/studies/long-cancel/trials").json()["trials"]
     assert len(trials) == 1, "no new trial starts after a cancel"
     (trial,) = trials
     assert trial["state"] == "failed" and "cancelled" in trial["error"]

@@ -72,7 +72,7 @@ def test_study_create_list_show(db_url: str, tmp_path: Path) -> None:
 def test_every_command_has_help() -> None:
     for command in ([], ["serve"], ["worker"], ["db", "upgrade"], ["sweep"], ["study", "create"],
                     ["study", "list"], ["study", "show"], ["study", "cancel"], ["diagnose"], ["repair"],
-                    ["worker", "list"]):
+                    ["worker", "list"], ["token"], ["token", "create"], ["token", "list"], ["token", "revoke"]):
         done = subprocess.run([sys.executable, "-m", "service.cli", *command, "--help"], cwd=REPO,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "Usage: converge" in done.stdout, command

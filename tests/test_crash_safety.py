@@ -34,7 +34,7 @@ def _running_trial(client: TestClient, name: str, min_epochs: int = 1, timeout_s
     """The first trial seen running with at least `min_epochs` epochs recorded."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for trial in client.get(f"/v1/studies/{name}/trials").json():
+        for trial in client.get(f"/v1/studies/{name}/trials").json()["trials"]:
             if trial["state"] == "running" and trial["epochs_recorded"] >= min_epochs:
                 return client.get(f"/v1/studies/{name}/trials/{trial['number']}").json()
         time.sleep(0.1)
@@ -43,7 +43,7 @@ def _running_trial(client: TestClient, name: str, min_epochs: int = 1, timeout_s
 
 def _assert_exactly_n_with_one_rerun(client: TestClient, name: str, victim: dict[str, Any]) -> None:
     study = client.get(f"/v1/studies/{name}").json()
-    trials = client.get(f"/v1/studies/{name}/trials").json()
+    trials = client.get(f"/v1/studies/{name}/trials").json()["trials"]
     assert study["state"] == "done", (study, [(t["number"], t["state"], t["error"]) for t in trials])
     assert not [t for t in trials if t["state"] in ("running", "waiting")]
     assert [t["state"] for t in trials].count("complete") == N_TRIALS

@@ -42,14 +42,14 @@ def _worker(db_url: str) -> subprocess.Popen[str]:
 
 
 def _assert_every_trial_complete_with_all_its_epochs(client: TestClient, name: str, n_trials: int) -> None:
-    trials = client.get(f"/v1/studies/{name}/trials").json()
+    trials = client.get(f"/v1/studies/{name}/trials").json()["trials"]
     assert [t["number"] for t in trials] == list(range(n_trials))
     assert [t["state"] for t in trials] == ["complete"] * n_trials, trials
     for trial in trials:
         epochs = trial["params"]["epochs"]
         assert trial["epochs_recorded"] == epochs, trial
-        history = client.get(f"/v1/studies/{name}/trials/{trial['number']}/metrics").json()
-        assert [e["epoch"] for e in history["epochs"]] == list(range(epochs))
+        metrics = client.get(f"/v1/studies/{name}/trials/{trial['number']}/metrics").json()
+        assert metrics["columns"]["epoch"] == list(range(epochs))
         assert client.get(f"/v1/studies/{name}/trials/{trial['number']}/diagnosis").json()["final"] is True
     assert client.get(f"/v1/studies/{name}").json()["state"] == "done"
 
@@ -241,7 +241,7 @@ def _both_slots_training(client: TestClient, storage: optuna.storages.BaseStorag
     trial is part-way, so the outage hits running trials: epoch writes, reports, heartbeats."""
     trials = optuna.load_study(study_name="restarted", storage=storage).get_trials(deepcopy=False)
     processes = {t.user_attrs.get("converge_worker_pid") for t in trials} - {None}
-    epochs = [t["epochs_recorded"] for t in client.get("/v1/studies/restarted/trials").json()]
+    epochs = [t["epochs_recorded"] for t in client.get("/v1/studies/restarted/trials").json()["trials"]]
     return len(processes) == 2 and any(2 <= n < 12 for n in epochs)
 
 

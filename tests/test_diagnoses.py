@@ -144,18 +144,19 @@ def test_the_trial_list_shows_and_filters_by_verdict(client: TestClient, setting
     client.post("/v1/studies", json=tiny_spec("listed"))
     _seed(settings, "listed")
 
-    trials = client.get("/v1/studies/listed/trials").json()
+    trials = client.get("/v1/studies/listed/trials").json()["trials"]
     assert [t["number"] for t in trials] == [0, 1, 2]
     assert trials[0]["verdict"] == "diverged" and 0 < trials[0]["confidence"] <= 1
     assert trials[1]["verdict"] in VERDICTS and trials[1]["verdict"] != "diverged"
     assert trials[2]["verdict"] is None and trials[2]["confidence"] is None
 
     diverged = client.get("/v1/studies/listed/trials", params={"verdict": "diverged"})
-    assert diverged.status_code == 200 and [t["number"] for t in diverged.json()] == [0]
+    assert diverged.status_code == 200 and [t["number"] for t in diverged.json()["trials"]] == [0]
     other = trials[1]["verdict"]
-    assert [t["number"] for t in client.get("/v1/studies/listed/trials", params={"verdict": other}).json()] == [1]
+    assert [t["number"] for t in client.get("/v1/studies/listed/trials",
+                                            params={"verdict": other}).json()["trials"]] == [1]
     unused = next(v for v in VERDICTS if v not in (other, "diverged"))
-    assert client.get("/v1/studies/listed/trials", params={"verdict": unused}).json() == []
+    assert client.get("/v1/studies/listed/trials", params={"verdict": unused}).json()["trials"] == []
 
     bad = client.get("/v1/studies/listed/trials", params={"verdict": "melted"})
     assert bad.status_code == 422
@@ -304,7 +305,7 @@ def test_every_trial_of_a_sweep_ends_with_a_final_diagnosis_and_a_nan_loss_is_di
     from studies.sweep import run_sweep
 
     assert run_sweep(settings, parse_spec(tiny_spec("diag-sweep")), progress=False) == "done"
-    trials = client.get("/v1/studies/diag-sweep/trials").json()
+    trials = client.get("/v1/studies/diag-sweep/trials").json()["trials"]
     with session_scope(get_engine(settings.database_url)) as session:
         rows = repo.diagnoses_by_trial(session, repo.get_study(session, "diag-sweep").id)
     assert sorted(rows) == [t["number"] for t in trials] == [0, 1, 2]
@@ -323,10 +324,10 @@ def test_every_trial_of_a_sweep_ends_with_a_final_diagnosis_and_a_nan_loss_is_di
     diverged = client.get("/v1/studies/diag-diverge/trials/0/diagnosis").json()
     assert (diverged["verdict"], diverged["healthy"], diverged["final"]) == ("diverged", False, True)
     assert diverged["epoch"] == 0  # a NaN objective stops the trial after the epoch it appears in
-    listed = client.get("/v1/studies/diag-diverge/trials", params={"verdict": "diverged"}).json()
+    listed = client.get("/v1/studies/diag-diverge/trials", params={"verdict": "diverged"}).json()["trials"]
     assert [(t["number"], t["state"]) for t in listed] == [(0, "failed")]
     # The stored metrics, sent back as they are served, get the same verdict.
-    metrics = client.get("/v1/studies/diag-diverge/trials/0/metrics").json()
+    metrics = client.get("/v1/studies/diag-diverge/trials/0/metrics", params={"layout": "history"}).json()
     assert client.post("/v1/diagnose", json=metrics).json()["verdict"] == "diverged"
 
 
@@ -344,7 +345,7 @@ def test_a_diagnosis_that_fails_never_fails_the_trial(settings: Settings, client
     monkeypatch.setattr(objective, "diagnose", broken)
     with caplog.at_level("WARNING", logger="converge.objective"):
         assert run_sweep(settings, parse_spec(tiny_spec("diag-broken", n_trials=1)), progress=False) == "done"
-    (trial,) = client.get("/v1/studies/diag-broken/trials").json()
+    (trial,) = client.get("/v1/studies/diag-broken/trials").json()["trials"]
     assert trial["state"] == "complete" and trial["epochs_recorded"] >= 1 and trial["verdict"] is None
     assert "trial 0: the diagnosis failed at epoch 0" in caplog.text and "detector bug" in caplog.text
     missing = client.get("/v1/studies/diag-broken/trials/0/diagnosis")

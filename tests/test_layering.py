@@ -25,6 +25,9 @@ from service.settings import Settings
 client = TestClient(create_app(Settings(database_url={db_url!r})))
 assert client.post("/v1/studies", json={{"name": "no-torch", "n_trials": 1}}).status_code == 201
 assert client.get("/v1/studies/no-torch/trials").status_code == 200
+assert client.get("/v1/studies/no-torch/trials", params={{"sort": "objective"}}).status_code == 200
+assert client.get("/v1/studies/no-torch/export").status_code == 200
+assert client.get("/v1/studies/no-torch/export?format=csv").status_code == 200
 assert client.post("/v1/diagnose", json={{"epochs": [{{"epoch": 0, "train_loss": 1.0}}]}}).status_code == 200
 assert client.get("/v1/health").status_code == 200
 assert client.get("/api/studies").status_code == 200

@@ -70,7 +70,7 @@ def test_a_diverged_trial_is_queued_again_with_its_remedy_and_linked_both_ways(
 
     study = client.get("/v1/studies/fix").json()
     assert study["state"] == "running" and study["n_trials"] == 2  # room for the repair: a worker runs it
-    trials = client.get("/v1/studies/fix/trials").json()
+    trials = client.get("/v1/studies/fix/trials").json()["trials"]
     assert trials[0]["repaired_as"] == 1 and trials[1]["repair_of"] == 0
     assert trials[1]["state"] == "waiting" and trials[1]["params"]["lr"] == pytest.approx(0.005)
     repair = client.get("/v1/studies/fix/trials/0/diagnosis").json()["repair"]
@@ -92,7 +92,7 @@ def test_a_trial_that_cannot_be_repaired_is_a_409_with_the_reason(
     _ended_trial(settings, "no", diagnosis, finish=case != "running", fixed_lr=case == "fixed")
     response = client.post("/v1/studies/no/trials/0/repair")
     assert response.status_code == 409 and problem in response.json()["detail"], response.text
-    assert len(client.get("/v1/studies/no/trials").json()) == 1  # nothing was queued
+    assert client.get("/v1/studies/no/trials").json()["total"] == 1  # nothing was queued
 
 
 def test_a_cancelled_studys_trials_are_not_repaired(settings: Settings, client: TestClient) -> None:
@@ -191,7 +191,7 @@ def test_auto_repair_repairs_unhealthy_trials_up_to_its_max(settings: Settings, 
 
     body = client.get("/v1/studies/auto").json()
     assert body["n_trials"] == 5  # three trials and two automatic repairs: the cap
-    trials = client.get("/v1/studies/auto/trials").json()
+    trials = client.get("/v1/studies/auto/trials").json()["trials"]
     repaired = [t for t in trials if t["repaired_as"] is not None]
     assert [t["number"] for t in repaired] == [0, 1]  # the first two; the third found the cap taken
     for origin in repaired:

@@ -46,7 +46,7 @@ def test_serve_runs_the_demo_study_and_shows_it(db_url: str, tmp_path: Path) -> 
         assert study and study["state"] == "done", study
         assert httpx.get(f"{base}/v1/health").json()["status"] == "ok"
         metrics = httpx.get(f"{base}/v1/studies/demo/trials/0/metrics").json()
-        assert len(metrics["epochs"]) >= 2
+        assert len(metrics["columns"]["epoch"]) >= 2
         assert "<html" in httpx.get(f"{base}/dashboard").text.lower()
         names = [s["study_name"] for s in httpx.get(f"{base}/api/studies").json()["study_summaries"]]
         assert names == ["demo"]

@@ -24,12 +24,12 @@ def test_worker_runs_a_study_submitted_through_the_api(settings: Settings) -> No
     study = client.get("/v1/studies/via-worker").json()
     assert study["state"] == "done", output
     assert study["trials"]["complete"] == 3 and study["best"] is not None
-    trials = client.get("/v1/studies/via-worker/trials").json()
+    trials = client.get("/v1/studies/via-worker/trials").json()["trials"]
     assert [t["number"] for t in trials] == [0, 1, 2]
     for trial in trials:
         assert trial["epochs_recorded"] == trial["params"]["epochs"]
         metrics = client.get(f"/v1/studies/via-worker/trials/{trial['number']}/metrics").json()
-        assert [e["epoch"] for e in metrics["epochs"]] == list(range(trial["params"]["epochs"]))
+        assert metrics["columns"]["epoch"] == list(range(trial["params"]["epochs"]))
         assert metrics["objective"] == {"metric": "val_loss", "direction": "minimize"}
         detail = client.get(f"/v1/studies/via-worker/trials/{trial['number']}").json()
         assert detail["user_attrs"]["converge_worker_pid"] != worker.pid  # ran in a slot process
@@ -48,7 +48,7 @@ def test_four_racing_workers_run_exactly_n_trials(settings: Settings) -> None:
     workers = [start_worker(settings.database_url, "--exit-when-idle") for _ in range(4)]
     outputs = [w.communicate(timeout=280)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
-    trials = client.get("/v1/studies/raced/trials").json()
+    trials = client.get("/v1/studies/raced/trials").json()["trials"]
     assert [t["number"] for t in trials] == list(range(6))
     assert all(t["state"] == "complete" for t in trials), trials
     assert client.get("/v1/studies/raced").json()["state"] == "done"

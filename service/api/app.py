@@ -12,26 +12,43 @@ from fastapi.responses import JSONResponse, RedirectResponse
 
 from service.api.dashboard import DashboardDispatch
 from service.api.routers import diagnose, health, studies, workers
-from service.db.engine import describe_cause, is_transient, safe_url
-from service.db.errors import Conflict, DatabaseUnavailable, NotFound, SchemaNotReady, ServiceError
+from service.db.engine import describe_cause, get_engine, is_transient, safe_url
+from service.db.errors import (
+    Conflict,
+    DatabaseUnavailable,
+    InvalidRequest,
+    NotFound,
+    SchemaNotReady,
+    ServiceError,
+)
 from service.settings import Settings, get_settings
 from service.version import VERSION
 from studies.diagnosis import HistoryError
 from studies.spec import SpecError, describe_errors
 
-_STATUS = {NotFound: 404, Conflict: 409, DatabaseUnavailable: 503, SchemaNotReady: 503}
+_STATUS = {NotFound: 404, Conflict: 409, InvalidRequest: 422, DatabaseUnavailable: 503, SchemaNotReady: 503}
 _WHAT = {"/v1/studies": "study spec", "/v1/diagnose": "history"}  # what a 422 says was invalid
 
 DESCRIPTION = """Hyperparameter sweeps over learning rate, batch size, epochs, weight decay and dropout,
 with every trial's per-epoch metrics and its latest convergence diagnosis stored; `POST /v1/diagnose`
 diagnoses any training history. Errors are JSON with a human-readable `detail`.
-The Optuna dashboard for the same database is served at `/dashboard`."""
+The Optuna dashboard for the same database is served at `/dashboard`.
+
+Authentication: once an API token exists (`converge token create --scope read|write|admin`), every
+operation but `GET /v1/health` needs one, as `Authorization: Bearer TOKEN`: reads (and `POST /v1/diagnose`)
+need `read`; creating, cancelling and repairing need `write`; `admin` includes both. No token, or an unknown
+or revoked one, is a 401; a token of too low a scope a 403 naming the scope needed. The dashboard takes the
+token as the HTTP Basic password (its reads need `read`, its changes `admin`). While no token exists the API
+is open, and `converge serve` listens on loopback only."""
 
 
-def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> FastAPI:
+def create_app(settings: Settings | None = None, *, dashboard: bool = True, require_token: bool = False) -> FastAPI:
+    """The API (and the dashboard). `require_token`: refuse requests without a valid token even while no
+    token exists (a server listening beyond loopback must not open up when its last token is revoked)."""
     settings = settings or get_settings()
     app = FastAPI(title="Converge", version=VERSION, description=DESCRIPTION)
     app.state.settings = settings
+    app.state.require_token = require_token
     app.include_router(studies.router)
     app.include_router(diagnose.router)
     app.include_router(workers.router)
@@ -70,7 +87,9 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
         from studies.storage import storage_for
 
         # Not patient: during an outage the dashboard fails at once instead of waiting it out.
-        app.add_middleware(DashboardDispatch, storage_factory=lambda: storage_for(settings, patient=False))
+        app.add_middleware(DashboardDispatch, storage_factory=lambda: storage_for(settings, patient=False),
+                           engine_factory=lambda: get_engine(settings.database_url, settings.sqlite_busy_timeout_s),
+                           require_token=require_token)
     return app
 
 

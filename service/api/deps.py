@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import optuna
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from service import auth
+from service.api.schemas import ErrorOut
 from service.db.engine import get_engine, session_scope
 from service.settings import Settings
 
@@ -35,3 +38,91 @@ def get_storage(settings: SettingsDep) -> optuna.storages.RDBStorage:
 
 
 StorageDep = Annotated[optuna.storages.RDBStorage, Depends(get_storage)]
+
+# ---------------------------------------------------------------- authentication
+
+bearer = HTTPBearer(
+    auto_error=False, scheme_name="bearer", bearerFormat="cvg_...",
+    description="An API token from `converge token create --scope read|write|admin` (admin includes write, "
+                "which includes read). Needed once any token exists; while none does, the API is open and "
+                "`converge serve` listens on loopback only.")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+class RequireScope:
+    """A route's scope, as a dependency: `dependencies=[Depends(require_scope("write"))]`.
+
+    Every `/v1` route but health has one (tests/test_auth.py walks the routes to make sure).
+    """
+
+    def __init__(self, scope: str):
+        if scope not in auth.SCOPES:
+            raise ValueError(f"unknown scope {scope!r}")
+        self.scope = scope
+
+    def __call__(self, request: Request, settings: SettingsDep, credentials: BearerDep) -> auth.TokenInfo | None:
+        engine = get_engine(settings.database_url, settings.sqlite_busy_timeout_s)
+        try:
+            return auth.authorize(engine, credentials.credentials if credentials else None, self.scope,
+                                  required=request.app.state.require_token)
+        except auth.AuthError as exc:
+            raise HTTPException(exc.status, exc.detail, headers={"WWW-Authenticate": _challenge(exc)}) from None
+
+
+def require_scope(scope: str) -> RequireScope:
+    return RequireScope(scope)
+
+
+def _challenge(exc: auth.AuthError) -> str:
+    """RFC 6750's challenge: bare when no token was sent, else the error and, on a 403, the scope needed."""
+    if exc.status == 403:
+        return f'Bearer error="insufficient_scope", scope="{exc.needed}"'
+    return 'Bearer error="invalid_token"' if exc.token_sent else "Bearer"
+
+
+def auth_responses(scope: str) -> dict[int | str, dict[str, Any]]:
+    """The 401 and 403 of a route that needs `scope`, for its OpenAPI `responses`."""
+    return {
+        401: {"model": ErrorOut, "description": "no API token, or an unknown or revoked one (`Authorization: Bearer "
+                                                "TOKEN`; only once a token exists)"},
+        403: {"model": ErrorOut, "description": f"the token's scope is below `{scope}`"},
+    }
+
+
+# ---------------------------------------------------------------- JSON or CSV
+
+Format = Literal["json", "csv"]
+
+
+def prefers_csv(accept: str | None) -> bool:
+    """Whether an `Accept` header asks for CSV before JSON: `text/csv` listed, with a quality above zero and
+    not below `application/json`'s (on a tie, the one listed first). Anything else, unsupported types
+    included, gets JSON: lenient, never a 406."""
+    best: dict[str, tuple[float, int]] = {}
+    for position, item in enumerate((accept or "").split(",")):
+        media, *params = (part.strip() for part in item.split(";"))
+        media = media.lower()
+        if media not in ("text/csv", "application/json"):
+            continue
+        quality = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        best.setdefault(media, (quality, -position))
+    csv, json = best.get("text/csv"), best.get("application/json")
+    return csv is not None and csv[0] > 0 and (json is None or csv >= json)
+
+
+def response_format(request: Request, fmt: Annotated[
+        Format | None, Query(alias="format", description="`csv` or `json`; overrides the `Accept` header "
+                             "(`Accept: text/csv` asks for CSV; any other type gets JSON)")] = None) -> Format:
+    if fmt is not None:
+        return fmt
+    return "csv" if prefers_csv(request.headers.get("accept")) else "json"
+
+
+FormatDep = Annotated[Format, Depends(response_format)]

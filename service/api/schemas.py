@@ -57,7 +57,19 @@ class StudyOut(BaseModel):
     spec: dict[str, Any]
 
 
+TRIAL_EXAMPLE: dict[str, Any] = {
+    "number": 7, "state": "complete",
+    "params": {"lr": 0.0123, "batch_size": 64, "epochs": 20, "weight_decay": 0.0001, "dropout": 0.1},
+    "value": 0.0871, "datetime_start": "2026-11-28T09:00:00.123456Z",
+    "datetime_complete": "2026-11-28T09:00:41.654321Z", "duration_s": 41.530865, "epochs_recorded": 20,
+    "error": None, "verdict": "converged", "confidence": 0.86, "retry_of": None, "repair_of": None,
+    "repaired_as": None, "pruned_by": None, "rerun_as": None,
+}
+
+
 class TrialOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [TRIAL_EXAMPLE]})
+
     number: int
     state: TrialState
     params: dict[str, Any]
@@ -221,11 +233,69 @@ class StudyDiagnosisOut(BaseModel):
     recommendation: RecommendationOut
 
 
+TRIAL_PAGE_CURSOR_EXAMPLE = ("eyJzdHVkeSI6ImRpZ2l0cy1tbHAiLCJzb3J0IjoibnVtYmVyIiwic3RhdGUiOm51bGwsInZlcmRpY3Qi"
+                             "Om51bGwsImFmdGVyIjpbNyw4XX0")
+
+
+class TrialPage(BaseModel):
+    """One page of a study's trials, in the order asked for."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"trials": [TRIAL_EXAMPLE], "next_cursor": TRIAL_PAGE_CURSOR_EXAMPLE, "total": 40}]})
+
+    trials: list[TrialOut]
+    next_cursor: str | None = Field(description="pass it as `cursor` (with the same `sort` and filters) for the "
+                                    "next page; null on the last page")
+    total: int = Field(description="the trials matching the filters now, on every page")
+
+
+class AttemptOut(BaseModel):
+    """One attempt of a trial's line of attempts (a failed attempt and its reruns)."""
+
+    number: int
+    state: TrialState
+    datetime_start: datetime | None
+    datetime_complete: datetime | None
+    duration_s: float | None
+    epochs_recorded: int
+    error: str | None = Field(description="why the attempt failed, when it did")
+
+
+TRIAL_DETAIL_EXAMPLE: dict[str, Any] = {
+    **TRIAL_EXAMPLE, "number": 8, "retry_of": 7, "epochs_recorded": 3, "duration_s": 6.25,
+    "datetime_start": "2026-11-28T09:01:00Z", "datetime_complete": "2026-11-28T09:01:06.250000Z",
+    "params": {**TRIAL_EXAMPLE["params"], "epochs": 3}, "value": 0.31, "verdict": "still_improving",
+    "intermediate_values": {"0": 0.92, "1": 0.48, "2": 0.31},
+    "user_attrs": {"converge_retry_of": 7, "converge_failures": 1},
+    "diagnosis": {"verdict": "still_improving", "healthy": True, "onset_epoch": None, "confidence": 0.86,
+                  "findings": [{"kind": "still_improving", "epoch": 2,
+                                "evidence": "val_loss fell 35% over the last 3 epochs"}],
+                  "remedies": [{"param": "epochs", "action": "increase", "factor": 2.0,
+                                "reason": "the loss was still falling when training stopped"}],
+                  "summary": "still improving: train longer"},
+    "attempts": [
+        {"number": 7, "state": "failed", "datetime_start": "2026-11-28T09:00:00Z",
+         "datetime_complete": "2026-11-28T09:00:03Z", "duration_s": 3.0, "epochs_recorded": 1,
+         "error": "trial process died (exit code -9); rerun as trial 8"},
+        {"number": 8, "state": "complete", "datetime_start": "2026-11-28T09:01:00Z",
+         "datetime_complete": "2026-11-28T09:01:06.250000Z", "duration_s": 6.25, "epochs_recorded": 3,
+         "error": None}],
+    "train_seconds": 5.9,
+}
+
+
 class TrialDetail(TrialOut):
+    model_config = ConfigDict(json_schema_extra={"examples": [TRIAL_DETAIL_EXAMPLE]})
+
     intermediate_values: dict[int, JsonFloat] = Field(description="objective reported to Optuna, by epoch")
     user_attrs: dict[str, Any]
     diagnosis: DiagnosisOut | None = Field(default=None, description="the latest diagnosis; null until the "
                                            "trial's first epoch is recorded")
+    attempts: list[AttemptOut] = Field(description="the trial's line of attempts, first to latest: the failed "
+                                       "attempts its parameters ran in before (`retry_of`), the trial, and its "
+                                       "reruns (`rerun_as`); just the trial when it was never rerun")
+    train_seconds: float | None = Field(description="the sum of its epochs' `epoch_seconds` (training and "
+                                        "validation, without start-up); null before its first epoch")
 
 
 class EpochOut(BaseModel):
@@ -244,14 +314,88 @@ class ObjectiveOut(BaseModel):
     direction: Literal["minimize", "maximize"]
 
 
+METRICS_HISTORY_EXAMPLE: dict[str, Any] = {
+    "study": "digits-mlp", "trial": 7, "objective": {"metric": "val_loss", "direction": "minimize"}, "max_epochs": 20,
+    "epochs": [
+        {"epoch": 0, "train_loss": 2.1, "val_loss": 2.0, "val_acc": 0.31, "grad_norm": 1.2, "param_norm": 3.1,
+         "lr": 0.001, "epoch_seconds": 0.41},
+        {"epoch": 1, "train_loss": 1.4, "val_loss": "NaN", "val_acc": None, "grad_norm": "Infinity",
+         "param_norm": 3.3, "lr": 0.001, "epoch_seconds": 0.39},
+    ],
+}
+
+
 class MetricsOut(BaseModel):
-    """A trial's history in the diagnosis contract's input format."""
+    """A trial's history in the diagnosis contract's input format (`?layout=history`)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [METRICS_HISTORY_EXAMPLE]})
 
     study: str
     trial: int
     objective: ObjectiveOut
     max_epochs: int = Field(description="the epochs this trial was given")
     epochs: list[EpochOut]
+
+
+class MetricColumns(BaseModel):
+    """One list per metric, all as long as `epoch`; null where a metric was not recorded."""
+
+    epoch: list[int]
+    train_loss: list[JsonFloat]
+    val_loss: list[JsonFloat]
+    val_acc: list[JsonFloat]
+    grad_norm: list[JsonFloat]
+    param_norm: list[JsonFloat]
+    lr: list[JsonFloat]
+    epoch_seconds: list[JsonFloat]
+
+
+METRICS_COLUMNS_EXAMPLE: dict[str, Any] = {
+    **{k: METRICS_HISTORY_EXAMPLE[k] for k in ("study", "trial", "objective", "max_epochs")},
+    "columns": {"epoch": [0, 1], "train_loss": [2.1, 1.4], "val_loss": [2.0, "NaN"], "val_acc": [0.31, None],
+                "grad_norm": [1.2, "Infinity"], "param_norm": [3.1, 3.3], "lr": [0.001, 0.001],
+                "epoch_seconds": [0.41, 0.39]},
+}
+METRICS_CSV_EXAMPLE = ("epoch,train_loss,val_loss,val_acc,grad_norm,param_norm,lr,epoch_seconds\r\n"
+                       "0,2.1,2.0,0.31,1.2,3.1,0.001,0.41\r\n1,1.4,NaN,,Infinity,3.3,0.001,0.39\r\n")
+
+
+class MetricsColumnsOut(BaseModel):
+    """A trial's per-epoch metrics as columns (the default layout)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [METRICS_COLUMNS_EXAMPLE]})
+
+    study: str
+    trial: int
+    objective: ObjectiveOut
+    max_epochs: int = Field(description="the epochs this trial was given")
+    columns: MetricColumns
+
+
+STUDY_EXPORT_EXAMPLE: dict[str, Any] = {
+    "study": {"name": "digits-mlp", "state": "done", "detail": None, "n_trials": 40,
+              "trials": {"running": 0, "waiting": 0, "complete": 37, "pruned": 3, "failed": 0, "rerun": 0},
+              "best": {"number": 7, "value": 0.0871, "params": TRIAL_EXAMPLE["params"]},
+              "created_at": "2026-11-28T08:59:58.000001Z", "started_at": "2026-11-28T08:59:59.5Z",
+              "finished_at": "2026-11-28T09:30:12.25Z",
+              "spec": parse_spec({"name": "digits-mlp", "n_trials": 40}).model_dump(mode="json")},
+    "trials": [TRIAL_EXAMPLE],
+}
+STUDY_EXPORT_CSV_EXAMPLE = (
+    "number,state,value,params_batch_size,params_dropout,params_epochs,params_lr,params_weight_decay,datetime_start,"
+    "datetime_complete,duration_s,epochs_recorded,verdict,confidence,retry_of,rerun_as,repair_of,repaired_as,"
+    "pruned_by,error\r\n"
+    "7,complete,0.0871,64,0.1,20,0.0123,0.0001,2026-11-28T09:00:00.123456Z,2026-11-28T09:00:41.654321Z,41.530865,20,"
+    "converged,0.86,,,,,,\r\n")
+
+
+class StudyExport(BaseModel):
+    """A whole study: the study and every trial of it, in order of number."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [STUDY_EXPORT_EXAMPLE]})
+
+    study: StudyOut
+    trials: list[TrialOut]
 
 
 NonFinite = Literal["NaN", "Infinity", "-Infinity"]
@@ -278,7 +422,7 @@ class HistoryEpochIn(BaseModel):
 
 
 class HistoryIn(BaseModel):
-    """A training history in the diagnosis contract's format (the body of `.../metrics` is one).
+    """A training history in the diagnosis contract's format (the body of `.../metrics?layout=history` is one).
 
     Non-finite values may be the strings "NaN", "Infinity", "-Infinity" or bare NaN/Infinity
     tokens. Other keys are ignored. This model documents the body; the diagnosis library
@@ -320,6 +464,12 @@ HISTORY_EXAMPLES: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+
+class ErrorOut(BaseModel):
+    """An error: what went wrong, in words."""
+
+    detail: str
 
 
 class ProblemsOut(BaseModel):

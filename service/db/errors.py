@@ -21,3 +21,7 @@ class NotFound(ServiceError):
 
 class Conflict(ServiceError):
     pass
+
+
+class InvalidRequest(ServiceError):
+    """A request the service cannot answer as asked (e.g. a page cursor it did not issue): a 422."""

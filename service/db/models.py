@@ -133,6 +133,8 @@ class TrialDiagnosis(Base):
     __tablename__ = "converge_trial_diagnoses"
     __table_args__ = (
         UniqueConstraint("study_id", "trial_number", name="uq_converge_trial_diagnoses_trial"),
+        # A trial list filtered by verdict (and its total) reads one study's trials of one verdict.
+        Index("ix_converge_trial_diagnoses_study_verdict", "study_id", "verdict", "trial_number"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -177,6 +179,8 @@ class TrialRetry(Base):
     __tablename__ = "converge_trial_retries"
     __table_args__ = (
         UniqueConstraint("study_id", "trial_number", name="uq_converge_trial_retries_trial"),
+        # A trial's attempts are walked back from a rerun to the attempt it reruns.
+        Index("ix_converge_trial_retries_retry", "study_id", "retry_number"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -208,3 +212,27 @@ class TrialRepair(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON, comment="the repair's parameters")
     automatic: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+API_SCOPES = ("read", "write", "admin")  # ordered: each includes the ones before it
+
+
+class ApiToken(Base):
+    """A bearer token for the REST API and the dashboard, stored as its SHA-256 only.
+
+    The token itself is shown once, when it is created; `prefix` (its first characters)
+    is what lists and logs show. A revoked token stays, with `revoked_at` set.
+    """
+
+    __tablename__ = "converge_api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str | None] = mapped_column(String(100), default=None, comment="a label, for people")
+    scope: Mapped[str] = mapped_column(String(8), comment="read | write | admin")
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True,
+                                            comment="SHA-256 of the whole token, hex")
+    prefix: Mapped[str] = mapped_column(String(12), comment="the token's first 12 characters, for listing")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None,
+                                                          comment="updated at most once a minute")
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)

@@ -8,21 +8,23 @@ from __future__ import annotations
 import math
 import numbers
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import Row, and_, case, delete, func, literal, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session, aliased, defer
 
 from service.db.errors import Conflict, NotFound
 from service.db.models import (
     ACTIVE_STATES,
     METRIC_COLUMNS,
+    ApiToken,
     Study,
     TrialDiagnosis,
     TrialMetric,
@@ -31,7 +33,15 @@ from service.db.models import (
     Worker,
     utcnow,
 )
-from service.db.optuna_tables import FINISHED_TRIAL_STATES, optuna_studies, optuna_trials
+from service.db.optuna_tables import (
+    FINISHED_TRIAL_STATES,
+    optuna_studies,
+    optuna_trial_intermediate_values,
+    optuna_trial_params,
+    optuna_trial_user_attributes,
+    optuna_trial_values,
+    optuna_trials,
+)
 
 # ---------------------------------------------------------------- studies
 
@@ -424,6 +434,216 @@ def diagnoses_by_trial(session: Session, study_id: int, *, with_diagnosis: bool 
     return {row.trial_number: row for row in session.scalars(query)}
 
 
+# ---------------------------------------------------------------- trial pages (Optuna's tables, read-only)
+#
+# A trial list is built from Optuna's tables and Converge's with a few queries bounded by the
+# page: the page's trial rows (filtered, ordered, limited; their value, latest verdict, rerun,
+# repair and epoch count joined to them), then the params and user attributes of those trials
+# only. Never a read of the whole study.
+
+
+def get_study_and_optuna_id(session: Session, name: str) -> tuple[Study, int]:
+    """The study and its Optuna study id, in one query; NotFound for an unknown study."""
+    row = session.execute(
+        select(Study, optuna_studies.c.study_id)
+        .outerjoin(optuna_studies, optuna_studies.c.study_name == Study.name)
+        .where(Study.name == name)
+    ).first()
+    if row is None:
+        raise NotFound(f"no study named {name!r}")
+    if row[1] is None:
+        raise NotFound(f"study {name!r} has no Optuna study in this database")
+    return row[0], row[1]
+
+
+@dataclass(frozen=True)
+class TrialQuery:
+    """Which trials of one study: all of them, or those in an Optuna state, with a verdict, or of these numbers."""
+
+    optuna_study_id: int
+    study_id: int
+    state: str | None = None  # Optuna's state name: RUNNING, WAITING, COMPLETE, PRUNED, FAIL
+    verdict: str | None = None  # of the trial's latest diagnosis
+    numbers: Sequence[int] | None = None
+
+
+TrialSort = Literal["number", "objective"]
+
+
+def _filtered(query: Any, q: TrialQuery) -> Any:
+    t = optuna_trials
+    query = query.where(t.c.study_id == q.optuna_study_id)
+    if q.state is not None:
+        query = query.where(t.c.state == q.state)
+    if q.numbers is not None:
+        query = query.where(t.c.number.in_(list(q.numbers)))
+    if q.verdict is not None:
+        d = aliased(TrialDiagnosis, name="wanted")
+        query = query.join(d, and_(d.study_id == q.study_id, d.trial_number == t.c.number, d.verdict == q.verdict))
+    return query
+
+
+def objective_sort_key(direction: str) -> tuple[Any, Any]:
+    """(rank, sort_value): ordering by them, then by number, lists the best trials first.
+
+    Rank 0 is a complete trial at the best infinity, 1 a finite one (sort_value is its value,
+    negated when maximizing so that ascending is always best first), 2 the worst infinity, 3
+    every trial without a completed value (pruned, failed, running, waiting: a pruned trial's
+    value is its last intermediate one, not comparable with a finished run's).
+    """
+    t, v = optuna_trials, optuna_trial_values
+    complete = t.c.state == "COMPLETE"
+    best, worst = ("INF_NEG", "INF_POS") if direction == "minimize" else ("INF_POS", "INF_NEG")
+    finite = and_(complete, v.c.value_type == "FINITE")
+    rank = case((and_(complete, v.c.value_type == best), 0), (finite, 1), (and_(complete, v.c.value_type == worst), 2),
+                else_=3)
+    sort_value = case((finite, v.c.value if direction == "minimize" else -v.c.value), else_=literal(0.0))
+    return rank, sort_value
+
+
+def trial_page_rows(session: Session, q: TrialQuery, *, sort: TrialSort = "number", direction: str = "minimize",
+                    after: Sequence[Any] | None = None, limit: int | None = None) -> list[Row[Any]]:
+    """One page of trials, in order: the trial row, its `value` and `value_type`, and per trial
+    `verdict`, `confidence`, `retry_number`, `repair_number` and `epochs` (recorded); sorted by
+    objective, also the sort key (`rank`, `sort_value`).
+
+    `after` is the last row's key of the page before: (number, trial_id) when sorting by number,
+    (rank, sort_value, number, trial_id) when sorting by objective (the trial id breaks ties
+    between the equal numbers two racing Optuna processes can give). Keyset pagination: a trial
+    added meanwhile never shifts the trials after the key.
+
+    The page is chosen first (by number: from `trials` alone; by objective: with each trial's
+    value joined, which the order needs), limited, and only its rows are joined to the rest.
+    """
+    t, v = optuna_trials, optuna_trial_values
+    value_join = and_(v.c.trial_id == t.c.trial_id, v.c.objective == 0)
+    columns = (t.c.trial_id, t.c.number, t.c.state, t.c.datetime_start, t.c.datetime_complete)
+    if sort == "number":
+        inner = _filtered(select(*columns), q).order_by(t.c.number, t.c.trial_id)
+        if after is not None:
+            inner = inner.where(tuple_(t.c.number, t.c.trial_id) > tuple_(*(literal(k) for k in after)))
+    else:
+        rank, sort_value = objective_sort_key(direction)
+        inner = _filtered(select(*columns, v.c.value, v.c.value_type, rank.label("rank"),
+                                 sort_value.label("sort_value")).select_from(t.outerjoin(v, value_join)), q)
+        if after is not None:
+            inner = inner.where(tuple_(rank, sort_value, t.c.number, t.c.trial_id)
+                                > tuple_(*(literal(k) for k in after)))
+        inner = inner.order_by(rank, sort_value, t.c.number, t.c.trial_id)
+    if limit is not None:
+        inner = inner.limit(limit)
+    page = inner.subquery("page")
+    d, r, rp = TrialDiagnosis, TrialRetry, TrialRepair
+    epochs = (select(func.count()).select_from(TrialMetric)
+              .where(TrialMetric.study_id == q.study_id, TrialMetric.trial_number == page.c.number)
+              .scalar_subquery())
+    joined = (page.outerjoin(d, and_(d.study_id == q.study_id, d.trial_number == page.c.number))
+              .outerjoin(r, and_(r.study_id == q.study_id, r.trial_number == page.c.number))
+              .outerjoin(rp, and_(rp.study_id == q.study_id, rp.trial_number == page.c.number)))
+    extra = (d.verdict, d.confidence, r.retry_number, rp.repair_number, epochs.label("epochs"))
+    if sort == "number":  # the page's values: one lookup each by trial_values' unique (trial_id, objective)
+        value_of = and_(v.c.trial_id == page.c.trial_id, v.c.objective == 0)
+        query = (select(page, select(v.c.value).where(value_of).scalar_subquery().label("value"),
+                        select(v.c.value_type).where(value_of).scalar_subquery().label("value_type"), *extra)
+                 .select_from(joined).order_by(page.c.number, page.c.trial_id))
+    else:
+        query = (select(page, *extra).select_from(joined)
+                 .order_by(page.c.rank, page.c.sort_value, page.c.number, page.c.trial_id))
+    return list(session.execute(query))
+
+
+def count_trials(session: Session, q: TrialQuery) -> int:
+    """How many trials match `q` (a page's `total`)."""
+    return session.scalar(_filtered(select(func.count()).select_from(optuna_trials), q)) or 0
+
+
+def trial_params_rows(session: Session, trial_ids: Sequence[int]) -> list[Row[Any]]:
+    """(trial_id, param_name, param_value, distribution_json) of these trials, in the order they were set."""
+    if not trial_ids:
+        return []
+    p = optuna_trial_params
+    return list(session.execute(
+        select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json)
+        .where(p.c.trial_id.in_(list(trial_ids))).order_by(p.c.param_id)
+    ))
+
+
+def trial_user_attr_rows(session: Session, trial_ids: Sequence[int],
+                         keys: Sequence[str] | None = None) -> list[Row[Any]]:
+    """(trial_id, key, value_json) of these trials' user attributes; only `keys` when given."""
+    if not trial_ids:
+        return []
+    a = optuna_trial_user_attributes
+    query = select(a.c.trial_id, a.c.key, a.c.value_json).where(a.c.trial_id.in_(list(trial_ids)))
+    if keys is not None:
+        query = query.where(a.c.key.in_(list(keys)))
+    return list(session.execute(query.order_by(a.c.trial_user_attribute_id)))
+
+
+def trial_intermediate_value_rows(session: Session, trial_id: int) -> list[Row[Any]]:
+    """(step, intermediate_value, intermediate_value_type) of one trial, by step."""
+    i = optuna_trial_intermediate_values
+    return list(session.execute(
+        select(i.c.step, i.c.intermediate_value, i.c.intermediate_value_type)
+        .where(i.c.trial_id == trial_id).order_by(i.c.step)
+    ))
+
+
+def study_param_names(session: Session, optuna_study_id: int) -> list[str]:
+    """Every parameter name any trial of the study has (an export's columns)."""
+    t, p = optuna_trials, optuna_trial_params
+    return sorted(session.scalars(
+        select(p.c.param_name).join(t, t.c.trial_id == p.c.trial_id)
+        .where(t.c.study_id == optuna_study_id).distinct()
+    ))
+
+
+def trial_with_param(session: Session, optuna_study_id: int, number: int, param: str) -> Row[Any] | None:
+    """(trial_id, param_value, distribution_json) of one trial and one of its params (nulls when it has
+    no such param); None for no such trial."""
+    t, p = optuna_trials, optuna_trial_params
+    return session.execute(
+        select(t.c.trial_id, p.c.param_value, p.c.distribution_json)
+        .select_from(t.outerjoin(p, and_(p.c.trial_id == t.c.trial_id, p.c.param_name == param)))
+        .where(t.c.study_id == optuna_study_id, t.c.number == number).limit(1)
+    ).first()
+
+
+def retry_chain(session: Session, study_id: int, number: int, max_hops: int = 100) -> list[int]:
+    """The trial numbers of a line of attempts, first to latest, that `number` belongs to:
+    each failed attempt links to its rerun in `converge_trial_retries`. Two recursive queries
+    along the links (indexed both ways), at most `max_hops` each."""
+    r = TrialRetry
+
+    def walk(key: Any, other: Any) -> list[int]:
+        start = select(key.label("n"), literal(1).label("hop")).where(r.study_id == study_id, other == number)
+        chain = start.cte("chain", recursive=True)
+        step = (select(key, chain.c.hop + 1).select_from(r)
+                .join(chain, and_(r.study_id == study_id, other == chain.c.n)).where(chain.c.hop < max_hops))
+        chain = chain.union_all(step)
+        return list(session.scalars(select(chain.c.n).order_by(chain.c.hop)))
+
+    before = walk(r.trial_number, r.retry_number)  # the attempt each one reruns, going back
+    after = walk(r.retry_number, r.trial_number)  # the rerun of each one, going forward
+    return [*reversed(before), number, *after]
+
+
+def train_seconds(session: Session, study_id: int, trial_number: int) -> float | None:
+    """The sum of the trial's `epoch_seconds`; None before its first epoch."""
+    total = session.scalar(select(func.sum(TrialMetric.epoch_seconds))
+                           .where(TrialMetric.study_id == study_id, TrialMetric.trial_number == trial_number))
+    return None if total is None else float(total)
+
+
+def trial_metric_rows(session: Session, study_id: int, trial_number: int) -> list[Row[Any]]:
+    """The trial's epochs, in order: `epoch` and each of METRIC_COLUMNS (NaN kept)."""
+    return list(session.execute(
+        select(TrialMetric.epoch, *(getattr(TrialMetric, name) for name in METRIC_COLUMNS))
+        .where(TrialMetric.study_id == study_id, TrialMetric.trial_number == trial_number)
+        .order_by(TrialMetric.epoch)
+    ))
+
+
 # ---------------------------------------------------------------- workers
 
 
@@ -459,3 +679,44 @@ def prune_dead_workers(session: Session, older_than: timedelta) -> int:
     cutoff: datetime = utcnow() - older_than
     result = session.execute(delete(Worker).where(Worker.last_heartbeat < cutoff))
     return result.rowcount or 0
+
+
+# ---------------------------------------------------------------- API tokens (hashes only: see service.auth)
+
+
+def add_api_token(session: Session, *, name: str | None, scope: str, token_hash: str, prefix: str) -> ApiToken:
+    token = ApiToken(name=name, scope=scope, token_hash=token_hash, prefix=prefix)
+    session.add(token)
+    session.flush()
+    return token
+
+
+def list_api_tokens(session: Session) -> list[ApiToken]:
+    return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
+
+
+def find_api_token(session: Session, token_hash: str) -> ApiToken | None:
+    """The token with this hash, revoked or not (one indexed lookup)."""
+    return session.scalar(select(ApiToken).where(ApiToken.token_hash == token_hash))
+
+
+def any_active_api_token(session: Session) -> bool:
+    """Whether a token that is not revoked exists: authentication is on exactly then."""
+    return session.scalar(select(ApiToken.id).where(ApiToken.revoked_at.is_(None)).limit(1)) is not None
+
+
+def revoke_api_token(session: Session, token_id: int) -> tuple[ApiToken, bool]:
+    """Revoke a token; returns it and whether it was active until now. NotFound for an unknown id."""
+    token = session.get(ApiToken, token_id)
+    if token is None:
+        raise NotFound(f"no API token with id {token_id} (`converge token list` shows them)")
+    if token.revoked_at is not None:
+        return token, False
+    token.revoked_at = utcnow()
+    session.flush()
+    return token, True
+
+
+def touch_api_token(session: Session, token_id: int, when: datetime) -> None:
+    session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=when)
+                    .execution_options(synchronize_session=False))

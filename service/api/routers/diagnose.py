@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Depends
 from pydantic import SkipValidation
 
 from service import views
+from service.api.deps import auth_responses, require_scope
 from service.api.schemas import HISTORY_EXAMPLES, DiagnosisOut, HistoryIn, ProblemsOut
 from studies.diagnosis import MAX_EPOCHS
 
@@ -19,8 +20,9 @@ HistoryBody = Annotated[SkipValidation[HistoryIn], Body(description="a training 
                                                         openapi_examples=HISTORY_EXAMPLES)]
 
 
-@router.post("/diagnose", response_model=DiagnosisOut,
-             responses={422: {"model": ProblemsOut,
+@router.post("/diagnose", response_model=DiagnosisOut, dependencies=[Depends(require_scope("read"))],
+             responses={**auth_responses("read"),
+                        422: {"model": ProblemsOut,
                               "description": "the body is not JSON or not a valid history (epochs missing, out of "
                                              f"order or repeated, no train_loss, more than {MAX_EPOCHS} epochs, "
                                              "wrong types); `problems` lists every problem"}})
@@ -28,7 +30,7 @@ def diagnose_history(history: HistoryBody) -> DiagnosisOut:
     """Diagnose a training history: why it did or did not converge, and what to change.
 
     The body is a history in the diagnosis contract's format (the body of
-    `GET /v1/studies/{name}/trials/{number}/metrics` is one). Only `epoch` and `train_loss` are
+    `GET /v1/studies/{name}/trials/{number}/metrics?layout=history` is one). Only `epoch` and `train_loss` are
     required per epoch; NaN and infinities may be the strings "NaN", "Infinity", "-Infinity" or
     bare NaN/Infinity tokens. At most 10,000 epochs. Nothing is stored.
     """

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, status
+from fastapi import APIRouter, Depends, Path, Query, Response, status
+from fastapi.responses import StreamingResponse
 
-from service import views
-from service.api.deps import SessionDep, SettingsDep, StorageDep
+from service import trial_pages, views
+from service.api.deps import FormatDep, SessionDep, SettingsDep, StorageDep, auth_responses, require_scope
 from service.api.schemas import (
+    METRICS_COLUMNS_EXAMPLE,
+    METRICS_CSV_EXAMPLE,
+    METRICS_HISTORY_EXAMPLE,
+    STUDY_EXPORT_CSV_EXAMPLE,
+    STUDY_EXPORT_EXAMPLE,
+    TRIAL_PAGE_CURSOR_EXAMPLE,
+    MetricsColumnsOut,
     MetricsOut,
     RepairOut,
     StudyDiagnosisOut,
+    StudyExport,
     StudyOut,
     StudyState,
     TrialDetail,
     TrialDiagnosisOut,
-    TrialOut,
+    TrialPage,
+    TrialState,
     Verdict,
 )
+from service.db.engine import get_engine, session_scope
 from studies import lifecycle, repair
 from studies.spec import NAME_PATTERN, StudySpec
 
@@ -28,10 +39,11 @@ StudyName = Annotated[str, Path(pattern=NAME_PATTERN, description="the study's u
 TrialNumber = Annotated[int, Path(ge=0, description="the trial's number within its study")]
 
 _ERRORS = {404: {"description": "no such study or trial"}}
+READ, WRITE = [Depends(require_scope("read"))], [Depends(require_scope("write"))]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=StudyOut,
-             responses={409: {"description": "a study of that name exists"},
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=StudyOut, dependencies=WRITE,
+             responses={**auth_responses("write"), 409: {"description": "a study of that name exists"},
                         422: {"description": "the spec is invalid; `detail` lists every problem"}})
 def create_study(spec: StudySpec, settings: SettingsDep, session: SessionDep, storage: StorageDep) -> StudyOut:
     """Submit a study. It is queued; workers claim its trials. Every spec field but `name` has a default."""
@@ -39,7 +51,7 @@ def create_study(spec: StudySpec, settings: SettingsDep, session: SessionDep, st
     return views.get_study_out(session, storage, spec.name)
 
 
-@router.get("", response_model=list[StudyOut])
+@router.get("", response_model=list[StudyOut], dependencies=READ, responses=auth_responses("read"))
 def list_studies(session: SessionDep, storage: StorageDep,
                  state: Annotated[StudyState | None, Query(description="only studies in this state")] = None,
                  ) -> list[StudyOut]:
@@ -47,14 +59,15 @@ def list_studies(session: SessionDep, storage: StorageDep,
     return views.list_study_outs(session, storage, state)
 
 
-@router.get("/{name}", response_model=StudyOut, responses=_ERRORS)
+@router.get("/{name}", response_model=StudyOut, dependencies=READ, responses={**auth_responses("read"), **_ERRORS})
 def get_study(name: StudyName, session: SessionDep, storage: StorageDep) -> StudyOut:
     """One study: state, spec, trial counts by state, best trial."""
     return views.get_study_out(session, storage, name)
 
 
-@router.get("/{name}/diagnosis", response_model=StudyDiagnosisOut, responses={404: {"description": "no such study"}})
-def get_study_diagnosis(name: StudyName, session: SessionDep, storage: StorageDep) -> StudyDiagnosisOut:
+@router.get("/{name}/diagnosis", response_model=StudyDiagnosisOut, dependencies=READ,
+            responses={**auth_responses("read"), 404: {"description": "no such study"}})
+def get_study_diagnosis(name: StudyName, session: SessionDep) -> StudyDiagnosisOut:
     """The whole study's diagnosis, for planning the next sweep.
 
     - `verdicts`: trials per verdict of their latest diagnosis (final once the trial ended);
@@ -69,11 +82,12 @@ def get_study_diagnosis(name: StudyName, session: SessionDep, storage: StorageDe
       each swept range narrowed to the best quarter of the completed trials (with a margin) and
       away from the unhealthy regions, fixed values kept; `changes` says what moved.
     """
-    return views.get_study_diagnosis(session, storage, name)
+    return views.get_study_diagnosis(session, name)
 
 
-@router.post("/{name}/cancel", response_model=StudyOut,
-             responses={**_ERRORS, 409: {"description": "the study has already ended (done, failed or cancelled)"}})
+@router.post("/{name}/cancel", response_model=StudyOut, dependencies=WRITE,
+             responses={**auth_responses("write"), **_ERRORS,
+                        409: {"description": "the study has already ended (done, failed or cancelled)"}})
 def cancel_study(name: StudyName, settings: SettingsDep, session: SessionDep, storage: StorageDep) -> StudyOut:
     """Cancel a queued or running study: no new trial of it starts, and its running trials stop
     within one epoch (they are failed with the reason). Returns the study, now `cancelled`."""
@@ -81,25 +95,68 @@ def cancel_study(name: StudyName, settings: SettingsDep, session: SessionDep, st
     return views.get_study_out(session, storage, name)
 
 
-@router.get("/{name}/trials", response_model=list[TrialOut],
-            responses={**_ERRORS, 422: {"description": "`verdict` is not one of the diagnosis verdicts"}})
-def list_trials(name: StudyName, session: SessionDep, storage: StorageDep,
-                verdict: Annotated[Verdict | None, Query(description="only trials whose latest diagnosis has "
-                                                                     "this verdict")] = None,
-                ) -> list[TrialOut]:
-    """The study's trials in order: params, state, objective value, epochs recorded so far, error if failed,
-    and the verdict and confidence of each trial's latest diagnosis (null before its first epoch)."""
-    return views.list_trial_outs(session, storage, name, verdict)
+def _csv(text: Any, filename: str | None = None) -> Response:
+    headers = {"Content-Disposition": f'attachment; filename="{filename}"'} if filename else None
+    if isinstance(text, str):
+        return Response(text, media_type="text/csv; charset=utf-8", headers=headers)
+    return StreamingResponse(text, media_type="text/csv; charset=utf-8", headers=headers)
 
 
-@router.get("/{name}/trials/{number}", response_model=TrialDetail, responses=_ERRORS)
-def get_trial(name: StudyName, number: TrialNumber, session: SessionDep, storage: StorageDep) -> TrialDetail:
-    """One trial, with the objective values reported to Optuna at each epoch and its latest diagnosis."""
-    return views.get_trial_detail(session, storage, name, number)
+def _csv_content(example: str, what: str) -> dict[str, Any]:
+    return {"text/csv": {"schema": {"type": "string", "description": f"{what}, with `Accept: text/csv` or "
+                                                                     "`?format=csv`"},
+                         "example": example}}
 
 
-@router.get("/{name}/trials/{number}/diagnosis", response_model=TrialDiagnosisOut,
-            responses={404: {"description": "no such study or trial, or the trial has no diagnosis yet "
+_CSV_OR_JSON = {422: {"description": "a `format` other than json or csv"}}
+
+
+@router.get("/{name}/trials", response_model=TrialPage, dependencies=READ,
+            responses={**auth_responses("read"), 404: {"description": "no such study"},
+                       422: {"description": "a `limit` outside 1..1000, an unknown `state`, `verdict` or `sort`, or "
+                                            "a `cursor` that is not one this API issued or was issued for another "
+                                            "study, sort or filters; `detail` says which"}})
+def list_trials(
+    name: StudyName, session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=trial_pages.MAX_LIMIT, description="trials per page, 1..1000",
+                                openapi_examples={"page of 50": {"value": 50}})] = trial_pages.DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query(description="the previous page's `next_cursor`, as it is; leave it out for "
+                                        "the first page. Valid only with the same `sort`, `state` and `verdict`",
+                                        openapi_examples={"next page": {"value": TRIAL_PAGE_CURSOR_EXAMPLE}})] = None,
+    state: Annotated[TrialState | None, Query(description="only trials in this state",
+                                              openapi_examples={"completed": {"value": "complete"}})] = None,
+    verdict: Annotated[Verdict | None, Query(description="only trials whose latest diagnosis has this verdict",
+                                             openapi_examples={"diverged": {"value": "diverged"}})] = None,
+    sort: Annotated[Literal["number", "objective"], Query(
+        description="`number` (ascending), or `objective`: the best completed trials first by the study's "
+                    "direction, then every trial without a completed value (pruned, failed, running, waiting) "
+                    "by number", openapi_examples={"best first": {"value": "objective"}})] = "number",
+) -> TrialPage:
+    """A page of the study's trials: params, state, objective value, epochs recorded so far, error if failed,
+    and the verdict and confidence of each trial's latest diagnosis (null before its first epoch).
+
+    Pages are keyset pages: pass `next_cursor` back as `cursor` (with the same `sort`, `state` and
+    `verdict`) until it is null. Trials added while you page never make a page repeat or skip a
+    trial that existed when you began; a trial that changes state or gets its value meanwhile may
+    move in or out of a filtered or objective-sorted listing. `total` counts the trials matching
+    the filters at each request.
+    """
+    return trial_pages.trial_page(session, name, limit=limit, cursor=cursor, state=state, verdict=verdict,
+                                  sort=sort)
+
+
+@router.get("/{name}/trials/{number}", response_model=TrialDetail, dependencies=READ,
+            responses={**auth_responses("read"), **_ERRORS})
+def get_trial(name: StudyName, number: TrialNumber, session: SessionDep) -> TrialDetail:
+    """One trial: its fields as in the list, the objective values reported to Optuna at each epoch, its user
+    attributes, its latest diagnosis, `attempts` (its line of attempts, first to latest: failed attempts that were
+    rerun as the next one, with each one's state, times, epochs and error) and `train_seconds`."""
+    return trial_pages.trial_detail(session, name, number)
+
+
+@router.get("/{name}/trials/{number}/diagnosis", response_model=TrialDiagnosisOut, dependencies=READ,
+            responses={**auth_responses("read"),
+                       404: {"description": "no such study or trial, or the trial has no diagnosis yet "
                                             "(no epoch recorded)"}})
 def get_trial_diagnosis(name: StudyName, number: TrialNumber, session: SessionDep,
                         storage: StorageDep) -> TrialDiagnosisOut:
@@ -112,9 +169,11 @@ def get_trial_diagnosis(name: StudyName, number: TrialNumber, session: SessionDe
 
 
 @router.post("/{name}/trials/{number}/repair", status_code=status.HTTP_201_CREATED, response_model=RepairOut,
-             responses={**_ERRORS, 409: {"description": "the trial is running or waiting, healthy, has no "
-                                                       "diagnosis or no remedy that fits the search space, or "
-                                                       "was already repaired; `detail` says which"}})
+             dependencies=WRITE,
+             responses={**auth_responses("write"), **_ERRORS,
+                        409: {"description": "the trial is running or waiting, healthy, has no diagnosis or no remedy "
+                                             "that fits the search space, or was already repaired; `detail` says "
+                                             "which"}})
 def repair_trial(name: StudyName, number: TrialNumber, settings: SettingsDep) -> RepairOut:
     """Queue an unhealthy trial again as a new trial, with its diagnosis' first remedy applied.
 
@@ -125,12 +184,59 @@ def repair_trial(name: StudyName, number: TrialNumber, settings: SettingsDep) ->
     return RepairOut(**repair.repair_summary(repair.repair_trial(settings, name, number)))
 
 
-@router.get("/{name}/trials/{number}/metrics", response_model=MetricsOut, responses=_ERRORS)
-def get_trial_metrics(name: StudyName, number: TrialNumber, session: SessionDep,
-                      storage: StorageDep) -> MetricsOut:
-    """Per-epoch metrics, written as each epoch ends (so a running trial shows its progress).
+@router.get("/{name}/trials/{number}/metrics", response_model=MetricsColumnsOut | MetricsOut, dependencies=READ,
+            responses={**auth_responses("read"), **_ERRORS, **_CSV_OR_JSON,
+                       200: {"description": "the metrics, as columns (default), as a history (`layout=history`) "
+                                            "or as CSV",
+                             "content": {"application/json": {"examples": {
+                                 "columns": {"summary": "layout=columns (default)", "value": METRICS_COLUMNS_EXAMPLE},
+                                 "history": {"summary": "layout=history", "value": METRICS_HISTORY_EXAMPLE}}},
+                                 **_csv_content(METRICS_CSV_EXAMPLE, "one row per epoch, empty cells for nulls")}}})
+def get_trial_metrics(
+    name: StudyName, number: TrialNumber, session: SessionDep, fmt: FormatDep,
+    layout: Annotated[Literal["columns", "history"], Query(
+        description="JSON layout: `columns` (one list per metric) or `history` (one object per epoch: the "
+                    "diagnosis input format)", openapi_examples={"history": {"value": "history"}})] = "columns",
+) -> MetricsColumnsOut | MetricsOut | Response:
+    """Per-epoch metrics, written as each epoch ends (so a running trial shows its progress): epoch,
+    train_loss, val_loss, val_acc, grad_norm, param_norm, lr and epoch_seconds.
 
-    The body is a history in the diagnosis input format; NaN and infinities are sent as the
-    strings "NaN", "Infinity" and "-Infinity".
+    - JSON, `layout=columns` (the default): `columns` holds one list per metric, index i being epoch
+      `columns.epoch[i]`.
+    - JSON, `layout=history`: a history in the diagnosis input format, which `POST /v1/diagnose`
+      accepts as it is.
+    - CSV (`Accept: text/csv` or `?format=csv`): a header row, then one row per epoch; empty cells
+      for nulls.
+
+    NaN and infinities are the strings "NaN", "Infinity" and "-Infinity" in JSON and in CSV.
     """
-    return views.get_trial_metrics(session, storage, name, number)
+    if fmt == "csv":
+        return _csv(trial_pages.metrics_csv(session, name, number))
+    if layout == "history":
+        return trial_pages.metrics_history(session, name, number)
+    return trial_pages.metrics_columns(session, name, number)
+
+
+@router.get("/{name}/export", response_model=StudyExport, dependencies=READ,
+            responses={**auth_responses("read"), 404: {"description": "no such study"}, **_CSV_OR_JSON,
+                       200: {"description": "the study and all its trials, as JSON or CSV",
+                             "content": {"application/json": {"example": STUDY_EXPORT_EXAMPLE},
+                                         **_csv_content(STUDY_EXPORT_CSV_EXAMPLE, "one row per trial")}}})
+def export_study(name: StudyName, settings: SettingsDep, storage: StorageDep, fmt: FormatDep) -> Response:
+    """Every trial of the study, streamed (read 1,000 trials at a time), as an attachment.
+
+    - JSON (default): `{"study": ..., "trials": [...]}`, the study as `GET /v1/studies/{name}` and
+      each trial as in the trial list, by number.
+    - CSV (`Accept: text/csv` or `?format=csv`): one row per trial, by number: number, state,
+      value, one `params_NAME` column per parameter, datetime_start, datetime_complete,
+      duration_s, epochs_recorded, verdict, confidence, retry_of, rerun_as, repair_of,
+      repaired_as, pruned_by (the rule), error; empty cells for nulls, non-finite values as in
+      the JSON.
+    """
+    engine = get_engine(settings.database_url, settings.sqlite_busy_timeout_s)
+    with session_scope(engine) as session:  # its own: the stream outlives the request's dependencies
+        study = views.get_study_out(session, storage, name)  # a 404 before anything is streamed
+    if fmt == "csv":
+        return _csv(trial_pages.export_csv(engine, name), f"{name}.csv")
+    return StreamingResponse(trial_pages.export_json(engine, name, study), media_type="application/json",
+                             headers={"Content-Disposition": f'attachment; filename="{name}.json"'})

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
 from service import views
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import SessionDep, SettingsDep, auth_responses, require_scope
 from service.api.schemas import WorkerOut
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"])
 
 
-@router.get("", response_model=list[WorkerOut])
+@router.get("", response_model=list[WorkerOut], dependencies=[Depends(require_scope("read"))],
+            responses=auth_responses("read"))
 def list_workers(settings: SettingsDep, session: SessionDep) -> list[WorkerOut]:
     """Every worker seen in the last day: host, pid, devices, slots, state, the trials it runs now
     and its last heartbeat; `alive` is false once its heartbeat is older than the grace period."""
