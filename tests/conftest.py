@@ -109,9 +109,25 @@ def converge_env(db_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
+_STARTED_WORKERS: list[subprocess.Popen[str]] = []
+
+
 def start_worker(db_url: str, *args: str, new_session: bool = False, **env: str) -> subprocess.Popen[str]:
     """A real `converge worker` on the CPU, its output captured; `new_session` puts it and its
-    slot processes in a process group of their own (to kill the whole worker at once)."""
-    return subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--devices", "cpu", *args],
-                            cwd=REPO, env=converge_env(db_url, **env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
+    slot processes in a process group of their own (to kill the whole worker at once). A worker
+    still running when its test ends (a failed assertion) is killed then (`_no_stray_workers`)."""
+    worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--devices", "cpu", *args],
+                              cwd=REPO, env=converge_env(db_url, **env), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
+    _STARTED_WORKERS.append(worker)
+    return worker
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_workers() -> Iterator[None]:
+    yield
+    while _STARTED_WORKERS:
+        worker = _STARTED_WORKERS.pop()
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate(timeout=30)

@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service import auth
-from service.api.schemas import ErrorOut
+from service.api.schemas import ErrorOut, ProblemsOut
 from service.db.engine import get_engine, session_scope
 from service.settings import Settings
 
@@ -28,7 +28,11 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# Closed as soon as the route function returns, before the response is serialised: that step
+# waits for one of the thread pool's 40 threads, and with the session held open until then, a
+# burst of requests could take every thread waiting for a pooled connection that only a
+# finished request, itself waiting for a thread, would give back.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_storage(settings: SettingsDep) -> optuna.storages.RDBStorage:
@@ -87,6 +91,30 @@ def auth_responses(scope: str) -> dict[int | str, dict[str, Any]]:
                                                 "TOKEN`; only once a token exists)"},
         403: {"model": ErrorOut, "description": f"the token's scope is below `{scope}`"},
     }
+
+
+INVALID = "a parameter is invalid; `detail` says what was wrong and `problems` lists each problem"
+UNAVAILABLE = "the database is unreachable or its schemas are not current (`converge db upgrade`); `detail` says which"
+
+
+def error_responses(scope: str, errors: dict[int, str] | None = None, *, invalid: str | None = INVALID,
+                    body: bool = False) -> dict[int | str, dict[str, Any]]:
+    """Every error an operation answers, each with its schema, for its OpenAPI `responses`.
+
+    The scope's 401 and 403; the route's own `errors` (status: when), `detail` only; a 422 with
+    `detail` and `problems` (`invalid`: when; None for an operation that takes neither parameters
+    nor a body); a 413 when it takes a `body` (the app's body cap, `service.api.limits`); a 503 always.
+    """
+    responses: dict[int | str, dict[str, Any]] = dict(auth_responses(scope))
+    for status, description in (errors or {}).items():
+        responses[status] = {"model": ErrorOut, "description": description}
+    if invalid is not None:
+        responses[422] = {"model": ProblemsOut, "description": invalid}
+    if body:
+        responses[413] = {"model": ErrorOut, "description": "the body is larger than the server's limit "
+                          "(`CONVERGE_MAX_BODY_BYTES`, 1 MiB by default); `detail` gives both sizes"}
+    responses[503] = {"model": ErrorOut, "description": UNAVAILABLE}
+    return responses
 
 
 # ---------------------------------------------------------------- JSON or CSV
