@@ -26,7 +26,26 @@ the measurement; the epoch rows it wrote in each window are counted and printed.
 included, so the authenticated path is the one measured.
 
 For each endpoint in turn, `--clients` concurrent clients (asyncio, one `httpx.AsyncClient` and
-one keep-alive connection each, opened before the window) loop for `--seconds`:
+one keep-alive connection each, opened before the window) send requests for `--seconds`, in two
+runs (`--modes`), each printed as its own table:
+
+- saturation (closed loop): each client sends its next request as soon as the last one is
+  answered, so the table shows the most requests/s the server manages;
+- paced (open loop, `--rate` requests/s per client, 1 by default: 50 clients offer 50
+  requests/s): each client sends on its own schedule, the next send time 1/rate after the last
+  scheduled one, whatever the answer's time (the clients' schedules are spread over one
+  interval). A client still waiting for an answer at its next send time sends right after it,
+  and every latency counts from the request's scheduled send time, not from when it could be
+  sent, so a server that falls behind shows it (no coordinated omission).
+
+The targets are judged on the paced table. With closed-loop clients and no think time, Little's
+law fixes the mean latency at clients / throughput (50 clients at 100 requests/s wait 500 ms on
+average whatever the server does), so a p99 under 100 ms would take over 500 requests/s from one
+server on the cores it shares with PostgreSQL, the training slots and the clients; real clients
+of a REST API (a dashboard page, a script polling a trial) pause between requests, which the
+paced run models. The saturation table gives the capacity behind those latencies.
+
+The requests, for each endpoint in turn (the paced window, then the saturation one):
 
 - `GET /v1/studies/{name}/trials?limit=100&cursor=...`: a page at a random cursor, cursors
   taken from walking the whole list once beforehand (just `?limit=100` if the endpoint returns
@@ -35,22 +54,27 @@ one keep-alive connection each, opened before the window) loop for `--seconds`:
 - `GET /v1/studies/{name}/diagnosis`: the whole study's diagnosis;
 - optuna-dashboard's `GET /api/studies/{study_id}` for the same study (what its page polls).
 
-Latency is client-side, from sending the request to having read the whole body, so it includes
-the client's own scheduling on the same machine. Non-2xx answers and transport errors
-(timeouts included) are errors, counted apart from the latencies, and the output says so
-loudly. Each request has a timeout (`--timeout`); clients start no request after the window's
-end, and whatever is still running `--timeout` + 1 s after it is cancelled and reported as
-unfinished. Before each window one request of that endpoint is sent and not counted (the first
-diagnosis in a process imports scikit-learn; the dashboard fills its trial cache).
-Requests/s is 2xx answers over the time from the window's start until its last request ended.
+Latency is client-side, to having read the whole body (from sending the request in the
+saturation run, from its scheduled send time in the paced one), so it includes the client's own
+scheduling on the same machine. Non-2xx answers and transport errors (timeouts included) are
+errors, counted apart from the latencies, and the output says so loudly. Each request has a
+timeout (`--timeout`); no request is started (saturation) or scheduled (paced) after the window's
+end, and whatever is still running or not yet sent `--timeout` + 1 s after it is cancelled and
+reported as unfinished, counted as slower than the timeout. Before each window the server is
+given up to `--timeout` s to finish requests an earlier window left running (until
+`/v1/health` answers within 100 ms twice in a row), and one request of that endpoint is sent
+and not counted (the first diagnosis in a process imports scikit-learn; the dashboard fills its
+trial cache). Requests/s is 2xx answers over the time from the window's start until its last
+request ended.
 
 Everything (the server, PostgreSQL, the two training slots and this client) shares the
 machine's cores, so the figures are for this machine as printed. Targets (issue 6): p99 <= 100
-ms for the list and detail pages, <= 200 ms for metrics; the diagnosis and the dashboard have
-none. The last column is each endpoint's p99 over the dashboard's.
+ms for the list and detail pages, <= 200 ms for metrics, judged on the paced table; the
+diagnosis and the dashboard have none. The last column of each table is each endpoint's p99
+over the dashboard's in the same run.
 
     .venv/bin/python benchmarks/api_load.py [--trials 10000] [--epochs 50] [--clients 50] [--seconds 20]
-        [--database-url URL]
+        [--rate 1] [--modes saturation paced] [--database-url URL]
 
 Without `--database-url` it creates a scratch PostgreSQL database on 127.0.0.1:5432 and drops it;
 with one, it upgrades that database and leaves its two studies (`load-<id>`, `writers-<id>`) and its
@@ -539,6 +563,25 @@ def healthy(base: str) -> bool:
         return False
 
 
+def settle(base: str, max_wait_s: float, quick_s: float = 0.1) -> float:
+    """Give the server time to finish what an earlier window left running (a request cancelled at a window's
+    hard end keeps running on the server): until `/v1/health` answers within `quick_s` twice in a row, at
+    most `max_wait_s`. Returns the seconds waited."""
+    started = time.perf_counter()
+    quick = 0
+    with httpx.Client(base_url=base, timeout=max_wait_s) as client:
+        while quick < 2 and time.perf_counter() - started < max_wait_s:
+            sent = time.perf_counter()
+            try:
+                ok = client.get("/v1/health").status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            quick = quick + 1 if ok and time.perf_counter() - sent <= quick_s else 0
+            if not quick:
+                time.sleep(0.2)
+    return time.perf_counter() - started
+
+
 # ---------------------------------------------------------------- load
 
 
@@ -548,10 +591,12 @@ class Window:
     clients: int
     seconds: float
     timeout_s: float
+    rate: float | None = None  # paced: requests/s per client; None: closed loop (saturation)
     latencies: list[float] = field(default_factory=list)  # 2xx answers, seconds
     errors: dict[str, int] = field(default_factory=dict)  # "HTTP 500", "ReadTimeout", ...
     timeouts: int = 0  # of the errors, requests that ran into their timeout
-    unfinished: int = 0  # cancelled at the window's hard end
+    unfinished: int = 0  # cancelled at the window's hard end (paced: also those scheduled but never sent)
+    scheduled: int = 0  # paced: the requests the clients' schedules held within the window
     idle_clients: int = 0  # clients that got no answer at all
     elapsed: float = 0.0
     writer_rows: int = 0  # epoch rows the worker wrote during the window
@@ -574,25 +619,44 @@ class Window:
         return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] * 1e3
 
     @property
-    def rate(self) -> float:
+    def rps(self) -> float:
+        """2xx answers per second, from the window's start until its last request ended."""
         return self.requests / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def offered_rps(self) -> float | None:
+        return None if self.rate is None else self.rate * self.clients
 
     def figures(self) -> dict[str, Any]:
         return {"requests": self.requests, "errors": self.n_errors, "error_kinds": dict(self.errors),
                 "timeouts": self.timeouts, "unfinished": self.unfinished, "idle_clients": self.idle_clients,
-                "rps": self.rate,
+                "rps": self.rps, "offered_rps": self.offered_rps, "scheduled": self.scheduled,
                 "p50_ms": self.percentile_ms(50), "p99_ms": self.percentile_ms(99), "elapsed_s": self.elapsed,
                 "writer_rows": self.writer_rows}
 
 
+def schedule(start: float, deadline: float, rate: float, clients: int, i: int) -> Iterator[float]:
+    """Client `i`'s send times in a paced window: every 1/rate s from its phase, the clients' phases spread
+    over one interval, up to the window's end."""
+    interval = 1.0 / rate
+    first = start + i * interval / clients
+    k = 0
+    while (at := first + k * interval) < deadline:  # from the schedule, never from an answer's time
+        yield at
+        k += 1
+
+
 async def load_window(base: str, headers: dict[str, str], endpoint: str, path: Callable[[random.Random], str],
                       clients: int, seconds: float, timeout_s: float, seed: int,
-                      writes: Callable[[], int] = lambda: 0) -> Window:
-    """`clients` clients sending `path(rng)` requests back to back for `seconds`; see the module docstring.
+                      writes: Callable[[], int] = lambda: 0, rate: float | None = None) -> Window:
+    """`clients` clients sending `path(rng)` requests for `seconds`; see the module docstring.
 
-    `writes()` counts the writers' rows; it is read just before the window and just after it.
+    `rate` None: closed loop, each client's requests back to back, latency from sending each one.
+    `rate` R: open loop, each client on its own schedule of R requests/s (`schedule`), latency from
+    each request's scheduled send time, however late it could be sent. `writes()` counts the
+    writers' rows; it is read just before the window and just after it.
     """
-    window = Window(endpoint, clients, seconds, timeout_s)
+    window = Window(endpoint, clients, seconds, timeout_s, rate)
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     sessions = [httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=timeout_s)
                 for _ in range(clients)]
@@ -607,12 +671,23 @@ async def load_window(base: str, headers: dict[str, str], endpoint: str, path: C
         except httpx.HTTPError as exc:
             window.note = f"the uncounted first request failed: {type(exc).__name__}: {exc}"
 
-        async def client(i: int, deadline: float) -> None:
+        async def client(i: int, start: float, deadline: float) -> None:
             rng = random.Random(seed * 1000 + i)
             session = sessions[i]
-            while time.perf_counter() < deadline:
-                url = path(rng)
-                sent = time.perf_counter()
+            paced = schedule(start, deadline, rate, clients, i) if rate is not None else None
+            while True:
+                if paced is not None:
+                    sent = next(paced, None)  # latency counts from here, whenever the request goes out
+                    if sent is None:
+                        return
+                    if sent > time.perf_counter():
+                        await asyncio.sleep(sent - time.perf_counter())
+                    url = path(rng)
+                else:
+                    if time.perf_counter() >= deadline:
+                        return
+                    url = path(rng)
+                    sent = time.perf_counter()
                 try:
                     response = await session.get(url)  # the whole body is read before it returns
                 except httpx.HTTPError as exc:
@@ -633,14 +708,18 @@ async def load_window(base: str, headers: dict[str, str], endpoint: str, path: C
         written = writes()
         started = time.perf_counter()
         deadline = started + seconds
-        tasks = [asyncio.create_task(client(i, deadline)) for i in range(clients)]
+        tasks = [asyncio.create_task(client(i, started, deadline)) for i in range(clients)]
         done, pending = await asyncio.wait(tasks, timeout=seconds + timeout_s + 1.0)
         window.elapsed = time.perf_counter() - started
         window.writer_rows = writes() - written
-        for task in pending:  # still waiting on an answer at the hard end
+        for task in pending:  # still waiting on an answer (or, paced, behind its schedule) at the hard end
             task.cancel()
-        window.unfinished = len(pending)
         await asyncio.gather(*pending, return_exceptions=True)
+        if rate is None:
+            window.unfinished = len(pending)
+        else:  # every scheduled request that got no answer and no error: in flight or never sent
+            window.scheduled = sum(1 for i in range(clients) for _ in schedule(started, deadline, rate, clients, i))
+            window.unfinished = window.scheduled - window.requests - window.n_errors
         for task in done:
             task.result()
         window.idle_clients = sum(1 for n in answered if n == 0)
@@ -700,45 +779,71 @@ def _ratio(p99: float | None, dash: float | None, timeout_s: float) -> str:
     return f"{p99 / dash:.3f}x"
 
 
-def report(windows: dict[str, Window], args: argparse.Namespace, pages: bool, n_cursors: int) -> None:
+MODES = ("saturation", "paced")
+
+
+def title(mode: str, args: argparse.Namespace) -> str:
+    if mode == "saturation":
+        return (f"SATURATION: closed loop, {args.clients} clients each sending its next request as soon as the last "
+                "one is answered: the most requests/s the server manages (latency from each send)")
+    return (f"PACED: open loop, {args.clients} clients x {args.rate:g} requests/s each = {args.clients * args.rate:g} "
+            "requests/s offered (latency from each request's scheduled send time); the targets are judged here")
+
+
+def table(mode: str, windows: dict[str, Window], args: argparse.Namespace) -> None:
+    """One run's table: per endpoint, answers, errors, requests/s, p50 and p99; paced, also what was offered
+    and the targets."""
+    paced = mode == "paced"
     dash = windows["dashboard"].percentile_ms(99) if "dashboard" in windows else None
-    header = (f"{'endpoint':<52} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'target':>8}  {'met':<7} {'p99/dashboard':>13}")
-    print(f"\n{header}\n{'-' * len(header)}")
-    for key in windows:
-        w = windows[key]
+    header = (f"{'endpoint':<52} " + (f"{'offered/s':>9} " if paced else "") + f"{'requests':>8} {'errors':>6} "
+              f"{'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} " + (f"{'target':>8}  {'met':<7} " if paced else "")
+              + f"{'p99/dashboard':>13}")
+    print(f"\n{title(mode, args)}\n{header}\n{'-' * len(header)}")
+    for key, w in windows.items():
         p99 = w.percentile_ms(99)
-        target = TARGET_P99_MS.get(key)
-        met = "-" if target is None else ("NO DATA" if p99 is None else "met" if p99 <= target else "NOT met")
-        limit = f"<= {target:.0f}" if target else "-"
-        print(f"{LABELS[key]:<52} {w.requests:>8} {w.n_errors:>6} {w.rate:>7.1f} "
-              f"{_ms(w.percentile_ms(50), args.timeout):>8} {_ms(p99, args.timeout):>8} "
-              f"{limit:>8}  {met:<7} {_ratio(p99, dash, args.timeout):>13}")
+        columns = f"{LABELS[key]:<52} " + (f"{w.offered_rps:>9.1f} " if paced else "")
+        columns += (f"{w.requests:>8} {w.n_errors:>6} {w.rps:>7.1f} {_ms(w.percentile_ms(50), args.timeout):>8} "
+                    f"{_ms(p99, args.timeout):>8} ")
+        if paced:
+            target = TARGET_P99_MS.get(key)
+            met = "-" if target is None else ("NO DATA" if p99 is None else "met" if p99 <= target else "NOT met")
+            columns += f"{f'<= {target:.0f}' if target else '-':>8}  {met:<7} "
+        print(columns + f"{_ratio(p99, dash, args.timeout):>13}")
+    if not paced:
+        print(f"(no targets here: with {args.clients} clients and no pause, mean latency is {args.clients} / (req/s) "
+              "by Little's law; the targets are judged on the paced table)")
+
+
+def report(runs: dict[str, dict[str, Window]], args: argparse.Namespace, pages: bool, n_cursors: int) -> None:
+    for mode, windows in runs.items():
+        table(mode, windows, args)
     print(f"\nwindows: {args.seconds:g} s each, {args.clients} clients; elapsed (last request ended) and epoch rows "
           f"the 2 worker slots wrote:")
-    for key in windows:
-        w = windows[key]
-        extra = []
-        if w.unfinished:
-            extra.append(f"{w.unfinished} requests unfinished at the hard end ({args.seconds + args.timeout + 1:g} s)"
-                         ", counted as slower than the timeout")
-        if w.idle_clients:
-            extra.append(f"{w.idle_clients} of {w.clients} clients got no answer within the window")
-        if w.requests and w.requests < 100:
-            extra.append(f"p99 of only {w.requests} requests is their slowest")
-        print(f"  {key:<10} {w.elapsed:6.1f} s, {w.writer_rows:5d} epoch rows written" +
-              (f"; {'; '.join(extra)}" if extra else ""))
+    for mode, windows in runs.items():
+        for key, w in windows.items():
+            extra = []
+            if w.unfinished:
+                what = "requests unfinished or never sent" if mode == "paced" else "requests unfinished"
+                extra.append(f"{w.unfinished} {what} at the hard end ({args.seconds + args.timeout + 1:g} s), counted "
+                             "as slower than the timeout")
+            if w.idle_clients:
+                extra.append(f"{w.idle_clients} of {w.clients} clients got no answer within the window")
+            if w.requests and w.requests < 100:
+                extra.append(f"p99 of only {w.requests} requests is their slowest")
+            print(f"  {mode:<10} {key:<10} {w.elapsed:6.1f} s, {w.writer_rows:5d} epoch rows written" +
+                  (f"; {'; '.join(extra)}" if extra else ""))
     if not pages:
         print(f"  NOTE: the trial list returned a plain list, not pages: the list requests were ?limit={PAGE} only")
     else:
         print(f"  list cursors: {n_cursors} pages of {PAGE}, chosen at random")
-    bad = {k: w for k, w in windows.items() if w.n_errors or w.note}
-    for key, w in bad.items():
-        print(f"\n!!! {key}: {w.n_errors} ERRORS {w.errors}" + (f"; {w.note}" if w.note else ""))
-    if any(w.n_errors for w in windows.values()):
+    every = [(mode, key, w) for mode, windows in runs.items() for key, w in windows.items()]
+    for mode, key, w in every:
+        if w.n_errors or w.note:
+            print(f"\n!!! {mode} {key}: {w.n_errors} ERRORS {w.errors}" + (f"; {w.note}" if w.note else ""))
+    if any(w.n_errors for _, _, w in every):
         print("!!! THIS RUN HAD ERRORS: the latencies leave failed answers out, except timeouts, which count as "
               f"slower than the {args.timeout:g} s timeout (a figure shown as >{args.timeout * 1e3:.0f})")
-    if any(w.writer_rows == 0 for w in windows.values()):
+    if any(w.writer_rows == 0 for _, _, w in every):
         print("!!! the worker wrote no epoch row during at least one window: not measured under writes")
 
 
@@ -791,6 +896,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--logs", type=Path, default=None,
                         help="keep the server's and the worker's logs in this folder (default: a temporary one)")
+    parser.add_argument("--rate", type=float, default=1.0,
+                        help="paced run: requests per second per client, each client on its own schedule (default 1)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="saturation (closed loop: the most requests/s) and/or paced (open loop at --rate: the "
+                             "targets); default both")
     parser.add_argument("--endpoints", nargs="+", choices=ENDPOINTS, default=list(ENDPOINTS),
                         help="measure only these (the ratio column needs the dashboard)")
     parser.add_argument("--fill", choices=("bulk", "add_trials"), default="bulk",
@@ -799,11 +909,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.trials < 1 or args.epochs < 2 or args.clients < 1 or args.seconds <= 0 or args.timeout <= 0:
         parser.error("--trials and --clients must be >= 1, --epochs >= 2, --seconds and --timeout > 0")
+    if not args.rate > 0 or not math.isfinite(args.rate):
+        parser.error("--rate must be > 0")
+    args.modes = [mode for mode in MODES if mode in args.modes]  # saturation first in the output
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark and print its table; returns the figures (per endpoint, the fill, the names)."""
+    """Run the benchmark and print its tables; returns the figures (per run, `saturation` and `paced`: per
+    endpoint; the fill, the names)."""
     args = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     run_id = uuid.uuid4().hex[:8]
@@ -840,23 +954,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             paths = request_paths(name, fill.optuna_study_id, args.trials, cursors)
             print(f"server: converge serve --workers 0 on {base}; worker: converge worker --devices cpu "
                   f"--slots-per-device 2 on study {writers!r}; a read token on every request")
-            print(f"load: {args.clients} clients, {args.seconds:g} s per endpoint, request timeout "
+            modes = ", ".join(f"paced at {args.rate:g} requests/s per client" if m == "paced" else m
+                              for m in args.modes)
+            print(f"load: {args.clients} clients, {args.seconds:g} s per endpoint and run ({modes}), request timeout "
                   f"{args.timeout:g} s, hard end {args.seconds + args.timeout + 1:g} s", flush=True)
-            windows: dict[str, Window] = {}
+            runs: dict[str, dict[str, Window]] = {mode: {} for mode in args.modes}
             for i, key in enumerate(args.endpoints):
-                w = windows[key] = asyncio.run(load_window(
-                    base, headers, key, paths[key], args.clients, args.seconds, args.timeout, args.seed + i,
-                    writes=lambda: metric_rows_of(url, writers)))
-                print(f"  {key}: {w.requests} requests, {w.n_errors} errors, "
-                      f"p99 {_ms(w.percentile_ms(99), args.timeout)} ms", flush=True)
-                if worker.poll() is not None:
-                    raise RuntimeError(f"the worker exited during the load:\n{tail(worker_log)}")
-        report(windows, args, pages, len(cursors))
-        if any(w.n_errors for w in windows.values()):
+                for mode in sorted(args.modes, key=lambda m: m != "paced"):  # per endpoint, the paced window first
+                    waited = settle(base, args.timeout)
+                    w = runs[mode][key] = asyncio.run(load_window(
+                        base, headers, key, paths[key], args.clients, args.seconds, args.timeout,
+                        args.seed + 2 * i + (mode == "paced"), writes=lambda: metric_rows_of(url, writers),
+                        rate=args.rate if mode == "paced" else None))
+                    print(f"  {mode} {key}: {w.requests} requests, {w.n_errors} errors, "
+                          f"p99 {_ms(w.percentile_ms(99), args.timeout)} ms"
+                          + (f" (waited {waited:.1f} s before it for the server to finish earlier requests)"
+                             if waited >= 1 else ""), flush=True)
+                    if worker.poll() is not None:
+                        raise RuntimeError(f"the worker exited during the load:\n{tail(worker_log)}")
+        report(runs, args, pages, len(cursors))
+        if any(w.n_errors for windows in runs.values() for w in windows.values()):
             print_server_errors(server_log)
         return {"study": name, "optuna_study_id": fill.optuna_study_id, "fill_seconds": fill.seconds,
                 "counts": fill.counts, "states": fill.states, "verdicts": fill.verdicts, "pages": pages,
-                "cursors": len(cursors), "endpoints": {k: w.figures() for k, w in windows.items()}}
+                "cursors": len(cursors), "rate": args.rate,
+                **{mode: {k: w.figures() for k, w in windows.items()} for mode, windows in runs.items()}}
 
 
 if __name__ == "__main__":

@@ -92,6 +92,8 @@ def serve(host: str, port: int, workers: int, demo_spec: Path | None) -> None:
     While none does, the API is open, so serve listens on a loopback address only (127.0.0.1,
     ::1, localhost): another --host is refused (exit status 2) until a token exists. A server
     on another host keeps requiring a token even if every token is later revoked.
+
+    Request bodies over CONVERGE_MAX_BODY_BYTES (1 MiB) are refused with 413, the dashboard's too.
     """
     import uvicorn
 

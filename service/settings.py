@@ -29,6 +29,12 @@ class Settings(BaseSettings):
                     "0 reads at every call",
     )
     worker_poll_s: float = Field(default=1.0, gt=0, description="how often an idle worker looks for work")
+    max_body_bytes: int = Field(
+        default=1_048_576, gt=0,
+        description="the largest request body the API and the dashboard take, in bytes (1 MiB); a larger one is "
+                    "refused with 413, before it is read when its Content-Length says so, else as soon as the "
+                    "bytes read pass the limit",
+    )
 
 
 @lru_cache(maxsize=1)

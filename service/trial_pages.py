@@ -52,6 +52,9 @@ SORTS = ("number", "objective")
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 EXPORT_PAGE = 1000  # trials per query of an export or a full list
+# Optuna's trial numbers and ids are INTEGER columns (32 bits on PostgreSQL): a larger number in a path or a
+# cursor can match no trial, and binding it fails (PostgreSQL: integer out of range; SQLite past 64 bits).
+MAX_TRIAL_NUMBER = 2**31 - 1
 LIST_ATTRS = ("error", RETRY_OF_ATTR, PRUNED_BY_ATTR, REPAIR_OF_ATTR)  # the user attributes a TrialOut shows
 
 
@@ -85,16 +88,18 @@ def _value(value: float | None, value_type: str | None) -> float | None:
 
 def _params_by_trial(rows: Iterable[Row[Any]]) -> dict[int, dict[str, Any]]:
     params: dict[int, dict[str, Any]] = {}
-    for row in rows:
-        params.setdefault(row.trial_id, {})[row.param_name] = external_param(row.param_value, row.distribution_json)
+    for trial_id, name, value, distribution_json in rows:  # (trial_params_rows' columns: unpacked, not looked up)
+        params.setdefault(trial_id, {})[name] = external_param(value, distribution_json)
     return params
 
 
-def _attrs_by_trial(rows: Iterable[Row[Any]]) -> dict[int, dict[str, Any]]:
-    attrs: dict[int, dict[str, Any]] = {}
-    for row in rows:
-        attrs.setdefault(row.trial_id, {})[row.key] = json.loads(row.value_json)
-    return attrs
+_ATTR_COLUMNS = tuple(f"attr_{i}" for i in range(len(LIST_ATTRS)))
+
+
+def _list_attrs(row: Row[Any]) -> dict[str, Any]:
+    """The LIST_ATTRS a row of `repo.trial_page_rows(..., attrs=LIST_ATTRS)` carries, parsed; unset ones left out."""
+    return {key: json.loads(stored) for key, column in zip(LIST_ATTRS, _ATTR_COLUMNS)
+            if (stored := getattr(row, column)) is not None}
 
 
 def _fields(row: Row[Any], params: dict[str, Any], attrs: dict[str, Any]) -> dict[str, Any]:
@@ -110,11 +115,9 @@ def _fields(row: Row[Any], params: dict[str, Any], attrs: dict[str, Any]) -> dic
 
 
 def trial_outs(session: Session, rows: Sequence[Row[Any]]) -> list[TrialOut]:
-    """The page's rows as TrialOut: two more queries, for these trials' params and user attributes."""
-    ids = [row.trial_id for row in rows]
-    params = _params_by_trial(repo.trial_params_rows(session, ids))
-    attrs = _attrs_by_trial(repo.trial_user_attr_rows(session, ids, LIST_ATTRS))
-    return [TrialOut(**_fields(row, params.get(row.trial_id, {}), attrs.get(row.trial_id, {}))) for row in rows]
+    """The page's rows (read with `attrs=LIST_ATTRS`) as TrialOut: one more query, for these trials' params."""
+    params = _params_by_trial(repo.trial_params_rows(session, [row.trial_id for row in rows]))
+    return [TrialOut(**_fields(row, params.get(row.trial_id, {}), _list_attrs(row))) for row in rows]
 
 
 # ---------------------------------------------------------------- the cursor
@@ -151,11 +154,20 @@ def decode_cursor(cursor: str, where: dict[str, Any]) -> list[Any]:
     if not isinstance(key, list) or len(key) != (2 if where["sort"] == "number" else 4):
         raise invalid
     ints, floats = (key, []) if where["sort"] == "number" else ([key[0], key[2], key[3]], [key[1]])
-    if not all(isinstance(k, int) and not isinstance(k, bool) for k in ints):
+    if not all(isinstance(k, int) and not isinstance(k, bool) and abs(k) <= MAX_TRIAL_NUMBER for k in ints):
         raise invalid
-    if not all(isinstance(k, int | float) and not isinstance(k, bool) and math.isfinite(k) for k in floats):
+    if not all(isinstance(k, int | float) and not isinstance(k, bool) and _finite_float(k) for k in floats):
         raise invalid
+    if floats:
+        key[1] = float(key[1])  # the sort value binds as a float (an integer past 64 bits would not bind at all)
     return key
+
+
+def _finite_float(value: float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 def _key(row: Row[Any], sort: str) -> list[Any]:
@@ -176,8 +188,8 @@ def trial_page(session: Session, name: str, *, limit: int = DEFAULT_LIMIT, curso
                state: str | None = None, verdict: str | None = None, sort: str = "number") -> TrialPage:
     """One page of the study's trials, matching `state` (API name) and `verdict`, by number or best objective first.
 
-    Five queries: the study, the page's rows (limit + 1, to know whether a page follows), the
-    total, and the page's params and user attributes.
+    Three queries: the study; the page's rows (limit + 1, to know whether a page follows) with
+    their user attributes and the total; the page's params (a page with no row counts apart).
     """
     if not 1 <= limit <= MAX_LIMIT:
         raise InvalidRequest(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
@@ -188,9 +200,10 @@ def trial_page(session: Session, name: str, *, limit: int = DEFAULT_LIMIT, curso
     after = decode_cursor(cursor, where) if cursor is not None else None
     query = repo.TrialQuery(optuna_id, study.id, state=OPTUNA_STATE[state] if state else None, verdict=verdict)
     rows = repo.trial_page_rows(session, query, sort=sort, direction=study.spec["objective"]["direction"],
-                                after=after, limit=limit + 1)
+                                after=after, limit=limit + 1, attrs=LIST_ATTRS, total=True)
     more, rows = len(rows) > limit, rows[:limit]
-    return TrialPage(trials=trial_outs(session, rows), total=repo.count_trials(session, query),
+    total = rows[0].total if rows else repo.count_trials(session, query)
+    return TrialPage(trials=trial_outs(session, rows), total=total,
                      next_cursor=encode_cursor(where, _key(rows[-1], sort)) if more else None)
 
 
@@ -204,7 +217,7 @@ def iter_trial_pages(session: Session, name: str, verdict: str | None = None,
 def _pages(session: Session, query: repo.TrialQuery, page_size: int) -> Iterator[list[TrialOut]]:
     after: list[int] | None = None
     while True:
-        rows = repo.trial_page_rows(session, query, after=after, limit=page_size)
+        rows = repo.trial_page_rows(session, query, after=after, limit=page_size, attrs=LIST_ATTRS)
         if rows:
             yield trial_outs(session, rows)
         if len(rows) < page_size:
@@ -220,33 +233,45 @@ def list_trial_outs(session: Session, name: str, verdict: str | None = None) -> 
 # ---------------------------------------------------------------- one trial
 
 
-def _attempt(trial: TrialOut) -> AttemptOut:
-    return AttemptOut(**trial.model_dump(include=set(AttemptOut.model_fields)))
+_ATTEMPT_FIELDS = tuple(AttemptOut.model_fields)
+
+
+def _attempt(fields: dict[str, Any]) -> AttemptOut:
+    """An attempt from a trial's `_fields`."""
+    return AttemptOut(**{key: fields[key] for key in _ATTEMPT_FIELDS})
 
 
 def trial_detail(session: Session, name: str, number: int) -> TrialDetail:
-    """One trial with its intermediate values, user attributes, latest diagnosis, attempts and training time."""
+    """One trial with its intermediate values, user attributes, latest diagnosis, attempts and training time.
+
+    Three queries: the study; the trial's row with its latest diagnosis and training time; its
+    params, user attributes and intermediate values (`repo.trial_extras`). Only a trial that reruns
+    another or was rerun reads its line of attempts (`repo.retry_chain`) and their rows.
+    """
     study, optuna_id = _study(session, name)
-    rows = repo.trial_page_rows(session, repo.TrialQuery(optuna_id, study.id, numbers=[number]))
+    rows = repo.trial_page_rows(session, repo.TrialQuery(optuna_id, study.id, numbers=[number]), detail=True)
     if not rows:
         raise NotFound(f"study {name!r} has no trial {number}")
     row = rows[0]
-    params = _params_by_trial(repo.trial_params_rows(session, [row.trial_id])).get(row.trial_id, {})
-    attrs = _attrs_by_trial(repo.trial_user_attr_rows(session, [row.trial_id])).get(row.trial_id, {})
-    trial = TrialOut(**_fields(row, params, attrs))
-    chain = repo.retry_chain(session, study.id, number)
+    extras = repo.trial_extras(session, row.trial_id)
+    params = {param: external_param(value, distribution) for param, value, distribution in extras.params}
+    attrs = {key: json.loads(stored) for key, stored in extras.user_attrs}
+    fields = _fields(row, params, attrs)
+    # Links to this trial's line of attempts: a rerun is made with RETRY_OF_ATTR set before its link to the
+    # attempt it reruns is recorded (`studies.retries.rerun`), and the row's `retry_number` is this trial's
+    # own rerun; with neither, no link leads to or from it.
+    back, forward = RETRY_OF_ATTR in attrs, row.retry_number is not None
+    chain = repo.retry_chain(session, study.id, number, back=back, forward=forward) if back or forward else [number]
     if chain == [number]:
-        attempts = [_attempt(trial)]
+        attempts = [_attempt(fields)]
     else:
-        others = repo.trial_page_rows(session, repo.TrialQuery(optuna_id, study.id, numbers=chain))
-        by_number = {t.number: t for t in trial_outs(session, others)}
-        attempts = [_attempt(by_number[n]) for n in chain if n in by_number]
-    diagnosis = repo.get_diagnosis(session, study.id, number)
-    intermediate = {r.step: _value(r.intermediate_value, r.intermediate_value_type)
-                    for r in repo.trial_intermediate_value_rows(session, row.trial_id)}
-    return TrialDetail(**trial.model_dump(), intermediate_values=intermediate, user_attrs=attrs,
-                       diagnosis=DiagnosisOut.model_validate(diagnosis.diagnosis) if diagnosis is not None else None,
-                       attempts=attempts, train_seconds=repo.train_seconds(session, study.id, number))
+        others = repo.trial_page_rows(session, repo.TrialQuery(optuna_id, study.id, numbers=chain), attrs=LIST_ATTRS)
+        by_number = {other.number: _attempt(_fields(other, {}, _list_attrs(other))) for other in others}
+        attempts = [by_number[n] for n in chain if n in by_number]
+    intermediate = {step: _value(value, value_type) for step, value, value_type in extras.intermediate_values}
+    return TrialDetail(**fields, intermediate_values=intermediate, user_attrs=attrs,
+                       diagnosis=DiagnosisOut.model_validate(row.diagnosis) if row.diagnosis is not None else None,
+                       attempts=attempts, train_seconds=None if row.train_seconds is None else float(row.train_seconds))
 
 
 # ---------------------------------------------------------------- metrics
@@ -256,12 +281,11 @@ METRICS_CSV_COLUMNS = ("epoch", *METRIC_COLUMNS)
 
 
 def _metrics(session: Session, name: str, number: int) -> tuple[ObjectiveOut, int, list[Row[Any]]]:
-    """Three queries: the study, the trial with its `epochs` param, its metric rows."""
+    """Two queries: the study, then the trial with its `epochs` param and its metric rows."""
     study, optuna_id = _study(session, name)
-    trial = repo.trial_with_param(session, optuna_id, number, "epochs")
+    trial, rows = repo.trial_metrics_with_param(session, optuna_id, study.id, number, "epochs")
     if trial is None:
         raise NotFound(f"study {name!r} has no trial {number}")
-    rows = repo.trial_metric_rows(session, study.id, number)
     max_epochs = (int(external_param(trial.param_value, trial.distribution_json)) if trial.param_value is not None
                   else len(rows))
     return ObjectiveOut(**study.spec["objective"]), max_epochs, rows
@@ -277,7 +301,7 @@ def metrics_columns(session: Session, name: str, number: int) -> MetricsColumnsO
 def metrics_history(session: Session, name: str, number: int) -> MetricsOut:
     objective, max_epochs, rows = _metrics(session, name, number)
     return MetricsOut(study=name, trial=number, objective=objective, max_epochs=max_epochs,
-                      epochs=[dict(r._mapping) for r in rows])
+                      epochs=[{column: getattr(r, column) for column in METRICS_CSV_COLUMNS} for r in rows])
 
 
 def metrics_csv(session: Session, name: str, number: int) -> str:

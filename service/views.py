@@ -85,7 +85,9 @@ def list_trial_outs(session: Session, name: str, verdict: str | None = None) -> 
 def get_study_diagnosis(session: Session, name: str) -> StudyDiagnosisOut:
     """The whole study's diagnosis, from one read of its trials; NotFound for an unknown study."""
     study = repo.get_study(session, name)
-    return study_diagnosis_out(study.spec, list_trial_outs(session, name))
+    spec, trials = study.spec, list_trial_outs(session, name)
+    session.commit()  # the connection goes back to the pool: the diagnosis itself can take seconds of CPU
+    return study_diagnosis_out(spec, trials)
 
 
 def study_diagnosis_out(spec: dict[str, Any], trials: list[TrialOut]) -> StudyDiagnosisOut:

@@ -42,7 +42,8 @@ _CSV_REF = re.compile(r"^csv:(?P<path>[^?]+)\?target=(?P<target>[^&]+)(&task=(cl
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities are never a valid bound, value or option: refused here, not by a worker later.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Range(_Strict):

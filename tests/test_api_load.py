@@ -1,12 +1,17 @@
-"""The API load benchmark runs end to end at a tiny size (its latencies are not checked here), and its
+"""The API load benchmark runs end to end at a tiny size, closed loop and paced (its latencies are not
+checked here); its paced clients count latency from each request's scheduled send time; and its
 fast fill stores what Optuna's own `add_trials` stores."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -19,8 +24,6 @@ from service.db.models import Study, TrialDiagnosis, TrialMetric
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import api_load  # noqa: E402
-
-pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
@@ -39,21 +42,32 @@ def pg_url(postgres_admin: sa.Engine) -> Iterator[str]:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.mark.postgres
 @pytest.mark.slow
 def test_the_benchmark_measures_every_endpoint_without_errors_while_the_worker_writes(
         pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    trials, epochs = 30, 5
-    figures = api_load.main(["--trials", str(trials), "--epochs", str(epochs), "--clients", "4", "--seconds", "1.5",
-                             "--timeout", "10", "--database-url", pg_url])
+    trials, epochs, clients, rate, seconds = 30, 5, 4, 4.0, 1.5
+    figures = api_load.main(["--trials", str(trials), "--epochs", str(epochs), "--clients", str(clients),
+                             "--seconds", str(seconds), "--rate", str(rate), "--timeout", "10",
+                             "--database-url", pg_url])
     out = capsys.readouterr().out
+    assert out.index("SATURATION: closed loop") < out.index("PACED: open loop")  # both tables, in that order
+    for mode in ("saturation", "paced"):
+        for key in api_load.ENDPOINTS:
+            endpoint = figures[mode][key]
+            assert endpoint["requests"] > 0, (mode, key, endpoint)
+            assert endpoint["p50_ms"] is not None and endpoint["p99_ms"] >= endpoint["p50_ms"]
+            assert endpoint["writer_rows"] > 0, f"the worker wrote nothing during the {mode} {key} window"
+            if key != "dashboard":
+                assert endpoint["errors"] == 0 and endpoint["unfinished"] == 0, (mode, key, endpoint)
     for key in api_load.ENDPOINTS:
-        assert api_load.LABELS[key] in out
-        endpoint = figures["endpoints"][key]
-        assert endpoint["requests"] > 0, (key, endpoint)
-        assert endpoint["p50_ms"] is not None and endpoint["p99_ms"] >= endpoint["p50_ms"]
-        assert endpoint["writer_rows"] > 0, f"the worker wrote nothing during the {key} window"
-        if key != "dashboard":
-            assert endpoint["errors"] == 0 and endpoint["unfinished"] == 0, (key, endpoint)
+        assert sum(line.startswith(api_load.LABELS[key] + " ") for line in out.splitlines()) == 2  # one a table
+        paced = figures["paced"][key]
+        assert paced["offered_rps"] == clients * rate
+        # Every client's schedule within the window: 6 sends each, 0.25 s apart from its phase (under 0.25 s).
+        assert clients * 5 <= paced["scheduled"] <= clients * int(seconds * rate) and paced["scheduled"] == (
+            paced["requests"] + paced["errors"] + paced["unfinished"])
+        assert figures["saturation"][key]["offered_rps"] is None
     assert "ERRORS" not in out
     assert figures["pages"] is True  # the trial list answers pages
 
@@ -98,6 +112,7 @@ def _optuna_rows(url: str, optuna_id: int) -> dict[str, list[tuple[Any, ...]]]:
     return rows
 
 
+@pytest.mark.postgres
 def test_the_bulk_fill_stores_the_rows_add_trials_stores(pg_url: str) -> None:
     start = datetime(2024, 5, 1, 12, 0, 0)
     stored, states = {}, {}
@@ -108,3 +123,54 @@ def test_the_bulk_fill_stores_the_rows_add_trials_stores(pg_url: str) -> None:
     assert set(states["bulk"]) == {"complete", "fail", "pruned"}  # every kind of row is compared
     assert stored["bulk"]["trial_intermediate_values"] and stored["bulk"]["trial_user_attributes"]
     assert stored["bulk"] == stored["add_trials"]
+
+
+class _SlowHandler(BaseHTTPRequestHandler):
+    """Answers `/slow` after 0.2 s, anything else at once; keep-alive (HTTP/1.1)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path == "/slow":
+            time.sleep(0.2)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def slow_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_paced_latency_counts_from_the_scheduled_send_time(slow_server: str) -> None:
+    """One client, ten requests a second, a server that takes 0.2 s each: the client falls behind, and
+    each answer's latency counts from its scheduled time. The k-th (from 0) goes out no earlier than
+    0.2 k s into the window and is answered no earlier than 0.2 (k + 1) s, 0.1 k s after its scheduled
+    time: at least 0.2 + 0.1 k s. A closed loop on the same server sees about 0.2 s every time."""
+    def window(rate: float | None) -> api_load.Window:
+        return asyncio.run(api_load.load_window(slow_server, {}, "detail", lambda rng: "/slow", clients=1,
+                                                seconds=1.0, timeout_s=10, seed=0, rate=rate))
+
+    paced = window(10.0)
+    assert paced.n_errors == 0 and paced.unfinished == 0 and paced.requests == paced.scheduled
+    assert paced.requests in (10, 11)  # 0, 0.1, ..., 0.9 s (and 1.0 s should rounding put it before the end)
+    slowest_bound = 0.2 + 0.1 * (paced.requests - 1)
+    assert max(paced.latencies) >= slowest_bound and paced.percentile_ms(99) >= slowest_bound * 1e3
+    assert sorted(paced.latencies)[len(paced.latencies) // 2] >= 0.2 + 0.1 * (paced.requests // 2) - 0.05
+
+    closed = window(None)
+    assert closed.n_errors == 0 and closed.scheduled == 0 and 2 <= closed.requests <= 6
+    assert min(closed.latencies) >= 0.2 and closed.percentile_ms(99) < paced.percentile_ms(99)

@@ -149,6 +149,8 @@ def test_random_histories_never_raise() -> None:
     ({"epochs": [{"epoch": 0}]}, "train_loss is required"),
     ({"epochs": [{"epoch": 0, "train_loss": "lots"}]}, "must be a number"),
     ({"epochs": [{"epoch": -1, "train_loss": 1.0}]}, "non-negative integer"),
+    ({"epochs": [{"epoch": 10**30, "train_loss": 1.0}]}, "up to 2147483647"),  # would overflow int64
+    ({"epochs": [{"epoch": 1e30, "train_loss": 1.0}]}, "up to 2147483647"),
     ({"objective": {"direction": "up"}, "epochs": [{"epoch": 0, "train_loss": 1.0}]}, "direction"),
     ({"epochs": [{"epoch": i, "train_loss": 1.0} for i in range(MAX_EPOCHS + 1)]}, f"at most {MAX_EPOCHS}"),
 ])

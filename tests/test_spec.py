@@ -121,3 +121,14 @@ def test_the_training_seed_is_the_tasks_or_else_the_samplers() -> None:
 def test_diabetes_is_a_regression_dataset_so_val_acc_is_refused() -> None:
     with pytest.raises(SpecError, match="val_acc needs a classification dataset"):
         parse_spec({"name": "a", "task": {"dataset": "sklearn:diabetes"}, "objective": {"metric": "val_acc"}})
+
+
+@pytest.mark.parametrize("space", [
+    {"lr": {"low": float("nan"), "high": 1.0}},
+    {"lr": {"low": 1e-5, "high": float("inf")}},
+    {"lr": float("nan")},
+    {"dropout": float("-inf")},
+    {"weight_decay": {"choices": [1e-4, float("nan")]}},
+])
+def test_nan_and_infinity_are_never_a_bound_value_or_choice(space: dict) -> None:
+    assert problems_of({"name": "x", "search_space": space})

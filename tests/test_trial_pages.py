@@ -8,10 +8,12 @@ Studies are filled with Optuna's `create_trial`/`add_trials` and Converge's repo
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import optuna
@@ -19,8 +21,11 @@ import pytest
 from fastapi.testclient import TestClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from conftest import tiny_spec
+from service import auth
 from service.api.app import create_app
 from service.db import repo
 from service.db.engine import get_engine, session_scope
@@ -480,6 +485,59 @@ def test_trial_detail_keeps_its_fields(client: TestClient, settings: Settings) -
     assert detail["diagnosis"]["verdict"] == "converged" and detail["diagnosis"]["summary"] == "converged (test)"
     assert detail["params"] == _params(0) and detail["epochs_recorded"] == 1 and detail["train_seconds"] == 0.5
     assert [a["number"] for a in detail["attempts"]] == [0]
+
+
+@contextlib.contextmanager
+def _statements() -> Iterator[list[str]]:
+    """Every SQL statement any engine of this process sends meanwhile."""
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+
+
+def test_a_page_a_detail_and_metrics_take_a_few_statements_whatever_the_study_size(
+        client: TestClient, settings: Settings) -> None:
+    """Per request: the token check (one lookup), the study, then statements bounded by the page or
+    the trial, as many for 40 trials as for 10,000; a read of the whole study (Optuna's
+    `get_all_trials`, every diagnosis of the study) or a query per trial would add statements."""
+    _submit(client, "counted", n_trials=40)
+    _add(settings, "counted", [{"state": TrialState.COMPLETE, "value": 0.1 * i, "verdict": "converged",
+                                "epochs": EPOCHS[:2]} for i in range(30)]
+         + [{"state": TrialState.FAIL, "error": "RuntimeError: boom", "verdict": "diverged"}] * 5
+         + [{"state": TrialState.PRUNED, "value": 3.0, "verdict": "diverged"}] * 5)
+    token, _ = auth.create_token(get_engine(settings.database_url), "read", "counted")
+    client.headers["Authorization"] = f"Bearer {token}"
+    first = client.get("/v1/studies/counted/trials", params={"limit": 10})  # the token's first use also records it
+    assert first.status_code == 200, first.text
+    cursor = first.json()["next_cursor"]
+    expected = {
+        # token, study, the page's rows with their attributes and the total, the page's params
+        "/v1/studies/counted/trials?limit=10": 4,
+        f"/v1/studies/counted/trials?limit=10&cursor={cursor}": 4,
+        "/v1/studies/counted/trials?limit=10&sort=objective&state=complete": 4,
+        "/v1/studies/counted/trials?limit=10&verdict=diverged": 4,
+        # token, study, the trial's row with its diagnosis and training time, its params, attributes and values
+        "/v1/studies/counted/trials/7": 4,
+        "/v1/studies/counted/trials/32": 4,  # a failed one
+        # token, study, the trial with its epochs param and its metric rows
+        "/v1/studies/counted/trials/7/metrics": 3,
+        "/v1/studies/counted/trials/7/metrics?layout=history": 3,
+        "/v1/studies/counted/trials/7/metrics?format=csv": 3,
+    }
+    counted = {}
+    for path in expected:
+        with _statements() as seen:
+            response = client.get(path)
+        assert response.status_code == 200, (path, response.text)
+        counted[path] = len(seen)
+    assert counted == expected
 
 
 # ---------------------------------------------------------------- OpenAPI

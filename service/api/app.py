@@ -6,11 +6,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException
 
 from service.api.dashboard import DashboardDispatch
+from service.api.limits import BodySizeLimit
+from service.api.openapi import keep_null_examples
 from service.api.routers import diagnose, health, studies, workers
 from service.db.engine import describe_cause, get_engine, is_transient, safe_url
 from service.db.errors import (
@@ -27,11 +32,13 @@ from studies.diagnosis import HistoryError
 from studies.spec import SpecError, describe_errors
 
 _STATUS = {NotFound: 404, Conflict: 409, InvalidRequest: 422, DatabaseUnavailable: 503, SchemaNotReady: 503}
-_WHAT = {"/v1/studies": "study spec", "/v1/diagnose": "history"}  # what a 422 says was invalid
+_WHAT = {("POST", "/v1/studies"): "study spec", ("POST", "/v1/diagnose"): "history"}  # what a 422 says was invalid
+UNPARSABLE = "There was an error parsing the body"  # FastAPI's 400 for a body it could not decode
 
 DESCRIPTION = """Hyperparameter sweeps over learning rate, batch size, epochs, weight decay and dropout,
 with every trial's per-epoch metrics and its latest convergence diagnosis stored; `POST /v1/diagnose`
-diagnoses any training history. Errors are JSON with a human-readable `detail`.
+diagnoses any training history. Errors are JSON with a human-readable `detail`; a 422 (bad input) also lists
+each problem in `problems`, and a request body over {max_body_bytes} bytes (`CONVERGE_MAX_BODY_BYTES`) is a 413.
 The Optuna dashboard for the same database is served at `/dashboard`.
 
 Authentication: once an API token exists (`converge token create --scope read|write|admin`), every
@@ -46,13 +53,15 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True, requ
     """The API (and the dashboard). `require_token`: refuse requests without a valid token even while no
     token exists (a server listening beyond loopback must not open up when its last token is revoked)."""
     settings = settings or get_settings()
-    app = FastAPI(title="Converge", version=VERSION, description=DESCRIPTION)
+    app = FastAPI(title="Converge", version=VERSION,
+                  description=DESCRIPTION.replace("{max_body_bytes}", f"{settings.max_body_bytes:,}"))
     app.state.settings = settings
     app.state.require_token = require_token
     app.include_router(studies.router)
     app.include_router(diagnose.router)
     app.include_router(workers.router)
     app.include_router(health.router)
+    keep_null_examples(app)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
@@ -60,13 +69,23 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True, requ
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=_STATUS.get(type(exc), 500))
+        status = _STATUS.get(type(exc), 500)
+        body: dict[str, Any] = {"detail": str(exc)}
+        if status == 422:  # every 422 has the same shape: `detail`, and `problems` one per line
+            body["problems"] = [str(exc)]
+        return JSONResponse(body, status_code=status)
 
     @app.exception_handler(optuna.exceptions.StorageInternalError)
     async def storage_error(_: Request, exc: optuna.exceptions.StorageInternalError) -> JSONResponse:
         """Optuna wraps every driver error in this one: a database that is down is a 503 here too."""
         detail = f"cannot use database {safe_url(settings.database_url)}: {describe_cause(exc)}"
         return JSONResponse({"detail": detail}, status_code=503 if is_transient(exc) else 500)
+
+    @app.exception_handler(sqlalchemy.exc.TimeoutError)
+    async def pool_exhausted(_: Request, exc: sqlalchemy.exc.TimeoutError) -> JSONResponse:
+        """Every pooled connection stayed busy for the pool's timeout: the server is overloaded, a 503."""
+        return JSONResponse({"detail": "the server is busy: no database connection came free in time; try again"},
+                            status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(SpecError)
     async def spec_error(_: Request, exc: SpecError) -> JSONResponse:
@@ -79,9 +98,17 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True, requ
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        what = _WHAT.get(request.url.path, "request")
-        problems = _problems(exc.errors(), what)
-        return JSONResponse({"detail": str(SpecError(problems, what)), "problems": problems}, status_code=422)
+        what = _WHAT.get((request.method, request.url.path), "request")
+        return _invalid(_problems(exc.errors(), what), what)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        """FastAPI's own HTTP errors as they are, but for a body it could not decode (bytes that are not UTF-8
+        text, JSON nested beyond Python's recursion limit): a 422 saying so, like any other body that is not JSON."""
+        if exc.status_code == 400 and exc.detail == UNPARSABLE and exc.__cause__ is not None:
+            what = _WHAT.get((request.method, request.url.path), "request")
+            return _invalid([_unreadable(exc.__cause__)], what)
+        return await http_exception_handler(request, exc)
 
     if dashboard:
         from studies.storage import storage_for
@@ -90,7 +117,22 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True, requ
         app.add_middleware(DashboardDispatch, storage_factory=lambda: storage_for(settings, patient=False),
                            engine_factory=lambda: get_engine(settings.database_url, settings.sqlite_busy_timeout_s),
                            require_token=require_token)
+    # Added last, so it runs first: the cap holds for every path, the dashboard's included.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
+
+
+def _invalid(problems: list[str], what: str) -> JSONResponse:
+    return JSONResponse({"detail": str(SpecError(problems, what)), "problems": problems}, status_code=422)
+
+
+def _unreadable(cause: BaseException) -> str:
+    """Why FastAPI could not decode a body, in words."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid JSON: it is not UTF-8 text ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the body is not valid JSON this server reads: it is nested too deeply"
+    return f"the body could not be read: {type(cause).__name__}"
 
 
 def _problems(errors: Sequence[Any], what: str) -> list[str]:

@@ -44,7 +44,20 @@ class BestTrial(BaseModel):
     params: dict[str, Any]
 
 
+STUDY_EXAMPLE: dict[str, Any] = {
+    "name": "digits-mlp", "state": "done", "detail": None, "n_trials": 40,
+    "trials": {"running": 0, "waiting": 0, "complete": 37, "pruned": 3, "failed": 0, "rerun": 0},
+    "best": {"number": 7, "value": 0.0871,
+             "params": {"lr": 0.0123, "batch_size": 64, "epochs": 20, "weight_decay": 0.0001, "dropout": 0.1}},
+    "created_at": "2026-11-28T08:59:58.000001Z", "started_at": "2026-11-28T08:59:59.5Z",
+    "finished_at": "2026-11-28T09:30:12.25Z",
+    "spec": parse_spec({"name": "digits-mlp", "n_trials": 40}).model_dump(mode="json"),  # complete, as stored
+}
+
+
 class StudyOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [STUDY_EXAMPLE]})
+
     name: str
     state: StudyState = Field(description="queued → running → done | failed; cancelled when stopped by a user")
     detail: str | None = Field(description="why the study failed, when it did")
@@ -120,8 +133,25 @@ class RemedyOut(BaseModel):
         return data
 
 
+DIAGNOSIS_EXAMPLE: dict[str, Any] = {  # what the library said of HISTORY_EXAMPLES["diverged"] when written
+    "verdict": "diverged", "healthy": False, "onset_epoch": 2, "confidence": 0.99,
+    "findings": [{"kind": "diverged", "epoch": 2,
+                  "evidence": "train_loss became NaN at epoch 2 (it was 2.3 at epoch 0)"}],
+    "remedies": [{"param": "lr", "action": "decrease", "factor": 0.1,
+                  "reason": "the loss blew up: steps are far too large"},
+                 {"param": "gradient_clip", "action": "enable", "value": 1.0,
+                  "reason": "caps the update a single bad batch can make"},
+                 {"param": "batch_size", "action": "increase", "factor": 2,
+                  "reason": "larger batches give less noisy, safer steps"}],
+    "summary": "After 3 epochs the run diverged from epoch 2 (confidence 0.99): train_loss became NaN at epoch 2 "
+               "(it was 2.3 at epoch 0).",
+}
+
+
 class DiagnosisOut(BaseModel):
     """A convergence diagnosis in the contract's format (`studies.diagnosis.Diagnosis.to_dict()`)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [DIAGNOSIS_EXAMPLE]})
 
     verdict: Verdict
     healthy: bool = Field(description="true for converged and still_improving")
@@ -132,8 +162,17 @@ class DiagnosisOut(BaseModel):
     summary: str
 
 
+REPAIR_EXAMPLE: dict[str, Any] = {
+    "trial": 3, "repair_trial": 41, "remedy": DIAGNOSIS_EXAMPLE["remedies"][0],
+    "params": {"lr": 0.00123, "batch_size": 64, "epochs": 20, "weight_decay": 0.0001, "dropout": 0.1},
+    "automatic": False,
+}
+
+
 class RepairOut(BaseModel):
     """An unhealthy trial queued again as a new trial with its diagnosis' first applicable remedy."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [REPAIR_EXAMPLE]})
 
     trial: int = Field(description="the trial repaired")
     repair_trial: int = Field(description="the new trial, waiting for a worker")
@@ -142,16 +181,30 @@ class RepairOut(BaseModel):
     automatic: bool = Field(description="made by the spec's auto_repair rather than by a user")
 
 
+REPAIR_OUTCOME_EXAMPLE: dict[str, Any] = {**REPAIR_EXAMPLE, "state": "complete", "verdict": "converged",
+                                          "healthy": True}
+
+
 class RepairOutcome(RepairOut):
     """A repair and how it went: the repair trial's state and latest diagnosis."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [REPAIR_OUTCOME_EXAMPLE]})
 
     state: TrialState
     verdict: Verdict | None = Field(description="the repair trial's latest verdict; null before its first epoch")
     healthy: bool | None
 
 
+TRIAL_DIAGNOSIS_EXAMPLE: dict[str, Any] = {
+    **DIAGNOSIS_EXAMPLE, "study": "digits-mlp", "trial": 3, "epoch": 2, "final": True,
+    "updated_at": "2026-11-28T09:02:10.5Z", "repair": REPAIR_OUTCOME_EXAMPLE,
+}
+
+
 class TrialDiagnosisOut(DiagnosisOut):
     """A trial's latest diagnosis, rewritten after each of its epochs."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [TRIAL_DIAGNOSIS_EXAMPLE]})
 
     study: str
     trial: int
@@ -372,15 +425,7 @@ class MetricsColumnsOut(BaseModel):
     columns: MetricColumns
 
 
-STUDY_EXPORT_EXAMPLE: dict[str, Any] = {
-    "study": {"name": "digits-mlp", "state": "done", "detail": None, "n_trials": 40,
-              "trials": {"running": 0, "waiting": 0, "complete": 37, "pruned": 3, "failed": 0, "rerun": 0},
-              "best": {"number": 7, "value": 0.0871, "params": TRIAL_EXAMPLE["params"]},
-              "created_at": "2026-11-28T08:59:58.000001Z", "started_at": "2026-11-28T08:59:59.5Z",
-              "finished_at": "2026-11-28T09:30:12.25Z",
-              "spec": parse_spec({"name": "digits-mlp", "n_trials": 40}).model_dump(mode="json")},
-    "trials": [TRIAL_EXAMPLE],
-}
+STUDY_EXPORT_EXAMPLE: dict[str, Any] = {"study": STUDY_EXAMPLE, "trials": [TRIAL_EXAMPLE]}
 STUDY_EXPORT_CSV_EXAMPLE = (
     "number,state,value,params_batch_size,params_dropout,params_epochs,params_lr,params_weight_decay,datetime_start,"
     "datetime_complete,duration_s,epochs_recorded,verdict,confidence,retry_of,rerun_as,repair_of,repaired_as,"
@@ -466,6 +511,33 @@ HISTORY_EXAMPLES: dict[str, dict[str, Any]] = {
 }
 
 
+SPEC_EXAMPLES: dict[str, dict[str, Any]] = {
+    "small": {
+        "summary": "12 trials of the digits MLP, epochs narrowed; every other field at its default",
+        "value": {"name": "digits-mlp-small", "task": {"model": "mlp", "dataset": "sklearn:digits"},
+                  "search_space": {"epochs": {"low": 3, "high": 10}}, "n_trials": 12},
+    },
+    "every field": {
+        "summary": "every field given: a fixed weight decay, val_acc maximised, automatic repairs",
+        "value": {
+            "name": "wine-mlp",
+            "task": {"model": "mlp", "dataset": "sklearn:wine", "val_fraction": 0.25,
+                     "params": {"width": 64, "depth": 2}, "seed": 7},
+            "objective": {"metric": "val_acc", "direction": "maximize"},
+            "search_space": {"lr": {"low": 0.0001, "high": 0.1, "log": True},
+                             "batch_size": {"choices": [16, 32, 64]}, "epochs": {"low": 5, "high": 30},
+                             "weight_decay": {"value": 0.0001}, "dropout": {"low": 0.0, "high": 0.5}},
+            "n_trials": 40,
+            "sampler": {"name": "tpe", "seed": 0},
+            "pruner": {"name": "convergence", "base": "hyperband", "min_fraction": 0.5, "min_confidence": 0.8,
+                       "early_stop": True},
+            "retries": 2,
+            "auto_repair": {"max": 3},
+        },
+    },
+}
+
+
 class ErrorOut(BaseModel):
     """An error: what went wrong, in words."""
 
@@ -475,8 +547,12 @@ class ErrorOut(BaseModel):
 class ProblemsOut(BaseModel):
     """A 422: a readable `detail` and one line per problem."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "detail": "invalid study spec (1 problem):\n  - n_trials: n_trials must be between 1 and 10000, got 0",
+        "problems": ["n_trials: n_trials must be between 1 and 10000, got 0"]}]})
+
     detail: str
-    problems: list[str]
+    problems: list[str] = Field(description="one line per problem, each naming where it is")
 
 
 class WorkerTrialOut(BaseModel):
@@ -486,7 +562,18 @@ class WorkerTrialOut(BaseModel):
     slot: int = Field(description="the trial slot of the study this child claimed")
 
 
+WORKER_EXAMPLE: dict[str, Any] = {
+    "id": "gpu-box-1-4242-3f9a1c", "host": "gpu-box-1", "pid": 4242, "devices": "cuda:0,cuda:1", "slots": 2,
+    "state": "running", "alive": True,
+    "current_trials": [{"study": "digits-mlp", "trial": 12, "device": "cuda:0", "slot": 12},
+                       {"study": "digits-mlp", "trial": None, "device": "cuda:1", "slot": 13}],
+    "started_at": "2026-11-28T08:59:50Z", "last_heartbeat": "2026-11-28T09:10:02.25Z",
+}
+
+
 class WorkerOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [WORKER_EXAMPLE]})
+
     id: str
     host: str
     pid: int
@@ -500,6 +587,12 @@ class WorkerOut(BaseModel):
 
 
 class HealthOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"status": "ok", "database": "ok", "version": "0.1.0"},
+        {"status": "unavailable",
+         "database": "database sqlite:///./converge.db is not initialised: run `converge db upgrade`",
+         "version": "0.1.0"}]})
+
     status: Literal["ok", "unavailable"]
     database: str
     version: str

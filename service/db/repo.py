@@ -14,7 +14,22 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any, Literal
 
-from sqlalchemy import Row, and_, case, delete, func, literal, select, tuple_, update
+from sqlalchemy import (
+    Float,
+    Row,
+    String,
+    and_,
+    case,
+    cast,
+    delete,
+    func,
+    literal,
+    null,
+    select,
+    tuple_,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -502,10 +517,17 @@ def objective_sort_key(direction: str) -> tuple[Any, Any]:
 
 
 def trial_page_rows(session: Session, q: TrialQuery, *, sort: TrialSort = "number", direction: str = "minimize",
-                    after: Sequence[Any] | None = None, limit: int | None = None) -> list[Row[Any]]:
+                    after: Sequence[Any] | None = None, limit: int | None = None, attrs: Sequence[str] = (),
+                    total: bool = False, detail: bool = False) -> list[Row[Any]]:
     """One page of trials, in order: the trial row, its `value` and `value_type`, and per trial
     `verdict`, `confidence`, `retry_number`, `repair_number` and `epochs` (recorded); sorted by
     objective, also the sort key (`rank`, `sort_value`).
+
+    In the same statement, when asked: `attr_0`, `attr_1`, ...: the stored JSON (`value_json`) of
+    each of the user attributes `attrs`, null where the trial has none (one lookup each by
+    `trial_user_attributes`' unique (trial_id, key)); `total` (`total=True`): how many trials match
+    `q`, on every row (what `count_trials` says; with no row, ask it); `detail=True`: the latest
+    diagnosis' JSON (`diagnosis`) and the sum of the trial's `epoch_seconds` (`train_seconds`).
 
     `after` is the last row's key of the page before: (number, trial_id) when sorting by number,
     (rank, sort_value, number, trial_id) when sorting by objective (the trial id breaks ties
@@ -540,7 +562,17 @@ def trial_page_rows(session: Session, q: TrialQuery, *, sort: TrialSort = "numbe
     joined = (page.outerjoin(d, and_(d.study_id == q.study_id, d.trial_number == page.c.number))
               .outerjoin(r, and_(r.study_id == q.study_id, r.trial_number == page.c.number))
               .outerjoin(rp, and_(rp.study_id == q.study_id, rp.trial_number == page.c.number)))
-    extra = (d.verdict, d.confidence, r.retry_number, rp.repair_number, epochs.label("epochs"))
+    extra = [d.verdict, d.confidence, r.retry_number, rp.repair_number, epochs.label("epochs")]
+    a = optuna_trial_user_attributes
+    extra += [select(a.c.value_json).where(a.c.trial_id == page.c.trial_id, a.c.key == key).scalar_subquery()
+              .label(f"attr_{i}") for i, key in enumerate(attrs)]
+    if total:  # not correlated with the page: computed once
+        extra.append(_filtered(select(func.count()).select_from(optuna_trials), q).correlate(None)
+                     .scalar_subquery().label("total"))
+    if detail:
+        extra += [d.diagnosis, select(func.sum(TrialMetric.epoch_seconds))
+                  .where(TrialMetric.study_id == q.study_id, TrialMetric.trial_number == page.c.number)
+                  .scalar_subquery().label("train_seconds")]
     if sort == "number":  # the page's values: one lookup each by trial_values' unique (trial_id, objective)
         value_of = and_(v.c.trial_id == page.c.trial_id, v.c.objective == 0)
         query = (select(page, select(v.c.value).where(value_of).scalar_subquery().label("value"),
@@ -549,7 +581,7 @@ def trial_page_rows(session: Session, q: TrialQuery, *, sort: TrialSort = "numbe
     else:
         query = (select(page, *extra).select_from(joined)
                  .order_by(page.c.rank, page.c.sort_value, page.c.number, page.c.trial_id))
-    return list(session.execute(query))
+    return session.execute(query).all()  # fetchall: one call, not one per row
 
 
 def count_trials(session: Session, q: TrialQuery) -> int:
@@ -562,31 +594,44 @@ def trial_params_rows(session: Session, trial_ids: Sequence[int]) -> list[Row[An
     if not trial_ids:
         return []
     p = optuna_trial_params
-    return list(session.execute(
+    return session.execute(
         select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json)
         .where(p.c.trial_id.in_(list(trial_ids))).order_by(p.c.param_id)
-    ))
+    ).all()
 
 
-def trial_user_attr_rows(session: Session, trial_ids: Sequence[int],
-                         keys: Sequence[str] | None = None) -> list[Row[Any]]:
-    """(trial_id, key, value_json) of these trials' user attributes; only `keys` when given."""
-    if not trial_ids:
-        return []
-    a = optuna_trial_user_attributes
-    query = select(a.c.trial_id, a.c.key, a.c.value_json).where(a.c.trial_id.in_(list(trial_ids)))
-    if keys is not None:
-        query = query.where(a.c.key.in_(list(keys)))
-    return list(session.execute(query.order_by(a.c.trial_user_attribute_id)))
+@dataclass(frozen=True)
+class TrialExtras:
+    """What one trial's detail adds to its row, from three of Optuna's tables."""
+
+    params: list[tuple[str, float, str]]  # (param_name, param_value, distribution_json), in the order they were set
+    user_attrs: list[tuple[str, str]]  # (key, value_json), in the order they were set
+    intermediate_values: list[tuple[int, float | None, str]]  # (step, value, value_type), by step
 
 
-def trial_intermediate_value_rows(session: Session, trial_id: int) -> list[Row[Any]]:
-    """(step, intermediate_value, intermediate_value_type) of one trial, by step."""
-    i = optuna_trial_intermediate_values
-    return list(session.execute(
-        select(i.c.step, i.c.intermediate_value, i.c.intermediate_value_type)
-        .where(i.c.trial_id == trial_id).order_by(i.c.step)
-    ))
+def trial_extras(session: Session, trial_id: int) -> TrialExtras:
+    """One trial's params, user attributes and intermediate values in one statement: a UNION ALL of
+    the three reads, each row shaped (kind, ord, name, number, text)."""
+    p, a, i = optuna_trial_params, optuna_trial_user_attributes, optuna_trial_intermediate_values
+    no_name, no_number = cast(null(), String), cast(null(), Float)
+    union = union_all(
+        select(literal(0).label("kind"), p.c.param_id.label("ord"), p.c.param_name.label("name"),
+               p.c.param_value.label("number"), p.c.distribution_json.label("text")).where(p.c.trial_id == trial_id),
+        select(literal(1), a.c.trial_user_attribute_id, a.c.key, no_number, a.c.value_json)
+        .where(a.c.trial_id == trial_id),
+        select(literal(2), i.c.step, no_name, i.c.intermediate_value, cast(i.c.intermediate_value_type, String))
+        .where(i.c.trial_id == trial_id),
+    )
+    columns = union.selected_columns
+    extras = TrialExtras([], [], [])
+    for kind, ord_, name, number, text in session.execute(union.order_by(columns.kind, columns.ord)).all():
+        if kind == 0:
+            extras.params.append((name, number, text))
+        elif kind == 1:
+            extras.user_attrs.append((name, text))
+        else:
+            extras.intermediate_values.append((ord_, number, text))
+    return extras
 
 
 def study_param_names(session: Session, optuna_study_id: int) -> list[str]:
@@ -598,21 +643,12 @@ def study_param_names(session: Session, optuna_study_id: int) -> list[str]:
     ))
 
 
-def trial_with_param(session: Session, optuna_study_id: int, number: int, param: str) -> Row[Any] | None:
-    """(trial_id, param_value, distribution_json) of one trial and one of its params (nulls when it has
-    no such param); None for no such trial."""
-    t, p = optuna_trials, optuna_trial_params
-    return session.execute(
-        select(t.c.trial_id, p.c.param_value, p.c.distribution_json)
-        .select_from(t.outerjoin(p, and_(p.c.trial_id == t.c.trial_id, p.c.param_name == param)))
-        .where(t.c.study_id == optuna_study_id, t.c.number == number).limit(1)
-    ).first()
-
-
-def retry_chain(session: Session, study_id: int, number: int, max_hops: int = 100) -> list[int]:
+def retry_chain(session: Session, study_id: int, number: int, max_hops: int = 100, *, back: bool = True,
+                forward: bool = True) -> list[int]:
     """The trial numbers of a line of attempts, first to latest, that `number` belongs to:
     each failed attempt links to its rerun in `converge_trial_retries`. Two recursive queries
-    along the links (indexed both ways), at most `max_hops` each."""
+    along the links (indexed both ways), at most `max_hops` each; `back=False` or `forward=False`
+    leaves one out for a caller that knows no link leads that way."""
     r = TrialRetry
 
     def walk(key: Any, other: Any) -> list[int]:
@@ -623,25 +659,29 @@ def retry_chain(session: Session, study_id: int, number: int, max_hops: int = 10
         chain = chain.union_all(step)
         return list(session.scalars(select(chain.c.n).order_by(chain.c.hop)))
 
-    before = walk(r.trial_number, r.retry_number)  # the attempt each one reruns, going back
-    after = walk(r.retry_number, r.trial_number)  # the rerun of each one, going forward
+    before = walk(r.trial_number, r.retry_number) if back else []  # the attempt each one reruns, going back
+    after = walk(r.retry_number, r.trial_number) if forward else []  # the rerun of each one, going forward
     return [*reversed(before), number, *after]
 
 
-def train_seconds(session: Session, study_id: int, trial_number: int) -> float | None:
-    """The sum of the trial's `epoch_seconds`; None before its first epoch."""
-    total = session.scalar(select(func.sum(TrialMetric.epoch_seconds))
-                           .where(TrialMetric.study_id == study_id, TrialMetric.trial_number == trial_number))
-    return None if total is None else float(total)
-
-
-def trial_metric_rows(session: Session, study_id: int, trial_number: int) -> list[Row[Any]]:
-    """The trial's epochs, in order: `epoch` and each of METRIC_COLUMNS (NaN kept)."""
-    return list(session.execute(
-        select(TrialMetric.epoch, *(getattr(TrialMetric, name) for name in METRIC_COLUMNS))
-        .where(TrialMetric.study_id == study_id, TrialMetric.trial_number == trial_number)
-        .order_by(TrialMetric.epoch)
-    ))
+def trial_metrics_with_param(session: Session, optuna_study_id: int, study_id: int, number: int,
+                             param: str) -> tuple[Row[Any] | None, list[Row[Any]]]:
+    """One trial with one of its params, and its epochs, in one statement: (the trial's `trial_id`,
+    `param_value` and `distribution_json`, nulls when it has no such param; None for no such trial)
+    and its epoch rows in order (`epoch` and each of METRIC_COLUMNS, NaN kept; the same rows also
+    carry the trial's columns)."""
+    t, p, m = optuna_trials, optuna_trial_params, TrialMetric
+    trial = (select(t.c.trial_id, p.c.param_value, p.c.distribution_json)
+             .select_from(t.outerjoin(p, and_(p.c.trial_id == t.c.trial_id, p.c.param_name == param)))
+             .where(t.c.study_id == optuna_study_id, t.c.number == number).limit(1).subquery("trial"))
+    rows = session.execute(
+        select(trial, m.epoch, *(getattr(m, name) for name in METRIC_COLUMNS))
+        .select_from(trial.outerjoin(m, and_(m.study_id == study_id, m.trial_number == number)))
+        .order_by(m.epoch)
+    ).all()
+    if not rows:
+        return None, []
+    return rows[0], [row for row in rows if row.epoch is not None]  # a trial without epochs: one row of nulls
 
 
 # ---------------------------------------------------------------- workers

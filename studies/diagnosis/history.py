@@ -115,11 +115,17 @@ def _max_epochs(value: Any, problems: list[str]) -> int | None:
     return value
 
 
+MAX_EPOCH_NUMBER = 2**31 - 1  # far past any run; larger numbers would overflow the detectors' integer arrays
+
+
 def _epoch_number(value: Any, index: int, problems: list[str]) -> float:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        if isinstance(value, float) and value.is_integer() and value >= 0:
+        if isinstance(value, float) and value.is_integer() and 0 <= value <= MAX_EPOCH_NUMBER:
             return value
-        problems.append(f"epochs[{index}].epoch must be a non-negative integer, got {value!r}")
+        problems.append(f"epochs[{index}].epoch must be a non-negative integer up to {MAX_EPOCH_NUMBER}, got {value!r}")
+        return math.nan
+    if value > MAX_EPOCH_NUMBER:
+        problems.append(f"epochs[{index}].epoch must be a non-negative integer up to {MAX_EPOCH_NUMBER}, got {value!r}")
         return math.nan
     return float(value)
 

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Body, Depends
 from pydantic import SkipValidation
 
 from service import views
-from service.api.deps import auth_responses, require_scope
-from service.api.schemas import HISTORY_EXAMPLES, DiagnosisOut, HistoryIn, ProblemsOut
+from service.api.deps import error_responses, require_scope
+from service.api.schemas import HISTORY_EXAMPLES, DiagnosisOut, HistoryIn
 from studies.diagnosis import MAX_EPOCHS
 
 router = APIRouter(prefix="/v1", tags=["diagnosis"])
@@ -21,11 +21,10 @@ HistoryBody = Annotated[SkipValidation[HistoryIn], Body(description="a training 
 
 
 @router.post("/diagnose", response_model=DiagnosisOut, dependencies=[Depends(require_scope("read"))],
-             responses={**auth_responses("read"),
-                        422: {"model": ProblemsOut,
-                              "description": "the body is not JSON or not a valid history (epochs missing, out of "
-                                             f"order or repeated, no train_loss, more than {MAX_EPOCHS} epochs, "
-                                             "wrong types); `problems` lists every problem"}})
+             responses=error_responses("read", body=True,
+                                       invalid="the body is not JSON or not a valid history (epochs missing, out of "
+                                               f"order or repeated, no train_loss, more than {MAX_EPOCHS} epochs, "
+                                               "wrong types); `problems` lists every problem"))
 def diagnose_history(history: HistoryBody) -> DiagnosisOut:
     """Diagnose a training history: why it did or did not converge, and what to change.
 

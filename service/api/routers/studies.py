@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Response, status
+from fastapi import APIRouter, Body, Depends, Path, Query, Response, status
 from fastapi.responses import StreamingResponse
 
 from service import trial_pages, views
-from service.api.deps import FormatDep, SessionDep, SettingsDep, StorageDep, auth_responses, require_scope
+from service.api.deps import FormatDep, SessionDep, SettingsDep, StorageDep, error_responses, require_scope
 from service.api.schemas import (
     METRICS_COLUMNS_EXAMPLE,
     METRICS_CSV_EXAMPLE,
     METRICS_HISTORY_EXAMPLE,
+    SPEC_EXAMPLES,
+    STUDY_EXAMPLE,
     STUDY_EXPORT_CSV_EXAMPLE,
     STUDY_EXPORT_EXAMPLE,
     TRIAL_PAGE_CURSOR_EXAMPLE,
@@ -31,42 +33,62 @@ from service.api.schemas import (
 )
 from service.db.engine import get_engine, session_scope
 from studies import lifecycle, repair
-from studies.spec import NAME_PATTERN, StudySpec
+from studies.spec import MAX_TRIALS, NAME_PATTERN, StudySpec
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
-StudyName = Annotated[str, Path(pattern=NAME_PATTERN, description="the study's unique name")]
-TrialNumber = Annotated[int, Path(ge=0, description="the trial's number within its study")]
+StudyName = Annotated[str, Path(pattern=NAME_PATTERN, description="the study's unique name, [A-Za-z0-9._-]{1,100}",
+                                openapi_examples={"a study": {"value": "digits-mlp"}})]
+TrialNumber = Annotated[int, Path(ge=0, le=trial_pages.MAX_TRIAL_NUMBER,
+                                  description="the trial's number within its study, from 0",
+                                  openapi_examples={"a trial": {"value": 7}})]
+SpecBody = Annotated[StudySpec, Body(description="the study spec; every field but `name` has a default",
+                                     openapi_examples=SPEC_EXAMPLES)]
 
-_ERRORS = {404: {"description": "no such study or trial"}}
 READ, WRITE = [Depends(require_scope("read"))], [Depends(require_scope("write"))]
+NO_STUDY = {404: "no such study"}
+NO_TRIAL = {404: "no such study or trial"}
+BAD_NAME = "the study name does not match [A-Za-z0-9._-]{1,100}"
+BAD_PATH = (f"{BAD_NAME}, or the trial number is not an integer in 0..{trial_pages.MAX_TRIAL_NUMBER}; `detail` says "
+            "which")
+
+
+def _list_example(example: list[Any]) -> dict[int | str, dict[str, Any]]:
+    """The 200 of a route whose body is a list, with an example (a list's schema has none of its own)."""
+    return {200: {"content": {"application/json": {"example": example}}}}
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=StudyOut, dependencies=WRITE,
-             responses={**auth_responses("write"), 409: {"description": "a study of that name exists"},
-                        422: {"description": "the spec is invalid; `detail` lists every problem"}})
-def create_study(spec: StudySpec, settings: SettingsDep, session: SessionDep, storage: StorageDep) -> StudyOut:
+             responses=error_responses("write", {409: "a study of that name exists"}, body=True,
+                                       invalid="the body is not JSON or not a valid spec (a name outside "
+                                               f"[A-Za-z0-9._-]{{1,100}}, n_trials outside 1..{MAX_TRIALS}, an unknown "
+                                               "field, model, dataset, sampler or pruner, a range whose low is not "
+                                               "below its high, ...); `problems` lists every problem"))
+def create_study(spec: SpecBody, settings: SettingsDep, session: SessionDep, storage: StorageDep) -> StudyOut:
     """Submit a study. It is queued; workers claim its trials. Every spec field but `name` has a default."""
     lifecycle.submit_study(settings, spec)
     return views.get_study_out(session, storage, spec.name)
 
 
-@router.get("", response_model=list[StudyOut], dependencies=READ, responses=auth_responses("read"))
+@router.get("", response_model=list[StudyOut], dependencies=READ,
+            responses={**error_responses("read", invalid="an unknown `state`"), **_list_example([STUDY_EXAMPLE])})
 def list_studies(session: SessionDep, storage: StorageDep,
-                 state: Annotated[StudyState | None, Query(description="only studies in this state")] = None,
+                 state: Annotated[StudyState | None, Query(description="only studies in this state",
+                                                           openapi_examples={"running": {"value": "running"}})] = None,
                  ) -> list[StudyOut]:
     """All studies, newest first, with trial counts and the best trial so far."""
     return views.list_study_outs(session, storage, state)
 
 
-@router.get("/{name}", response_model=StudyOut, dependencies=READ, responses={**auth_responses("read"), **_ERRORS})
+@router.get("/{name}", response_model=StudyOut, dependencies=READ,
+            responses=error_responses("read", NO_STUDY, invalid=BAD_NAME))
 def get_study(name: StudyName, session: SessionDep, storage: StorageDep) -> StudyOut:
     """One study: state, spec, trial counts by state, best trial."""
     return views.get_study_out(session, storage, name)
 
 
 @router.get("/{name}/diagnosis", response_model=StudyDiagnosisOut, dependencies=READ,
-            responses={**auth_responses("read"), 404: {"description": "no such study"}})
+            responses=error_responses("read", NO_STUDY, invalid=BAD_NAME))
 def get_study_diagnosis(name: StudyName, session: SessionDep) -> StudyDiagnosisOut:
     """The whole study's diagnosis, for planning the next sweep.
 
@@ -86,8 +108,8 @@ def get_study_diagnosis(name: StudyName, session: SessionDep) -> StudyDiagnosisO
 
 
 @router.post("/{name}/cancel", response_model=StudyOut, dependencies=WRITE,
-             responses={**auth_responses("write"), **_ERRORS,
-                        409: {"description": "the study has already ended (done, failed or cancelled)"}})
+             responses=error_responses("write", {**NO_STUDY, 409: "the study has already ended (done, failed or "
+                                                 "cancelled)"}, invalid=BAD_NAME))
 def cancel_study(name: StudyName, settings: SettingsDep, session: SessionDep, storage: StorageDep) -> StudyOut:
     """Cancel a queued or running study: no new trial of it starts, and its running trials stop
     within one epoch (they are failed with the reason). Returns the study, now `cancelled`."""
@@ -108,14 +130,11 @@ def _csv_content(example: str, what: str) -> dict[str, Any]:
                          "example": example}}
 
 
-_CSV_OR_JSON = {422: {"description": "a `format` other than json or csv"}}
-
-
 @router.get("/{name}/trials", response_model=TrialPage, dependencies=READ,
-            responses={**auth_responses("read"), 404: {"description": "no such study"},
-                       422: {"description": "a `limit` outside 1..1000, an unknown `state`, `verdict` or `sort`, or "
-                                            "a `cursor` that is not one this API issued or was issued for another "
-                                            "study, sort or filters; `detail` says which"}})
+            responses=error_responses("read", NO_STUDY,
+                                      invalid="a bad study name, a `limit` outside 1..1000, an unknown `state`, "
+                                              "`verdict` or `sort`, or a `cursor` that is not one this API issued or "
+                                              "was issued for another study, sort or filters; `detail` says which"))
 def list_trials(
     name: StudyName, session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=trial_pages.MAX_LIMIT, description="trials per page, 1..1000",
@@ -146,7 +165,7 @@ def list_trials(
 
 
 @router.get("/{name}/trials/{number}", response_model=TrialDetail, dependencies=READ,
-            responses={**auth_responses("read"), **_ERRORS})
+            responses=error_responses("read", NO_TRIAL, invalid=BAD_PATH))
 def get_trial(name: StudyName, number: TrialNumber, session: SessionDep) -> TrialDetail:
     """One trial: its fields as in the list, the objective values reported to Optuna at each epoch, its user
     attributes, its latest diagnosis, `attempts` (its line of attempts, first to latest: failed attempts that were
@@ -155,9 +174,8 @@ def get_trial(name: StudyName, number: TrialNumber, session: SessionDep) -> Tria
 
 
 @router.get("/{name}/trials/{number}/diagnosis", response_model=TrialDiagnosisOut, dependencies=READ,
-            responses={**auth_responses("read"),
-                       404: {"description": "no such study or trial, or the trial has no diagnosis yet "
-                                            "(no epoch recorded)"}})
+            responses=error_responses("read", {404: "no such study or trial, or the trial has no diagnosis yet "
+                                                    "(no epoch recorded)"}, invalid=BAD_PATH))
 def get_trial_diagnosis(name: StudyName, number: TrialNumber, session: SessionDep,
                         storage: StorageDep) -> TrialDiagnosisOut:
     """The trial's convergence diagnosis: verdict, confidence, onset epoch, findings, remedies, summary.
@@ -170,10 +188,10 @@ def get_trial_diagnosis(name: StudyName, number: TrialNumber, session: SessionDe
 
 @router.post("/{name}/trials/{number}/repair", status_code=status.HTTP_201_CREATED, response_model=RepairOut,
              dependencies=WRITE,
-             responses={**auth_responses("write"), **_ERRORS,
-                        409: {"description": "the trial is running or waiting, healthy, has no diagnosis or no remedy "
-                                             "that fits the search space, or was already repaired; `detail` says "
-                                             "which"}})
+             responses=error_responses("write", {**NO_TRIAL, 409: "the trial is running or waiting, healthy, has "
+                                                 "no diagnosis or no remedy that fits the search space, or was "
+                                                 "already repaired, or the study was cancelled; `detail` says which"},
+                                       invalid=BAD_PATH))
 def repair_trial(name: StudyName, number: TrialNumber, settings: SettingsDep) -> RepairOut:
     """Queue an unhealthy trial again as a new trial, with its diagnosis' first remedy applied.
 
@@ -185,7 +203,8 @@ def repair_trial(name: StudyName, number: TrialNumber, settings: SettingsDep) ->
 
 
 @router.get("/{name}/trials/{number}/metrics", response_model=MetricsColumnsOut | MetricsOut, dependencies=READ,
-            responses={**auth_responses("read"), **_ERRORS, **_CSV_OR_JSON,
+            responses={**error_responses("read", NO_TRIAL, invalid=f"{BAD_PATH}; or a `format` other than json or "
+                                                                   "csv, or a `layout` other than columns or history"),
                        200: {"description": "the metrics, as columns (default), as a history (`layout=history`) "
                                             "or as CSV",
                              "content": {"application/json": {"examples": {
@@ -218,7 +237,8 @@ def get_trial_metrics(
 
 
 @router.get("/{name}/export", response_model=StudyExport, dependencies=READ,
-            responses={**auth_responses("read"), 404: {"description": "no such study"}, **_CSV_OR_JSON,
+            responses={**error_responses("read", NO_STUDY, invalid=f"{BAD_NAME}, or a `format` other than json "
+                                                                   "or csv"),
                        200: {"description": "the study and all its trials, as JSON or CSV",
                              "content": {"application/json": {"example": STUDY_EXPORT_EXAMPLE},
                                          **_csv_content(STUDY_EXPORT_CSV_EXAMPLE, "one row per trial")}}})

@@ -5,14 +5,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from service import views
-from service.api.deps import SessionDep, SettingsDep, auth_responses, require_scope
-from service.api.schemas import WorkerOut
+from service.api.deps import SessionDep, SettingsDep, error_responses, require_scope
+from service.api.schemas import WORKER_EXAMPLE, WorkerOut
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"])
 
 
 @router.get("", response_model=list[WorkerOut], dependencies=[Depends(require_scope("read"))],
-            responses=auth_responses("read"))
+            responses={**error_responses("read", invalid=None),
+                       200: {"content": {"application/json": {"example": [WORKER_EXAMPLE]}}}})
 def list_workers(settings: SettingsDep, session: SessionDep) -> list[WorkerOut]:
     """Every worker seen in the last day: host, pid, devices, slots, state, the trials it runs now
     and its last heartbeat; `alive` is false once its heartbeat is older than the grace period."""
