@@ -112,6 +112,7 @@ import optuna
 import sqlalchemy as sa
 from optuna.distributions import distribution_to_json
 from optuna.storages._rdb import models as om
+from scratch_db import scratch_database  # benchmarks/, on the path of a script run from it
 
 from service import auth
 from service.db import repo
@@ -126,7 +127,6 @@ from studies.search_space import PARAM_NAMES, suggest
 from studies.spec import parse_spec
 from studies.storage import storage_for
 
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REPO = Path(__file__).resolve().parents[1]
 PAGE = 100
 
@@ -857,32 +857,6 @@ def print_server_errors(log: Path) -> None:
 
 
 # ---------------------------------------------------------------- main
-
-
-@contextlib.contextmanager
-def scratch_database(url: str | None) -> Iterator[str]:
-    if url is not None:
-        yield url
-        return
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"converge_bench_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        yield url
-    finally:
-        get_engine(url).dispose()
-        for attempt in range(5):  # a server restarted meanwhile drops the admin connection
-            try:
-                with admin.connect() as conn:
-                    conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-                break
-            except sa.exc.OperationalError:
-                if attempt == 4:
-                    print(f"could not drop the scratch database {name}: drop it by hand", file=sys.stderr)
-                    raise
-                time.sleep(2)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -23,16 +23,14 @@ Without `--database-url` it creates a scratch PostgreSQL database on 127.0.0.1:5
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import statistics
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import optuna
 import sqlalchemy as sa
+from scratch_db import scratch_database  # benchmarks/, on the path of a script run from it
 
 import studies.runner
 import trainers
@@ -43,8 +41,6 @@ from service.settings import Settings
 from studies.lifecycle import submit_study
 from studies.runner import run_slot
 from studies.spec import StudySpec
-
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def spec(name: str, n_trials: int) -> StudySpec:
@@ -142,22 +138,6 @@ def medians(chunk: list[tuple[float, float]]) -> tuple[float, float, float]:
     """Median total, fit and overhead milliseconds."""
     return (statistics.median(t for t, _ in chunk) * 1e3, statistics.median(f for _, f in chunk) * 1e3,
             statistics.median((t - f) for t, f in chunk) * 1e3)
-
-
-@contextlib.contextmanager
-def scratch_database(url: str | None) -> Iterator[str]:
-    if url is not None:
-        yield url
-        return
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"converge_bench_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def main() -> None:

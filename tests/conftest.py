@@ -6,6 +6,7 @@ down they are skipped, unless CONVERGE_REQUIRE_POSTGRES=1 (CI), where they fail 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -55,8 +56,14 @@ def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'converge.db'}"
         return
-    admin = request.getfixturevalue("postgres_admin")
-    name = f"converge_test_{uuid.uuid4().hex[:12]}"
+    with scratch_postgres(request.getfixturevalue("postgres_admin")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def scratch_postgres(admin: sa.Engine, prefix: str = "converge_test") -> Iterator[str]:
+    """A new, empty PostgreSQL database's URL; dropped (its engine's connections closed) afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)

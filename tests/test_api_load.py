@@ -8,7 +8,6 @@ import asyncio
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from conftest import PG_ADMIN_URL, REPO
+from conftest import REPO, scratch_postgres
 from service.db.engine import get_engine
 from service.db.migrate import upgrade
 from service.db.models import Study, TrialDiagnosis, TrialMetric
@@ -29,17 +28,9 @@ import api_load  # noqa: E402
 @pytest.fixture
 def pg_url(postgres_admin: sa.Engine) -> Iterator[str]:
     """An empty scratch PostgreSQL database with both schemas."""
-    name = f"converge_test_{uuid.uuid4().hex[:12]}"
-    with postgres_admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
+    with scratch_postgres(postgres_admin) as url:
         upgrade(url)
         yield url
-    finally:
-        get_engine(url).dispose()
-        with postgres_admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.mark.postgres

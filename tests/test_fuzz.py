@@ -15,21 +15,20 @@ Each bug this found has a plain regression test in tests/test_api.py.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import optuna
 import pytest
 import schemathesis
-import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from conftest import PG_ADMIN_URL, tiny_spec
+from conftest import scratch_postgres, tiny_spec
 from service import auth
 from service.api.app import create_app
 from service.db import repo
@@ -134,26 +133,18 @@ def _seed(client: TestClient, settings: Settings) -> None:
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FastAPI, str]]:
     """The app on a fresh, seeded database of each kind, and an admin token."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'converge.db'}"
-    else:
-        admin = request.getfixturevalue("postgres_admin")
-        database = f"converge_fuzz_{uuid.uuid4().hex[:12]}"
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{database}"'))
-        url = sa.make_url(PG_ADMIN_URL).set(database=database).render_as_string(hide_password=False)
-    try:
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'converge.db'}"
+        else:
+            url = stack.enter_context(scratch_postgres(request.getfixturevalue("postgres_admin"), "converge_fuzz"))
+        stack.callback(lambda: get_engine(url).dispose())
         upgrade(url)
         settings = Settings(database_url=url)
         app = create_app(settings)
         _seed(TestClient(app), settings)
         token, _ = auth.create_token(get_engine(url), "admin", "fuzz")
         yield app, token
-    finally:
-        get_engine(url).dispose()
-        if request.param == "postgresql":
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
 
 
 @pytest.mark.slow

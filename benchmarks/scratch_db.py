@@ -1,0 +1,43 @@
+"""A scratch PostgreSQL database for a benchmark run: created on 127.0.0.1:5432, dropped at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import sqlalchemy as sa
+
+from service.db.engine import get_engine
+
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@contextlib.contextmanager
+def scratch_database(url: str | None) -> Iterator[str]:
+    """`url` as it is when given; else a new database, dropped afterwards (retried: a server
+    restarted meanwhile drops the admin connection)."""
+    if url is not None:
+        yield url
+        return
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"converge_bench_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        get_engine(url).dispose()
+        for attempt in range(5):
+            try:
+                with admin.connect() as conn:
+                    conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                break
+            except sa.exc.OperationalError:
+                if attempt == 4:
+                    print(f"could not drop the scratch database {name}: drop it by hand", file=sys.stderr)
+                    raise
+                time.sleep(2)
