@@ -243,11 +243,6 @@ def get_retry(session: Session, study_id: int, trial_number: int) -> TrialRetry 
                                                    TrialRetry.trial_number == trial_number))
 
 
-def retries_by_trial(session: Session, study_id: int) -> dict[int, TrialRetry]:
-    """Each rerun attempt of one study, by the failed attempt's trial number."""
-    return {r.trial_number: r for r in session.scalars(select(TrialRetry).where(TrialRetry.study_id == study_id))}
-
-
 def retried_attempts(session: Session, study_id: int) -> int:
     return retried_attempts_by_study(session, [study_id]).get(study_id, 0)
 
@@ -301,11 +296,6 @@ def reserve_auto_repair(session: Session, study_id: int, limit: int) -> bool:
 def get_repair(session: Session, study_id: int, trial_number: int) -> TrialRepair | None:
     return session.scalar(select(TrialRepair).where(TrialRepair.study_id == study_id,
                                                     TrialRepair.trial_number == trial_number))
-
-
-def repairs_by_trial(session: Session, study_id: int) -> dict[int, TrialRepair]:
-    """Each repaired trial of one study, by the repaired trial's number."""
-    return {r.trial_number: r for r in session.scalars(select(TrialRepair).where(TrialRepair.study_id == study_id))}
 
 
 # ---------------------------------------------------------------- per-epoch metrics
@@ -366,14 +356,6 @@ def epochs_recorded(session: Session, study_id: int) -> dict[int, int]:
         .group_by(TrialMetric.trial_number)
     )
     return {number: n for number, n in rows}
-
-
-def metric_row(metric: TrialMetric) -> dict[str, Any]:
-    """One epoch in the history format of the diagnosis contract."""
-    row: dict[str, Any] = {"epoch": metric.epoch}
-    for name in METRIC_COLUMNS:
-        row[name] = getattr(metric, name)
-    return row
 
 
 # ---------------------------------------------------------------- diagnoses
