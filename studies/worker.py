@@ -17,6 +17,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -195,13 +196,18 @@ class Worker:
                      claim.slot)
 
     def _stop_running_trials(self) -> None:
-        now = time.monotonic()
+        """Ask each running trial to stop; a timer kills it at its deadline (reaped as an
+        interruption: failed and rerun). A timer, not this loop: a frozen slot process can hold
+        SQLite's write lock, and the loop's next write would wait on it for the busy timeout."""
         for p in self.running:
             if p.stop_deadline is None:
                 p.stop.set()
-                p.stop_deadline = now + self.settings.stop_timeout_s
-            if self.signals > 1 or now >= p.stop_deadline:
-                p.process.kill()  # reaped as an interruption: failed and rerun
+                p.stop_deadline = time.monotonic() + self.settings.stop_timeout_s
+                timer = threading.Timer(self.settings.stop_timeout_s, _kill_if_still_running, (p, p.claim))
+                timer.daemon = True
+                timer.start()
+            if self.signals > 1:
+                p.process.kill()
 
     def _reap(self) -> None:
         """Settle each slot whose process answered or died. The claim is kept until the database
@@ -266,6 +272,12 @@ class Worker:
                 optuna.storages.fail_stale_trials(optuna.load_study(study_name=study.name, storage=storage))
             with session_scope(self.engine) as session:
                 repo.finish_study_if_complete(session, study.id)
+
+
+def _kill_if_still_running(p: SlotProcess, claim: repo.ClaimedSlot | None) -> None:
+    """Timer thread: kill the slot process if it still runs the trial it was asked to stop."""
+    if p.claim is claim and p.answer is None:
+        p.process.kill()
 
 
 def _answer(p: SlotProcess) -> str | None:

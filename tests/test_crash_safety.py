@@ -7,16 +7,22 @@ SIGTERM (the trial stops at its epoch's end, is rerun elsewhere, the worker exit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from conftest import start_worker, tiny_spec
 from service.api.app import create_app
+from service.db.engine import get_engine
 from service.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -127,3 +133,50 @@ def test_a_trial_that_cannot_reach_its_epoch_end_in_time_is_killed_and_requeued(
     assert attempt["state"] == "failed"
     assert attempt["error"].startswith("trial process died (exit code -9); rerun as trial ")
     assert client.get(f"/v1/studies/stop-timeout/trials/{attempt['rerun_as']}").json()["state"] == "waiting"
+
+
+@contextlib.contextmanager
+def _workers_table_locked(db_url: str) -> Iterator[None]:
+    """Block every write to `converge_workers` (the worker's heartbeat), as a frozen slot process
+    holding SQLite's write lock would."""
+    if db_url.startswith("sqlite"):
+        conn = sqlite3.connect(sa.make_url(db_url).database, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.rollback()
+            conn.close()
+        return
+    with get_engine(db_url).connect() as conn:
+        conn.execute(sa.text("LOCK TABLE converge_workers IN ACCESS EXCLUSIVE MODE"))
+        yield
+        conn.rollback()
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_stop_timeout_kills_even_while_the_worker_waits_on_a_locked_database(settings: Settings) -> None:
+    client = TestClient(create_app(settings))
+    client.post("/v1/studies", json=_long_spec("stop-locked"))
+    worker = start_worker(settings.database_url, CONVERGE_STOP_TIMEOUT_S="1")
+    victim = _running_trial(client, "stop-locked")
+    pid = victim["user_attrs"]["converge_worker_pid"]
+    os.kill(pid, signal.SIGSTOP)
+    with _workers_table_locked(settings.database_url):
+        worker.send_signal(signal.SIGTERM)  # its next heartbeat waits on the lock
+        deadline = time.monotonic() + 10
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(pid), "the frozen slot process outlived its stop timeout while the worker waited"
+    output, _ = worker.communicate(timeout=60)
+    assert worker.returncode == 0, output
+    attempt = client.get(f"/v1/studies/stop-locked/trials/{victim['number']}").json()
+    assert attempt["state"] == "failed"
+    assert attempt["error"].startswith("trial process died (exit code -9); rerun as trial ")
