@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from service.db.engine import get_engine
 from service.db.migrate import upgrade
@@ -85,6 +86,16 @@ def db_url(empty_db_url: str) -> str:
 @pytest.fixture
 def settings(db_url: str) -> Settings:
     return Settings(database_url=db_url, heartbeat_interval_s=1, grace_period_s=5, worker_poll_s=0.2)
+
+
+# The Optuna distributions of `tiny_spec`'s search space, for trials written directly with create_trial.
+TINY_DISTRIBUTIONS = {
+    "lr": FloatDistribution(1e-3, 1e-1, log=True),
+    "batch_size": CategoricalDistribution([64, 128]),
+    "epochs": IntDistribution(2, 3),
+    "weight_decay": CategoricalDistribution([1e-4]),  # a fixed value is a one-choice categorical
+    "dropout": CategoricalDistribution([0.0]),
+}
 
 
 def tiny_spec(name: str = "tiny", **overrides: Any) -> dict[str, Any]:

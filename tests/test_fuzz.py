@@ -25,10 +25,9 @@ import pytest
 import schemathesis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from conftest import scratch_postgres, tiny_spec
+from conftest import TINY_DISTRIBUTIONS, scratch_postgres, tiny_spec
 from service import auth
 from service.api.app import create_app
 from service.db import repo
@@ -65,13 +64,6 @@ CONFIG = {
 schema = schemathesis.openapi.from_dict(create_app(Settings(database_url="sqlite://"), dashboard=False).openapi(),
                                         config=schemathesis.Config.from_dict(CONFIG))
 
-DISTRIBUTIONS = {
-    "lr": FloatDistribution(1e-3, 1e-1, log=True),
-    "batch_size": CategoricalDistribution([64, 128]),
-    "epochs": IntDistribution(2, 3),
-    "weight_decay": CategoricalDistribution([1e-4]),  # a fixed value is a one-choice categorical
-    "dropout": CategoricalDistribution([0.0]),
-}
 # (state, value, latest verdict or None): trial 7 is an ended, diverged trial that POST .../repair can repair.
 TRIALS = [
     (TrialState.COMPLETE, 0.5, "converged"),
@@ -105,7 +97,7 @@ def _seed(client: TestClient, settings: Settings) -> None:
         create_trial(state=state, value=value if state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
                      params={"lr": 1e-3 * (1 + i), "batch_size": (64, 128)[i % 2], "epochs": 2 + i % 2,
                              "weight_decay": 1e-4, "dropout": 0.0},
-                     distributions=DISTRIBUTIONS,
+                     distributions=TINY_DISTRIBUTIONS,
                      user_attrs={"error": "RuntimeError: boom"} if state == TrialState.FAIL else {},
                      intermediate_values={0: 1.0, 1: value} if value is not None else {})
         for i, (state, value, _) in enumerate(TRIALS)])

@@ -19,12 +19,11 @@ from typing import Any
 import optuna
 import pytest
 from fastapi.testclient import TestClient
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from conftest import tiny_spec
+from conftest import TINY_DISTRIBUTIONS, tiny_spec
 from service import auth
 from service.api.app import create_app
 from service.db import repo
@@ -33,13 +32,6 @@ from service.settings import Settings
 from studies.retries import CRASHED, settle_dead_attempt
 from studies.storage import storage_for
 
-DISTRIBUTIONS = {
-    "lr": FloatDistribution(1e-3, 1e-1, log=True),
-    "batch_size": CategoricalDistribution([64, 128]),
-    "epochs": IntDistribution(2, 3),
-    "weight_decay": CategoricalDistribution([1e-4]),  # a fixed value is a one-choice categorical
-    "dropout": CategoricalDistribution([0.0]),
-}
 HEALTHY = ("converged", "still_improving")
 
 
@@ -69,7 +61,7 @@ def _add(settings: Settings, name: str, trials: list[dict[str, Any]]) -> None:
         if spec["state"] == TrialState.PRUNED:
             attrs["converge_pruned_by"] = {"rule": "diverged", "epoch": 1, "reason": "loss is NaN"}
         made.append(create_trial(state=spec["state"], value=spec.get("value"), params=_params(i),
-                                 distributions=DISTRIBUTIONS, user_attrs=attrs,
+                                 distributions=TINY_DISTRIBUTIONS, user_attrs=attrs,
                                  intermediate_values={0: 1.0, 1: spec["value"]} if spec.get("value") is not None
                                  else {}))
     study.add_trials(made)
@@ -377,7 +369,7 @@ def test_export_as_json_and_csv_have_equal_content(client: TestClient, settings:
     assert as_csv.headers["content-disposition"] == 'attachment; filename="exported.csv"'
     assert client.get("/v1/studies/exported/export", params={"format": "csv"}).text == as_csv.text
     header, *rows = list(csv.reader(io.StringIO(as_csv.text)))
-    params = sorted(DISTRIBUTIONS)
+    params = sorted(TINY_DISTRIBUTIONS)
     assert header == ["number", "state", "value", *(f"params_{p}" for p in params), "datetime_start",
                       "datetime_complete", "duration_s", "epochs_recorded", "verdict", "confidence", "retry_of",
                       "rerun_as", "repair_of", "repaired_as", "pruned_by", "error"]
