@@ -1,10 +1,16 @@
-# Converge image. CPU by default; for GPUs build with
-#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t converge:cuda .
+# Converge image, CPU or CUDA by build argument:
+#   docker build --build-arg VARIANT=cpu  -t converge:cpu .
+#   docker build --build-arg VARIANT=cuda -t converge:cuda .     (CUDA 12.8 wheels; TORCH_CUDA_INDEX overrides)
 FROM python:3.11-slim
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG VARIANT=cpu
 ARG TORCH_SPEC="torch>=2.2,<3"
+ARG TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu128
 WORKDIR /app
-RUN pip install --no-cache-dir --index-url "$TORCH_INDEX" "$TORCH_SPEC"
+RUN case "$VARIANT" in \
+      cpu)  index=https://download.pytorch.org/whl/cpu ;; \
+      cuda) index="$TORCH_CUDA_INDEX" ;; \
+      *) echo "VARIANT must be cpu or cuda, not $VARIANT" >&2; exit 2 ;; \
+    esac && pip install --no-cache-dir --index-url "$index" "$TORCH_SPEC"
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY studies ./studies
@@ -12,5 +18,7 @@ COPY trainers ./trainers
 COPY migrations ./migrations
 COPY examples ./examples
 RUN pip install --no-cache-dir .
+ENV CONVERGE_VARIANT=$VARIANT
+EXPOSE 8000
 ENTRYPOINT ["converge"]
 CMD ["--help"]

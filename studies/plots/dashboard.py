@@ -1,0 +1,101 @@
+"""Converge's verdicts and figures inside optuna-dashboard (`/dashboard`), stored in Optuna's storage.
+
+- Each trial's final diagnosis becomes its dashboard note (Markdown: verdict, evidence, remedies),
+  written by the slot process when the trial ends (`save_trial_note`), in `optuna_dashboard.save_note`'s
+  format but reading only that trial's keys.
+- The study's five figures (`studies.plots.draw.study_figures`, the loss overlay cut to
+  `DASHBOARD_CURVES` trials) are saved with `save_plotly_graph_object` under fixed ids
+  (`converge-objective_history`, ...), so each save replaces the last. A worker refreshes them after
+  a trial ends, at most every `dashboard_figures_every_s` (60 s) per study, and always when the
+  study ends (`StudyFigures.after_trial`).
+
+Both write study system attributes in chunks of about 2 KB (optuna-dashboard's format), and both
+are best effort: a failure is logged and never fails the trial or stops the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import optuna
+from sqlalchemy.engine import Engine
+
+from service.db import repo
+from service.db.engine import get_engine, session_scope
+from service.settings import Settings
+from studies.plots.data import diagnosis_note
+
+log = logging.getLogger("converge.dashboard")
+DASHBOARD_CURVES = 50  # the dashboard's loss overlay: each figure is stored in 2 KB chunks, one row each
+FIGURE_ID = "converge-{key}"
+
+
+MAX_NOTE_CHUNKS = 64  # chunks of an earlier note (a user's, written in the dashboard) that a new one blanks
+
+
+def save_trial_note(trial: optuna.Trial, last: tuple[int, dict[str, Any]] | None, engine: Engine) -> None:
+    """The trial's dashboard note from its last diagnosis (`(epoch, diagnosis)`, None when it had none).
+
+    optuna-dashboard's format (its `save_note_with_version`: a version key, the body in ~2 KB
+    chunks, an earlier note's extra chunks blanked), but reading only this trial's keys:
+    `save_note` reads every system attribute of the study twice, which grows with every note.
+    """
+    try:
+        from optuna_dashboard._note import note_str_key_prefix, note_ver_key, split_body
+
+        epoch, diagnosis = last if last is not None else (None, None)
+        study_id, trial_id = trial.study._study_id, trial._trial_id
+        version_key, prefix = note_ver_key(trial_id), note_str_key_prefix(trial_id)
+        with session_scope(engine) as session:
+            current = repo.study_system_attrs(session, study_id,
+                                              [version_key, *(f"{prefix}{i}" for i in range(MAX_NOTE_CHUNKS))])
+        chunks = split_body(diagnosis_note(trial.number, diagnosis, epoch), trial_id)
+        stale = {f"{prefix}{i}": "" for i in range(len(chunks), MAX_NOTE_CHUNKS) if current.get(f"{prefix}{i}")}
+        storage = trial.storage
+        storage.set_study_system_attr(study_id, version_key, current.get(version_key, 0) + 1)
+        for key, value in {**chunks, **stale}.items():
+            storage.set_study_system_attr(study_id, key, value)
+    except Exception:
+        log.exception("trial %d: could not save its dashboard note", trial.number)
+
+
+def save_study_figures(settings: Settings, study_name: str) -> list[str]:
+    """Draw the study's figures and store them for the dashboard; the graph object ids written."""
+    from optuna_dashboard import save_plotly_graph_object
+
+    from studies.plots import draw, load
+    from studies.storage import storage_for
+
+    storage = storage_for(settings)
+    with session_scope(get_engine(settings.database_url)) as session:
+        data = load.study_data(session, storage, study_name, max_curves=DASHBOARD_CURVES)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    ids = []
+    for key, figure in draw.study_figures(data).items():
+        ids.append(save_plotly_graph_object(study, figure, graph_object_id=FIGURE_ID.format(key=key)))
+    return ids
+
+
+class StudyFigures:
+    """A worker's refreshes of its studies' dashboard figures: throttled per study, forced at the study's end."""
+
+    def __init__(self, settings: Settings, clock: Any = time.monotonic):
+        self.settings = settings
+        self.clock = clock
+        self.saved_at: dict[str, float] = {}
+
+    def after_trial(self, study_name: str, study_ended: bool) -> bool:
+        """Refresh the study's figures if due; whether it did. Never raises."""
+        now = self.clock()
+        last = self.saved_at.get(study_name)
+        if not study_ended and last is not None and now - last < self.settings.dashboard_figures_every_s:
+            return False
+        self.saved_at[study_name] = now
+        try:
+            save_study_figures(self.settings, study_name)
+        except Exception:
+            log.exception("study %s: could not save its dashboard figures", study_name)
+            return False
+        return True
