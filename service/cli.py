@@ -41,8 +41,10 @@ class ConvergeGroup(click.Group):
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Text logs, or JSON lines with CONVERGE_LOG_FORMAT=json (`service.logs`)."""
+    from service.logs import configure
+
+    configure(get_settings().log_format, logging.DEBUG if verbose else logging.INFO)
 
 
 @click.group(cls=ConvergeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,7 +88,10 @@ def db_upgrade() -> None:
 @click.option("--demo-spec", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="submit this study spec when the database holds no study yet")
 def serve(host: str, port: int, workers: int, demo_spec: Path | None) -> None:
-    """The API, the dashboard at /dashboard, and local worker(s), on one port.
+    """The API, the dashboard at /dashboard, the scheduler, and local worker(s), on one port.
+
+    The scheduler (`converge scheduler` runs it alone) fires schedules' runs once per fire time,
+    also with several servers on one PostgreSQL; it checks every CONVERGE_SCHEDULER_POLL_S (5 s).
 
     Once an API token exists (`converge token create`), every request but /v1/health needs one.
     While none does, the API is open, so serve listens on a loopback address only (127.0.0.1,
@@ -121,10 +126,17 @@ def serve(host: str, port: int, workers: int, demo_spec: Path | None) -> None:
 
             submit_study(settings, spec)
             click.echo(f"submitted demo study {spec.name!r}")
+    from service.scheduler import Scheduler
+
     children = [_start_local_worker() for _ in range(workers)]
+    scheduler = Scheduler(settings)
+    scheduler.start_thread()  # a thread, not a process: it only creates studies (see service/scheduler.py)
     try:
-        uvicorn.run(create_app(settings, require_token=not loopback), host=host, port=port, log_level="info")
+        # With JSON logs uvicorn configures no logging of its own: its loggers reach the JSON root handler.
+        uvicorn.run(create_app(settings, require_token=not loopback), host=host, port=port, log_level="info",
+                    **({"log_config": None} if settings.log_format == "json" else {}))
     finally:
+        scheduler.stop()
         _stop_processes(children)
 
 
@@ -295,7 +307,12 @@ def sweep(spec_path: Path, quiet: bool) -> None:
     settings = get_settings()
     check_schema(settings.database_url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    run_sweep(settings, spec, progress=not quiet)
+    from studies.runner import StudySetupError
+
+    try:
+        run_sweep(settings, spec, progress=not quiet)
+    except StudySetupError as exc:
+        raise click.ClickException(f"study {spec.name!r} failed: {exc}") from None
     _show_study(spec.name)
 
 
@@ -382,13 +399,91 @@ def study() -> None:
 @study.command("create")
 @click.option("--spec", "spec_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="study spec, YAML or JSON")
-def study_create(spec_path: Path) -> None:
-    """Submit a study for the workers (it starts as queued)."""
+@click.option("--check", is_flag=True,
+              help="first dry-run the spec's own model and data here (import both factories, build them, one "
+                   "training and one validation batch on the CPU, the objective metric logged), as a worker "
+                   "does before the first trial; submit only if it passes")
+def study_create(spec_path: Path, check: bool) -> None:
+    """Submit a study for the workers (it starts as queued).
+
+    A spec naming your own model and data (task.model and task.data as
+    "package.module:factory") must import here with --check: run from the directory that
+    holds your package, or put it on PYTHONPATH.
+    """
     from studies.lifecycle import submit_study
 
     spec = load_spec_file(spec_path)
+    if check:
+        _dry_run(spec)
     created = submit_study(get_settings(), spec)
     click.echo(f"study {created.name!r} queued: {created.n_trials} trials")
+
+
+def _dry_run(spec: Any) -> None:
+    """`study create --check`: the same dry run a worker makes (`studies.plugin_check.check_task`)."""
+    from studies.plugin_check import PluginCheckError, check_task
+
+    if not spec.task.is_plugin:
+        click.echo("check: a built-in model and dataset; nothing to dry-run")
+        return
+    try:
+        outcome = check_task(spec)
+    except PluginCheckError as exc:
+        raise click.ClickException(f"check failed: {exc}") from None
+    logged = ", ".join(f"{k}={v:.4g}" for k, v in outcome["metrics"].items() if isinstance(v, float))
+    click.echo(f"check passed in {outcome['seconds']:.1f} s: {spec.task.model} with {spec.task.data} logs {logged}")
+
+
+@study.command("export-best")
+@click.argument("name")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="directory to write the checkpoint and hyperparameters.yaml into (created if missing)")
+def study_export_best(name: str, out_dir: Path) -> None:
+    """Write the best trial's checkpoint and its hyperparameters as YAML.
+
+    The checkpoint is the one kept in the artifact store (CONVERGE_ARTIFACT_DIR, or the S3
+    bucket of CONVERGE_ARTIFACT_S3_BUCKET), under the name it was uploaded with;
+    hyperparameters.yaml holds the study, the trial number and value, the five
+    hyperparameters and the task (model and data paths, params, seed). In Python,
+    `trainers.plugins.load_checkpoint(PATH)` rebuilds the module with its weights.
+    Exit status 1 when the study does not exist, has no completed trial, or its best trial
+    has no checkpoint kept (a built-in model's study keeps none unless its spec asks).
+    """
+    import yaml
+
+    from service.db.errors import NotFound
+    from studies import checkpoints
+    from studies.spec import StudySpec
+    from studies.storage import storage_for
+
+    settings = get_settings()
+    store = checkpoints.artifact_store(settings)
+    storage = storage_for(settings)
+    try:
+        best, artifact_id = checkpoints.best_checkpoint(storage, store, name)
+    except KeyError:
+        raise NotFound(f"no study named {name!r}") from None
+    except ValueError:
+        raise click.ClickException(f"study {name!r} has no completed trial yet") from None
+    if artifact_id is None:
+        raise click.ClickException(f"the best trial ({best.number}) of {name!r} has no checkpoint kept; a spec keeps "
+                                   "them with checkpoints: {keep: best}")
+    meta = next(m for m in checkpoints.trial_artifacts(storage, store, name, best.number)
+                if m.artifact_id == artifact_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / Path(meta.filename).name
+    with target.open("wb") as f:
+        for chunk in checkpoints.open_artifact(store, artifact_id) or ():
+            f.write(chunk)
+    study_id = storage.get_study_id_from_name(name)
+    spec = StudySpec.model_validate(storage.get_study_user_attrs(study_id)["converge_spec"])
+    document = {"study": name, "trial": best.number, "value": best.value,
+                "objective": spec.objective.model_dump(), "hyperparameters": dict(best.params),
+                "task": {k: v for k, v in spec.task.model_dump().items() if v is not None},
+                "seed": spec.training_seed(), "checkpoint": target.name}
+    (out_dir / "hyperparameters.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    click.echo(f"trial {best.number} of {name!r} ({spec.objective.metric} {best.value:.4g}): "
+               f"{target} and {out_dir / 'hyperparameters.yaml'}")
 
 
 @study.command("list")
@@ -549,6 +644,175 @@ def _fmt(value: Any) -> str:
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+@cli.command("report")
+@click.argument("study_name", metavar="STUDY")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, writable=True, path_type=Path),
+              help="the HTML file to write")
+@click.option("--max-trials", default=200, show_default=True, type=click.IntRange(0, 100_000),
+              help="unhealthy trials with a figure of their own (the first, by number)")
+def report(study_name: str, out: Path, max_trials: int) -> None:
+    """Write one self-contained HTML report of a study (plotly.js inlined: it opens offline).
+
+    It holds the study summary (state, trials, best trial, verdicts, the regions that explain the
+    unhealthy ones, importance, the next sweep's changes), the study's figures (objective history,
+    parallel coordinates, learning rate against objective, verdict counts, loss curves, all
+    coloured by verdict), and each unhealthy trial's diagnosis and figure.
+    """
+    from service.db.engine import get_engine, session_scope
+    from service.report import build_report
+    from studies.storage import storage_for
+
+    settings = get_settings()
+    with session_scope(get_engine(settings.database_url)) as session:
+        page, held = build_report(session, storage_for(settings), study_name, max_trials=max_trials)
+    out.write_text(page, encoding="utf-8")
+    left_out = f", {held['left_out']} more left out" if held["left_out"] else ""
+    click.echo(f"wrote {out} ({len(page) / 1e6:.1f} MB): study {study_name!r}, "
+               f"{len(held['unhealthy'])} unhealthy trial(s){left_out}")
+
+
+# ---------------------------------------------------------------- schedules
+
+
+@cli.command("scheduler")
+def scheduler_command() -> None:
+    """Run the scheduler alone (`converge serve` runs it too): fire due schedules, start queued runs,
+    report on ended ones and post webhooks, every CONVERGE_SCHEDULER_POLL_S (5 s). Safe beside other
+    schedulers on one database: each fire time is launched once. Stops on Ctrl-C or SIGTERM."""
+    from service.db.migrate import check_schema
+    from service.scheduler import Scheduler
+
+    _setup_logging()
+    settings = get_settings()
+    check_schema(settings.database_url)
+    scheduler = Scheduler(settings)
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.request_stop())
+    try:
+        scheduler.run_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        scheduler.stop()
+
+
+@cli.group(cls=ConvergeGroup)
+def schedule() -> None:
+    """Scheduled (cron) sweeps: each fire time submits a study from a template."""
+
+
+@schedule.command("create")
+@click.option("--cron", "cron", required=True, help="5-field cron expression, e.g. '30 2 * * *'")
+@click.option("--timezone", "zone", default="UTC", show_default=True,
+              help="IANA time zone of the cron expression and of the runs' names")
+@click.option("--spec", "spec_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="study spec (YAML or JSON) whose name is each run's prefix: runs are NAME-YYYYMMDD-HHMM")
+@click.option("--disabled", is_flag=True, help="create it disabled")
+@click.option("--misfire-grace", "misfire_grace_s", default=3600, show_default=True, type=int,
+              help="seconds a missed fire time may be late and still run (once) after downtime")
+@click.option("--overlap", type=click.Choice(["skip", "queue"]), default="skip", show_default=True,
+              help="a fire while the previous run is going: record it as skipped, or queue it")
+@click.option("--warm-start-top-k", default=0, show_default=True, type=int,
+              help="enqueue the previous run's best k parameter sets first")
+@click.option("--warm-start-search-space", is_flag=True,
+              help="start from the previous run's recommended search space")
+@click.option("--regression-threshold", default=0.05, show_default=True, type=float,
+              help="flag a run whose best worsens by more than this fraction of the previous best")
+@click.option("--webhook", "webhook_url", default=None,
+              help="URL that gets a JSON POST per finished, regressed or failed run")
+def schedule_create(cron: str, zone: str, spec_path: Path, disabled: bool, misfire_grace_s: int, overlap: str,
+                    warm_start_top_k: int, warm_start_search_space: bool, regression_threshold: float,
+                    webhook_url: str | None) -> None:
+    """Create a schedule; prints its id and next fire time. Bad input: exit status 2."""
+    from pydantic import ValidationError
+
+    from service import schedules
+    from service.db.engine import get_engine, session_scope
+    from studies.spec import describe_errors
+
+    template = load_spec_file(spec_path).model_dump(mode="json")
+    try:
+        data = schedules.ScheduleIn(cron=cron, timezone=zone, template=template, enabled=not disabled,
+                                    misfire_grace_s=misfire_grace_s, overlap=overlap,
+                                    warm_start_top_k=warm_start_top_k,
+                                    warm_start_search_space=warm_start_search_space,
+                                    regression_threshold=regression_threshold, webhook_url=webhook_url)
+    except ValidationError as exc:
+        raise SpecError(describe_errors(exc.errors()), "schedule") from None
+    with session_scope(get_engine(get_settings().database_url)) as session:
+        out = schedules.create_schedule(session, data)
+    nxt = _when(out.next_fire_time) if out.next_fire_time else "- (disabled)"
+    click.echo(f"schedule {out.id} created: runs {template['name']}-YYYYMMDD-HHMM, next fire time {nxt}")
+
+
+@schedule.command("list")
+def schedule_list() -> None:
+    """Every schedule: id, prefix, cron, zone, enabled, overlap, next fire time, webhook."""
+    from service import schedules
+    from service.db.engine import get_engine, session_scope
+
+    with session_scope(get_engine(get_settings().database_url)) as session:
+        found = schedules.list_schedules(session)
+    rows = [["id", "prefix", "cron", "timezone", "enabled", "overlap", "next fire", "webhook"]]
+    for s in found:
+        rows.append([str(s.id), s.template["name"], s.cron, s.timezone, "yes" if s.enabled else "no", s.overlap,
+                     _when(s.next_fire_time), s.webhook_url or "-"])
+    click.echo(_table(rows) if found else "no schedules (`converge schedule create` makes one)")
+
+
+@schedule.command("delete")
+@click.argument("schedule_id", metavar="ID", type=int)
+def schedule_delete(schedule_id: int) -> None:
+    """Delete a schedule and its run records (the studies stay). An unknown id: exit status 1."""
+    from service import schedules
+    from service.db.engine import get_engine, session_scope
+
+    with session_scope(get_engine(get_settings().database_url)) as session:
+        schedules.delete_schedule(session, schedule_id)
+    click.echo(f"schedule {schedule_id} deleted")
+
+
+@schedule.command("run-now")
+@click.argument("schedule_id", metavar="ID", type=int)
+def schedule_run_now(schedule_id: int) -> None:
+    """Start a run of the schedule now (warm start and overlap policy as for a cron fire). With overlap
+    `skip` while a run is going: exit status 1; a run that could not start: exit status 1."""
+    from service import schedules
+    from service.db.engine import get_engine, session_scope
+    from service.scheduler import Scheduler
+
+    settings = get_settings()
+    scheduler = Scheduler(settings)
+    try:
+        run_id = scheduler.run_now(schedule_id)
+    finally:
+        scheduler.notifier.close(wait=True)
+    with session_scope(get_engine(settings.database_url)) as session:
+        run = schedules.get_run(session, run_id)
+    what = f"study {run.study_name!r} queued" if run.study_name else run.state
+    click.echo(f"run {run.id} of schedule {schedule_id}: {what}{f' ({run.reason})' if run.reason else ''}")
+    if run.state == "failed":
+        click.get_current_context().exit(1)
+
+
+@schedule.command("runs")
+@click.argument("schedule_id", metavar="ID", type=int)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="runs to show")
+def schedule_runs(schedule_id: int, limit: int) -> None:
+    """The schedule's latest runs: fire time, state, study, best value and its change, regression."""
+    from service import schedules
+    from service.db.engine import get_engine, session_scope
+
+    with session_scope(get_engine(get_settings().database_url)) as session:
+        found = schedules.list_runs(session, schedule_id, limit)
+    rows = [["id", "fire time", "state", "study", "best", "delta", "regression", "reason"]]
+    for r in found:
+        report = r.report or {}
+        rows.append([str(r.id), _when(r.fire_time), r.state, r.study_name or "-", _fmt(report.get("best_value")),
+                     _fmt(report.get("best_delta")), {True: "yes", False: "no"}.get(r.regression, "-"),
+                     r.reason or ""])
+    click.echo(_table(rows) if found else "no runs yet")
 
 
 def main() -> None:

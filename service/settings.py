@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,12 +30,37 @@ class Settings(BaseSettings):
                     "0 reads at every call",
     )
     worker_poll_s: float = Field(default=1.0, gt=0, description="how often an idle worker looks for work")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="`json`: every process logs one JSON object per line (time, level, logger, "
+                                    "message, process; exception text when there is one)")
+    dashboard_figures_every_s: float = Field(
+        default=60.0, ge=0, description="a worker refreshes a study's figures in the dashboard at most this "
+                                        "often (and always when the study ends); 0 after every trial")
+    scheduler_poll_s: float = Field(default=5.0, gt=0, description="how often the scheduler looks for due "
+                                    "schedules and ended runs")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="a schedule's webhook POST gives up after "
+                                     "this long (connect and each read)")
+    webhook_retries: int = Field(default=3, ge=0, le=10, description="webhook attempts after the first, waiting "
+                                 "1, 2, 4, ... s (`webhook_backoff_s` doubled) between them")
+    webhook_backoff_s: float = Field(default=1.0, ge=0, description="the wait before the first webhook retry")
     max_body_bytes: int = Field(
         default=1_048_576, gt=0,
         description="the largest request body the API and the dashboard take, in bytes (1 MiB); a larger one is "
                     "refused with 413, before it is read when its Content-Length says so, else as soon as the "
                     "bytes read pass the limit",
     )
+    artifact_dir: str | None = Field(
+        default=None,
+        description="where trial checkpoints are kept (Optuna's filesystem artifact store); by default "
+                    "`artifacts/` next to a SQLite database file, else `./artifacts` in the working directory",
+    )
+    artifact_s3_bucket: str | None = Field(
+        default=None,
+        description="keep trial checkpoints in this S3-compatible bucket instead (Optuna's Boto3ArtifactStore; "
+                    "needs boto3 installed and AWS_* credentials in the environment)",
+    )
+    artifact_s3_endpoint_url: str | None = Field(
+        default=None, description="the S3-compatible service's endpoint (e.g. MinIO); AWS when unset")
 
 
 @lru_cache(maxsize=1)

@@ -3,6 +3,9 @@ both or neither) and cancelling."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import optuna
 
 from service.db import repo
@@ -14,12 +17,13 @@ from studies.spec import StudySpec
 from studies.storage import storage_for
 
 
-def submit_study(settings: Settings, spec: StudySpec) -> Study:
+def submit_study(settings: Settings, spec: StudySpec, enqueue: Sequence[dict[str, Any]] = ()) -> Study:
     """Create the Optuna study, then the queued Converge row that workers claim from.
 
     Optuna's study comes first because on SQLite a write transaction held open across
     Optuna's own connection would wait on itself; if Converge's insert then fails, the
-    Optuna study is removed again.
+    Optuna study is removed again. `enqueue`: parameter sets queued as the study's first
+    trials (a scheduled sweep's warm start), before any worker can claim a trial of it.
     """
     storage = storage_for(settings)
     try:
@@ -32,6 +36,10 @@ def submit_study(settings: Settings, spec: StudySpec) -> Study:
         raise Conflict(f"a study named {spec.name!r} already exists") from None
     try:
         storage.set_study_user_attr(study_id, "converge_spec", spec.model_dump(mode="json"))
+        if enqueue:
+            study = optuna.load_study(study_name=spec.name, storage=storage)
+            for params in enqueue:
+                study.enqueue_trial(dict(params), user_attrs={"converge_warm_start": True})
         with session_scope(get_engine(settings.database_url)) as session:
             return repo.add_study(session, spec.name, spec.model_dump(mode="json"), spec.n_trials)
     except BaseException:

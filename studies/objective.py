@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import tempfile
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -22,7 +24,9 @@ from sqlalchemy.orm import Session
 
 from service.db import repo
 from service.db.engine import retry_unit_of_work
+from studies import checkpoints
 from studies.diagnosis import MAX_EPOCHS, HistoryError, diagnose
+from studies.plots.dashboard import save_trial_note
 from studies.pruning import (
     PRUNED_BY_ATTR,
     STOPPED_EARLY_ATTR,
@@ -41,6 +45,11 @@ log = logging.getLogger("converge.objective")
 
 # The per-epoch keys of the diagnosis contract's history (the trainer's `epoch_seconds` is not one).
 HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_acc", "grad_norm", "param_norm", "lr")
+LAST_METRICS_ATTR = "converge_last_metrics"  # a user's module: its last epoch's metrics outside HISTORY_KEYS
+
+
+class MissingObjective(RuntimeError):
+    """The user's module never logged the objective metric."""
 
 
 class ObjectiveNotFinite(RuntimeError):
@@ -58,8 +67,11 @@ class TrialInterrupted(RuntimeError):
 class Objective:
     def __init__(self, spec: StudySpec, study_id: int, engine: Engine, *, device: str = "auto",
                  on_trial_start: Callable[[optuna.Trial], None] | None = None,
-                 on_epoch: EpochListener | None = None, should_stop: Callable[[], bool] | None = None):
+                 on_epoch: EpochListener | None = None, should_stop: Callable[[], bool] | None = None,
+                 artifact_store: Any = None):
         self.spec = spec
+        self.artifact_store = artifact_store  # where kept checkpoints go (None: none is kept)
+        self.uploaded_checkpoint = False  # this trial stored one: `checkpoints.retain` runs after it completes
         self.study_id = study_id
         self.engine = engine
         self.device = device
@@ -78,7 +90,10 @@ class Objective:
             raise
         except Exception as exc:
             # Optuna keeps no failure reason of its own; the API and CLI show this one.
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+            error = f"{type(exc).__name__}: {exc}"
+            if self.spec.task.is_plugin and "task.model" not in error and "task.data" not in error:
+                error = f"{error} (task.model {self.spec.task.model!r}, task.data {self.spec.task.data!r})"
+            trial.set_user_attr("error", error[:2000])
             raise
 
     def _train(self, trial: optuna.Trial, params: dict[str, Any]) -> float:
@@ -88,8 +103,16 @@ class Objective:
         finally:
             # Complete, pruned or failed: the last diagnosis becomes the trial's final one.
             diagnoser.save_final(self.engine, self.study_id, trial._trial_id)
+            save_trial_note(trial, diagnoser.last, self.engine)  # its optuna-dashboard note; best effort, never raises
 
     def _fit(self, trial: optuna.Trial, params: dict[str, Any], diagnoser: TrialDiagnoser) -> float:
+        if self.spec.kept_checkpoints() <= 0 or self.artifact_store is None:
+            return self._fit_in(trial, params, diagnoser, None)
+        with tempfile.TemporaryDirectory(prefix="converge-checkpoint-") as scratch:
+            return self._fit_in(trial, params, diagnoser, Path(scratch) / f"{self.spec.name}-trial-{trial.number}.ckpt")
+
+    def _fit_in(self, trial: optuna.Trial, params: dict[str, Any], diagnoser: TrialDiagnoser,
+                checkpoint: Path | None) -> float:
         from trainers import fit  # torch is imported in the trial's process only
 
         metric = self.spec.objective.metric
@@ -144,7 +167,8 @@ class Objective:
                     return True
             return False
 
-        result = fit(train_config(self.spec, params, self.device), on_epoch_end=on_epoch_end)
+        result = fit(train_config(self.spec, params, self.device), on_epoch_end=on_epoch_end,
+                     checkpoint_path=checkpoint)
         log.info("trial %d: %d epoch(s) in %.2f s on %s, precision %s", trial.number, len(result.epochs),
                  result.seconds, result.device, result.precision)
         if cancelled_at:
@@ -158,9 +182,33 @@ class Objective:
             trial.set_user_attr(STOPPED_EARLY_ATTR, stopped_early[0].as_attr())
         last = result.epochs[-1]
         value = last.get(metric)
-        if value is None or not math.isfinite(value):
-            raise ObjectiveNotFinite(f"{metric} became {value} at epoch {last['epoch']}: the trial diverged")
+        if value is None:
+            logged = sorted(k for k, v in last.items() if v is not None and k not in ("epoch", "epoch_seconds"))
+            raise MissingObjective(f"task.model {self.spec.task.model!r} logs no {metric!r}, the objective metric "
+                                   f"(epoch {last['epoch']} has: {', '.join(logged)})")
+        if not math.isfinite(value):
+            where = f" (task.model {self.spec.task.model!r})" if self.spec.task.is_plugin else ""
+            raise ObjectiveNotFinite(f"{metric} became {value} at epoch {last['epoch']}: the trial diverged{where}")
+        if self.spec.task.is_plugin:  # what the metrics table has no column for: the last epoch's other metrics
+            extra = {k: v for k, v in last.items() if k not in HISTORY_KEYS and k != "epoch_seconds"
+                     and isinstance(v, float) and math.isfinite(v)}
+            if extra:
+                trial.set_user_attr(LAST_METRICS_ATTR, extra)
+        if checkpoint is not None and checkpoint.is_file():
+            self._keep_checkpoint(trial, float(value), checkpoint)
         return float(value)
+
+    def _keep_checkpoint(self, trial: optuna.Trial, value: float, checkpoint: Path) -> None:
+        """Upload the checkpoint when the trial's value would be among the kept ones (see `studies.checkpoints`)."""
+        if not checkpoints.is_candidate(trial.study, value, self.spec.objective.direction,
+                                        self.spec.kept_checkpoints()):
+            return
+        try:
+            checkpoints.upload_checkpoint(trial, self.artifact_store, checkpoint)
+        except Exception:  # the trial's result matters more than its checkpoint
+            log.exception("trial %d: could not store its checkpoint", trial.number)
+            return
+        self.uploaded_checkpoint = True
 
 
     def _behind_peers(self, trial: optuna.Trial, epoch: int, value: float | None) -> bool:
@@ -182,7 +230,8 @@ def train_config(spec: StudySpec, params: dict[str, Any], device: str = "auto") 
     from trainers import TrainConfig
 
     return TrainConfig(model=spec.task.model, dataset=spec.task.dataset, val_fraction=spec.task.val_fraction,
-                       seed=spec.training_seed(), params=dict(spec.task.params), device=device, **params)
+                       seed=spec.training_seed(), params=dict(spec.task.params), device=device,
+                       data=spec.task.data, **params)
 
 
 def _params_in_one_write(storage: Any) -> Any:

@@ -19,6 +19,7 @@ from service.db import repo
 from service.db.engine import get_engine, is_transient, session_scope
 from service.db.repo import ClaimedSlot
 from service.settings import Settings
+from studies import checkpoints, plugin_check
 from studies.objective import EpochListener, Objective
 from studies.registry import SHARED_SEED_SAMPLERS, build_pruner, build_sampler
 from studies.repair import auto_repair
@@ -83,10 +84,12 @@ def run_slot(settings: Settings, slot: ClaimedSlot, *, device: str = "auto",
     try:
         spec = StudySpec.model_validate(slot.spec)
         study = study_for(settings, spec, slot)
+        store = checkpoints.artifact_store(settings) if spec.kept_checkpoints() > 0 else None
     except Exception as exc:
         if is_transient(exc):
             raise  # the database, not the study: the worker gives the slot back and tries again
         raise StudySetupError(f"{type(exc).__name__}: {exc}") from exc
+    _check_plugin_once(settings, spec, slot, study)
     started: list[int] = []
 
     def start(trial: optuna.Trial) -> None:
@@ -95,15 +98,42 @@ def run_slot(settings: Settings, slot: ClaimedSlot, *, device: str = "auto",
             on_trial_start(trial)
 
     objective = Objective(spec, slot.study_id, get_engine(settings.database_url), device=device,
-                          on_trial_start=start, on_epoch=on_epoch, should_stop=should_stop)
+                          on_trial_start=start, on_epoch=on_epoch, should_stop=should_stop, artifact_store=store)
     study.optimize(objective, n_trials=1, catch=(Exception,))
     if not started:  # optimize() failed before calling the objective: nothing ran
         raise RuntimeError(f"study {slot.study_name}: Optuna did not start a trial")
+    if objective.uploaded_checkpoint:  # it is among the kept ones now: drop the checkpoints it displaced
+        try:
+            checkpoints.retain(storage_for(settings), store, spec.name, spec.objective.direction,
+                               spec.kept_checkpoints())
+        except Exception:
+            log.exception("study %s: could not remove the checkpoints no longer kept", spec.name)
     if not read_back and spec.auto_repair is None:
         return None
     trial = study._storage.get_trial(started[0])
     auto_repair(settings, spec, trial)  # before the slot is reported done: the study must not end first
     return trial
+
+
+# Studies whose user model and data passed the dry run in this process (or in another, per the study's attribute).
+_CHECKED: set[tuple[str, int]] = set()
+
+
+def _check_plugin_once(settings: Settings, spec: StudySpec, claim: ClaimedSlot, study: optuna.Study) -> None:
+    """Before a study's first trial here: dry-run a user's own model and data (`plugin_check`),
+    unless a process has done so already (the study's `converge_plugin_checked` attribute).
+    A failure is a StudySetupError: the study is failed with the cause and the path as its detail."""
+    key = (settings.database_url, claim.study_id)
+    if not spec.task.is_plugin or key in _CHECKED:
+        return
+    if plugin_check.CHECKED_ATTR not in study.user_attrs:
+        try:
+            outcome = plugin_check.check_task(spec)
+        except plugin_check.PluginCheckError as exc:
+            raise StudySetupError(f"the dry run of the study's model and data failed: {exc}") from exc
+        study.set_user_attr(plugin_check.CHECKED_ATTR, {"seconds": round(outcome.get("seconds", 0.0), 3),
+                                                        "logged": sorted(outcome.get("metrics", {}))})
+    _CHECKED.add(key)
 
 
 # What a slot process answers for each claim it was handed.
@@ -123,7 +153,10 @@ def slot_main(settings_data: dict[str, Any], device: str, torch_threads: int, co
     dies; `stop` (an event) asks the running trial to end at its next epoch and be rerun.
     """
     settings = Settings.model_validate(settings_data)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [slot {device}] %(name)s: %(message)s")
+    from service.logs import configure
+
+    configure(settings.log_format, text_format=f"%(asctime)s [slot {device}] %(name)s: %(message)s",
+              component=f"slot {device}")
     import torch
 
     import trainers  # noqa: F401 - warm the import now, not in the first trial

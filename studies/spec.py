@@ -36,6 +36,10 @@ SKLEARN_DATASETS = frozenset({"digits", "wine", "breast_cancer", "iris", "diabet
 REGRESSION_DATASETS = frozenset({"sklearn:diabetes"})  # besides CSV files that say &task=regression
 IMAGE_DATASETS = frozenset({"sklearn:digits"})
 MAX_TRIALS = 10_000
+BUILTIN_METRICS = frozenset({"val_loss", "val_acc", "train_loss"})
+# The user's own factories, "package.module:attribute" (as trainers.plugin_contract.IMPORT_PATH).
+IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_./-]{0,99}$")
 MAX_RETRIES = 10
 
 _CSV_REF = re.compile(r"^csv:(?P<path>[^?]+)\?target=(?P<target>[^&]+)(&task=(classification|regression))?$")
@@ -198,21 +202,40 @@ class SearchSpace(_Strict):
 
 
 class Task(_Strict):
-    """What to train: a built-in model on a built-in or CSV dataset."""
+    """What to train: a built-in model on a built-in or CSV dataset, or the user's own
+    LightningModule and data: `model` and `data` both import paths "package.module:factory"
+    (the contract: `trainers.plugin_contract`; only their form is checked here, a worker imports them)."""
 
-    model: str = "mlp"
+    model: str = Field(default="mlp", description="a built-in model (mlp, cnn) or the user's model factory, "
+                       "'package.module:factory'")
+    data: str | None = Field(default=None, description="the user's data factory, 'package.module:factory' "
+                             "(with a `model` import path); `dataset` and `val_fraction` are then unused")
     dataset: str = "sklearn:digits"
     val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    params: dict[str, Any] = Field(default_factory=dict, description="model parameters, e.g. width, depth")
+    params: dict[str, Any] = Field(default_factory=dict, description="model parameters, e.g. width, depth; for "
+                                   "the user's own factories, fixed keywords passed to them")
     seed: int | None = Field(default=None, description="the data split's and the weights' initial seed, the same "
                              "for every trial; the sampler's seed (or 0) when absent")
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; known models: {', '.join(sorted(MODELS))}")
+        if v not in MODELS and not IMPORT_PATH.match(v):
+            raise ValueError(f"unknown model {v!r}; known models: {', '.join(sorted(MODELS))}, or an import path "
+                             "'package.module:factory' (with `data`)")
         return v
+
+    @field_validator("data")
+    @classmethod
+    def _data_path(cls, v: str | None) -> str | None:
+        if v is not None and not IMPORT_PATH.match(v):
+            raise ValueError(f"data {v!r} is not an import path 'package.module:factory'")
+        return v
+
+    @property
+    def is_plugin(self) -> bool:
+        """The user's own model and data (import paths), not a built-in model."""
+        return self.data is not None
 
     @field_validator("dataset")
     @classmethod
@@ -232,6 +255,14 @@ class Task(_Strict):
 
     @model_validator(mode="after")
     def _model_fits_dataset_and_params(self) -> Task:
+        if self.model not in MODELS or self.data is not None:
+            if self.model in MODELS:
+                raise ValueError(f"data {self.data!r} needs a model import path 'package.module:factory', "
+                                 f"not the built-in {self.model!r}")
+            if self.data is None:
+                raise ValueError(f"model {self.model!r} is an import path: name the data factory too, "
+                                 "data: 'package.module:factory'")
+            return self  # params go to the user's factories as they are
         problems = []
         if self.model == "cnn" and self.dataset not in IMAGE_DATASETS:
             problems.append(f"model 'cnn' needs an image dataset ({', '.join(sorted(IMAGE_DATASETS))})")
@@ -252,10 +283,9 @@ class Objective(_Strict):
 
     @field_validator("metric")
     @classmethod
-    def _known_metric(cls, v: str) -> str:
-        known = {"val_loss", "val_acc", "train_loss"}
-        if v not in known:
-            raise ValueError(f"unknown objective metric {v!r}; known: {', '.join(sorted(known))}")
+    def _metric_name(cls, v: str) -> str:
+        if not METRIC_NAME.match(v):
+            raise ValueError(f"objective metric {v!r} is not a metric name (letters, digits, _ . / -, up to 100)")
         return v
 
 
@@ -320,6 +350,19 @@ class AutoRepair(_Strict):
     max: int = Field(ge=1, le=MAX_TRIALS, description="the most automatic repairs in the study")
 
 
+class Checkpoints(_Strict):
+    """Which trials' trained checkpoints are kept as Optuna artifacts: `best` (the best trial's),
+    `top_k` (the `top_k` best completed trials'), or `none`. Pruned, failed and no-longer-kept
+    trials' checkpoints are removed."""
+
+    keep: Literal["none", "best", "top_k"] = "best"
+    top_k: int = Field(default=3, ge=1, le=100, description="with keep: top_k, how many to keep")
+
+    def count(self) -> int:
+        """How many of the best completed trials keep their checkpoint."""
+        return {"none": 0, "best": 1, "top_k": self.top_k}[self.keep]
+
+
 class StudySpec(_Strict):
     """A study as submitted. Every field but `name` has a default."""
 
@@ -334,6 +377,9 @@ class StudySpec(_Strict):
                          description="how many times a trial whose process died is rerun with its parameters")
     auto_repair: AutoRepair | None = Field(default=None, description="repair unhealthy trials automatically, "
                                            "at most `max` per study; off when absent")
+    checkpoints: Checkpoints | None = Field(default=None, description="which trials' trained checkpoints are kept "
+                                            "as artifacts (keep: best | top_k | none); when absent, the best "
+                                            "trial's for a model of your own (task.data set), none for a built-in")
 
     model_config = ConfigDict(
         extra="forbid",
@@ -363,6 +409,12 @@ class StudySpec(_Strict):
             raise ValueError(f"n_trials must be between 1 and {MAX_TRIALS}, got {v}")
         return v
 
+    def kept_checkpoints(self) -> int:
+        """How many of the best completed trials keep their checkpoint (0: none is saved)."""
+        if self.checkpoints is not None:
+            return self.checkpoints.count()
+        return 1 if self.task.is_plugin else 0
+
     def training_seed(self) -> int:
         """One split and one initialisation for every trial of the study, so their values compare."""
         if self.task.seed is not None:
@@ -371,6 +423,11 @@ class StudySpec(_Strict):
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> StudySpec:
+        if self.task.is_plugin:
+            return self  # the user's module logs what it logs: a worker's dry run checks the metric is there
+        if self.objective.metric not in BUILTIN_METRICS:
+            raise ValueError(f"objective.metric: unknown objective metric {self.objective.metric!r} for a built-in "
+                             f"model; known: {', '.join(sorted(BUILTIN_METRICS))} (a model of your own may log any)")
         regression = self.task.dataset in REGRESSION_DATASETS or self.task.dataset.endswith("&task=regression")
         if self.objective.metric == "val_acc" and regression:
             raise ValueError("objective val_acc needs a classification dataset")

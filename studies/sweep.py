@@ -13,7 +13,7 @@ from service.db.engine import get_engine, session_scope
 from service.db.errors import Conflict
 from service.settings import Settings
 from studies.lifecycle import submit_study
-from studies.runner import run_slot
+from studies.runner import StudySetupError, run_slot
 from studies.spec import StudySpec
 
 
@@ -55,7 +55,12 @@ def run_sweep(settings: Settings, spec: StudySpec, *, progress: bool = True) -> 
                 slot = repo.claim_trial_slot(session, study_name=spec.name)
             if slot is None:
                 break
-            trial = run_slot(settings, slot, on_epoch=show_epoch)
+            try:
+                trial = run_slot(settings, slot, on_epoch=show_epoch)
+            except StudySetupError as exc:  # e.g. the user's model does not import: the study cannot run
+                with session_scope(engine) as session:
+                    repo.fail_study(session, slot.study_id, f"study setup failed: {exc}")
+                raise
             if trial is not None and trial.value is not None:
                 better = max if spec.objective.direction == "maximize" else min
                 best[:] = [better([trial.value, *best])]

@@ -34,6 +34,7 @@ from service.db.errors import DatabaseUnavailable
 from service.db.models import Study
 from service.settings import Settings
 from studies.devices import Slot
+from studies.plots.dashboard import StudyFigures
 from studies.retries import CRASHED, INTERRUPTED, settle_dead_attempt
 from studies.runner import NOT_STARTED, SETUP_FAILED, TRIAL_ENDED, slot_main
 from studies.storage import storage_for
@@ -73,6 +74,7 @@ class Worker:
         self._context = mp.get_context("spawn")
         self._last_heartbeat = 0.0
         self._last_stale_check = 0.0
+        self._figures = StudyFigures(settings)
         self._nothing_to_claim = False
 
     @property
@@ -229,6 +231,7 @@ class Worker:
                 state = repo.finish_study_if_complete(session, claim.study_id)
             if state:
                 log.info("study %s is %s", claim.study_name, state)
+            self._figures.after_trial(claim.study_name, study_ended=bool(state))  # the dashboard's; never raises
             p.claim, p.answer, p.settled = None, None, False
 
     def _settle_answer(self, p: SlotProcess, claim: repo.ClaimedSlot) -> None:

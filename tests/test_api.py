@@ -128,6 +128,10 @@ OPERATIONS = {"/v1/studies", "/v1/studies/{name}", "/v1/studies/{name}/cancel", 
               "/v1/studies/{name}/trials", "/v1/studies/{name}/trials/{number}",
               "/v1/studies/{name}/trials/{number}/metrics", "/v1/studies/{name}/trials/{number}/diagnosis",
               "/v1/studies/{name}/trials/{number}/repair", "/v1/studies/{name}/export", "/v1/diagnose", "/v1/workers",
+              "/v1/studies/{name}/plot", "/v1/studies/{name}/trials/{number}/plot",
+              "/v1/schedules", "/v1/schedules/{schedule_id}", "/v1/schedules/{schedule_id}/runs",
+              "/v1/schedules/{schedule_id}/run-now",
+              "/v1/studies/{name}/trials/{number}/artifacts", "/v1/studies/{name}/artifacts/{artifact_id}",
               "/v1/health"}
 
 

@@ -47,9 +47,20 @@ SCOPE_OF = {
     ("GET", "/v1/studies/{name}/trials/{number}"): "read",
     ("GET", "/v1/studies/{name}/trials/{number}/diagnosis"): "read",
     ("GET", "/v1/studies/{name}/trials/{number}/metrics"): "read",
+    ("GET", "/v1/studies/{name}/trials/{number}/artifacts"): "read",
+    ("GET", "/v1/studies/{name}/artifacts/{artifact_id}"): "read",
     ("POST", "/v1/studies/{name}/trials/{number}/repair"): "write",
     ("POST", "/v1/diagnose"): "read",
     ("GET", "/v1/workers"): "read",
+    ("GET", "/v1/studies/{name}/plot"): "read",
+    ("GET", "/v1/studies/{name}/trials/{number}/plot"): "read",
+    ("GET", "/v1/schedules"): "admin",
+    ("POST", "/v1/schedules"): "admin",
+    ("GET", "/v1/schedules/{schedule_id}"): "admin",
+    ("PATCH", "/v1/schedules/{schedule_id}"): "admin",
+    ("DELETE", "/v1/schedules/{schedule_id}"): "admin",
+    ("GET", "/v1/schedules/{schedule_id}/runs"): "admin",
+    ("POST", "/v1/schedules/{schedule_id}/run-now"): "admin",
 }
 OPEN = {("GET", "/v1/health")}
 
@@ -72,7 +83,8 @@ OPERATIONS = sorted((method, route.path) for route in _v1_routes() for method in
 
 def _request(client: TestClient, method: str, path: str, token: str | None) -> httpx.Response:
     """One call of an operation, on the study `authz` and its trial 0, with a valid body where it takes one."""
-    url = path.replace("{name}", "authz").replace("{number}", "0")
+    url = path.replace("{name}", "authz").replace("{number}", "0").replace("{schedule_id}", "1")
+    url = url.replace("{artifact_id}", "no-such-artifact")
     body: Any = None
     if (method, path) == ("POST", "/v1/studies"):
         body = tiny_spec(f"authz-{time.monotonic_ns()}", n_trials=1)

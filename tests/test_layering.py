@@ -30,6 +30,9 @@ assert client.get("/v1/studies/no-torch/export").status_code == 200
 assert client.get("/v1/studies/no-torch/export?format=csv").status_code == 200
 assert client.post("/v1/diagnose", json={{"epochs": [{{"epoch": 0, "train_loss": 1.0}}]}}).status_code == 200
 assert client.get("/v1/health").status_code == 200
+assert client.get("/v1/studies/no-torch/plot").status_code == 200
+assert client.get("/v1/studies/no-torch/plot?format=html").status_code == 200
+assert client.get("/metrics").status_code == 200
 assert client.get("/api/studies").status_code == 200
 assert client.get("/dashboard").status_code == 200
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "pytorch_lightning", "lightning", "trainers"))

@@ -51,11 +51,11 @@ def test_a_trial_that_raises_is_failed_with_its_error_and_the_study_goes_on(
     real_fit = trainers.fit
     calls = {"n": 0}
 
-    def flaky_fit(config, on_epoch_end=None, split=None):
+    def flaky_fit(config, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_fit(config, on_epoch_end=on_epoch_end, split=split)
+        return real_fit(config, **kwargs)
 
     monkeypatch.setattr(trainers, "fit", flaky_fit)
     assert run_sweep(settings, parse_spec(tiny_spec("flaky")), progress=False) == "done"

@@ -99,3 +99,104 @@ def _float(value: Any) -> float:
     if value is None:
         return math.nan
     return float(value.item() if isinstance(value, Tensor) else value)
+
+
+# Keys of the standard per-epoch dict; any other metric a user's module logs is added under its own name.
+STANDARD_KEYS = ("epoch", "train_loss", "val_loss", "val_acc", "grad_norm", "param_norm", "lr")
+
+
+class ModuleMetricsCallback(pl.Callback):
+    """The per-epoch metrics of any LightningModule, from what it logs and what it optimizes.
+
+    - `train_loss`: the mean of the losses its `training_step` returned (automatic
+      optimization); when it returns none (manual optimization), what it logged as
+      `train_loss` (or `loss`).
+    - every other metric it logged (`self.log`) at the epoch's end, under its own name
+      (`val_loss_epoch` as `val_loss` when only the suffixed name exists): the objective,
+      `val_loss`, `val_acc`, `val_f1`, ...
+    - `grad_norm`: the mean over optimizer steps of the global L2 norm of the gradients the
+      step applies, whichever optimizer steps (several optimizers included);
+      `param_norm`: the global L2 norm of the module's trainable parameters at the epoch's end;
+      `lr`: the learning rate of the first optimizer's first parameter group at its last step of
+      the epoch (what the epoch trained with, before an epoch-interval scheduler's step).
+
+    `context` goes into each checkpoint as `checkpoint["converge"]`, so a checkpoint says
+    which factories and hyperparameters built it (`trainers.plugins.load_checkpoint`).
+    """
+
+    def __init__(self, on_epoch_end: EpochHook | None = None, context: dict[str, Any] | None = None):
+        self.on_epoch_end = on_epoch_end
+        self.context = context
+        self.epochs: list[dict[str, float | int | None]] = []
+        self.stopped_early = False
+        self._started = 0.0
+        self._losses: list[Tensor] = []
+        self._step_norms: list[list[Tensor]] = []
+        self._lr = math.nan
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
+        self._losses = []
+        self._step_norms = []
+        self._lr = math.nan
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            self._losses.append(loss.detach().float().reshape(()))
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            self._step_norms.append(_norms(grads))
+        first = trainer.optimizers[0] if trainer.optimizers else None
+        if getattr(optimizer, "_optimizer", optimizer) is getattr(first, "_optimizer", first):
+            self._lr = float(optimizer.param_groups[0]["lr"])  # what this step used, before any scheduler step
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logged = logged_metrics(trainer)
+        if self._losses:
+            train_loss = _float(torch.stack(self._losses).mean())
+        else:
+            train_loss = logged.get("train_loss", logged.get("loss", math.nan))
+        optimizers = trainer.optimizers
+        metrics: dict[str, float | int | None] = {
+            "epoch": trainer.current_epoch,
+            "train_loss": train_loss,
+            "val_loss": logged.get("val_loss"),
+            "val_acc": logged.get("val_acc"),
+            "grad_norm": _mean_global_norm(self._step_norms),
+            "param_norm": _float(global_norm(p for p in pl_module.parameters() if p.requires_grad)),
+            "lr": self._lr if math.isfinite(self._lr) or not optimizers else float(optimizers[0].param_groups[0]["lr"]),
+        }
+        for name, value in logged.items():
+            if name not in metrics:
+                metrics[name] = value
+        metrics["epoch_seconds"] = time.perf_counter() - self._started
+        self.epochs.append(metrics)
+        if self.on_epoch_end is not None and self.on_epoch_end(dict(metrics)):
+            self.stopped_early = True
+            trainer.should_stop = True
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self.context is not None:
+            checkpoint["converge"] = dict(self.context)
+
+
+def logged_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """Every scalar the module logged, as floats: `NAME_epoch` as NAME where NAME itself is absent,
+    `NAME_step` left out (a single step's value, not the epoch's)."""
+    found: dict[str, float] = {}
+    for name, value in trainer.callback_metrics.items():
+        if isinstance(value, Tensor) and value.numel() != 1:
+            continue
+        if name.endswith("_step"):
+            continue
+        found[name] = _float(value)
+    for name in [n for n in found if n.endswith("_epoch")]:
+        found.setdefault(name.removesuffix("_epoch"), found[name])
+        del found[name]
+    return found

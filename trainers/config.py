@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainers.models import MODEL_NAMES
+from trainers.plugin_contract import is_import_path
 
 DEVICES = frozenset({"auto", "cpu", "cuda"})
 
@@ -17,6 +18,10 @@ class TrainConfig:
 
     `params` holds the model's own parameters (mlp: `width`, `depth`; cnn: `channels`);
     `device` "auto" means CUDA when available, else CPU.
+
+    A user's own task (`trainers.plugins`): `model` and `data` are import paths
+    "package.module:factory"; `params` then go to the factories, and `dataset` and
+    `val_fraction` are unused.
     """
 
     model: str = "mlp"
@@ -30,11 +35,21 @@ class TrainConfig:
     dropout: float = 0.0
     params: Mapping[str, Any] = field(default_factory=dict)
     device: str = "auto"
+    data: str | None = None  # the user's data factory, "package.module:factory": `model` is one too
+
+    @property
+    def is_plugin(self) -> bool:
+        return self.data is not None
 
     def __post_init__(self) -> None:
         # Fail before any data is loaded or any process spends time on a hopeless run.
         problems = []
-        if self.model not in MODEL_NAMES:
+        if self.data is not None:
+            for field_name in ("model", "data"):
+                if not is_import_path(getattr(self, field_name)):
+                    problems.append(f"{field_name} {getattr(self, field_name)!r} is not an import path "
+                                    "'package.module:factory'")
+        elif self.model not in MODEL_NAMES:
             problems.append(f"unknown model {self.model!r}; expected one of {sorted(MODEL_NAMES)}")
         if self.device not in DEVICES:
             problems.append(f"unknown device {self.device!r}; expected one of {sorted(DEVICES)}")

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -36,16 +37,29 @@ class FitResult:
 
 
 def fit(config: TrainConfig, on_epoch_end: EpochHook | None = None, split: DataSplit | None = None,
-        norms: bool = True) -> FitResult:
+        norms: bool = True, checkpoint_path: str | Path | None = None) -> FitResult:
     """Train `config` and return its per-epoch metrics.
 
     `on_epoch_end` sees each epoch's metrics as the epoch ends; returning True stops the
     run after that epoch (`stopped_early`). `split` skips loading the dataset again.
     `norms=False` leaves out the gradient and weight norms the diagnosis reads (they are
     NaN then); the diagnosis benchmark uses it to measure what collecting them costs.
-    Exceptions from data, model or training propagate to the caller.
+    Exceptions from data, model or training propagate to the caller. `checkpoint_path`: the
+    trained module is saved there (Lightning's checkpoint format) when the run ends.
+
+    A user's task (`config.data` set) trains their own LightningModule and data through
+    `trainers.plugins.fit_plugin`, in full precision, with `ModuleMetricsCallback`.
     """
     started = time.perf_counter()
+    if config.is_plugin:
+        from trainers.plugins import fit_plugin
+
+        accelerator = _accelerator(config.device)
+        with _quiet_lightning():
+            epochs, stopped = fit_plugin(config, on_epoch_end, accelerator, checkpoint_path)
+        device = torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"
+        return FitResult(epochs=epochs, stopped_early=stopped, device=device, precision="32-true",
+                         seconds=time.perf_counter() - started)
     with _quiet_lightning():
         pl.seed_everything(config.seed, workers=False, verbose=False)
         if split is None:
@@ -71,6 +85,8 @@ def fit(config: TrainConfig, on_epoch_end: EpochHook | None = None, split: DataS
             profiler=_Unprofiled(),
         )
         trainer.fit(module, WholeEpoch(train_loader), WholeEpoch(val_loader))
+        if checkpoint_path is not None:
+            trainer.save_checkpoint(checkpoint_path)
     device = torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"
     return FitResult(epochs=metrics.epochs, stopped_early=metrics.stopped_early, device=device, precision=precision,
                      seconds=time.perf_counter() - started)

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from service.api.dashboard import DashboardDispatch
 from service.api.limits import BodySizeLimit
 from service.api.openapi import keep_null_examples
-from service.api.routers import diagnose, health, studies, workers
+from service.api.routers import artifacts, diagnose, health, metrics, plots, schedules, studies, workers
 from service.db.engine import describe_cause, get_engine, is_transient, safe_url
 from service.db.errors import (
     Conflict,
@@ -32,7 +32,8 @@ from studies.diagnosis import HistoryError
 from studies.spec import SpecError, describe_errors
 
 _STATUS = {NotFound: 404, Conflict: 409, InvalidRequest: 422, DatabaseUnavailable: 503, SchemaNotReady: 503}
-_WHAT = {("POST", "/v1/studies"): "study spec", ("POST", "/v1/diagnose"): "history"}  # what a 422 says was invalid
+_WHAT = {("POST", "/v1/studies"): "study spec", ("POST", "/v1/diagnose"): "history",
+         ("POST", "/v1/schedules"): "schedule"}  # what a 422 says was invalid
 UNPARSABLE = "There was an error parsing the body"  # FastAPI's 400 for a body it could not decode
 
 DESCRIPTION = """Hyperparameter sweeps over learning rate, batch size, epochs, weight decay and dropout,
@@ -58,8 +59,12 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True, requ
     app.state.settings = settings
     app.state.require_token = require_token
     app.include_router(studies.router)
+    app.include_router(artifacts.router)
+    app.include_router(plots.router)
+    app.include_router(metrics.router)
     app.include_router(diagnose.router)
     app.include_router(workers.router)
+    app.include_router(schedules.router)
     app.include_router(health.router)
     keep_null_examples(app)
 

@@ -64,11 +64,12 @@ class RequireScope:
             raise ValueError(f"unknown scope {scope!r}")
         self.scope = scope
 
-    def __call__(self, request: Request, settings: SettingsDep, credentials: BearerDep) -> auth.TokenInfo | None:
+    def __call__(self, request: Request, settings: SettingsDep, credentials: BearerDep,
+                 session: SessionDep) -> auth.TokenInfo | None:
         engine = get_engine(settings.database_url, settings.sqlite_busy_timeout_s)
-        try:
+        try:  # in the route's session (the same one: FastAPI gives a request one of each dependency)
             return auth.authorize(engine, credentials.credentials if credentials else None, self.scope,
-                                  required=request.app.state.require_token)
+                                  required=request.app.state.require_token, session=session)
         except auth.AuthError as exc:
             raise HTTPException(exc.status, exc.detail, headers={"WWW-Authenticate": _challenge(exc)}) from None
 

@@ -236,3 +236,81 @@ class ApiToken(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None,
                                                           comment="updated at most once a minute")
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+SCHEDULE_RUN_STATES = ("waiting", "starting", "running", "done", "failed", "cancelled", "skipped")
+ACTIVE_RUN_STATES = ("waiting", "starting", "running")
+
+
+class Schedule(Base):
+    """A nightly (cron) sweep: a study template fired on a cron expression in an IANA time zone.
+
+    `fired_through` is the latest fire time the scheduler has handled (run, queued or skipped);
+    the next fire time is computed from it, so a restarted scheduler sees what it missed.
+    """
+
+    __tablename__ = "converge_schedules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    cron: Mapped[str] = mapped_column(String(120), comment="a 5-field cron expression")
+    timezone: Mapped[str] = mapped_column(String(64), comment="an IANA time zone, e.g. Europe/Berlin")
+    template: Mapped[dict[str, Any]] = mapped_column(JSON, comment="a study spec whose name is the runs' prefix")
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    misfire_grace_s: Mapped[int] = mapped_column(Integer, comment="a fire time missed by more is skipped")
+    overlap: Mapped[str] = mapped_column(String(8), comment="skip | queue: a fire while the last run is going")
+    warm_start_top_k: Mapped[int] = mapped_column(Integer, comment="the previous run's best k params enqueued first")
+    warm_start_search_space: Mapped[bool] = mapped_column(
+        Boolean, comment="start from the previous run's recommended search space")
+    regression_threshold: Mapped[float] = mapped_column(
+        Float, comment="a run whose best worsens by more than this fraction is a regression")
+    webhook_url: Mapped[str | None] = mapped_column(String(2000), default=None)
+    fired_through: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None,
+                                                           comment="the latest fire time handled")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class ScheduleRun(Base):
+    """One fire time of a schedule: the row whose insert decides which scheduler launches it."""
+
+    __tablename__ = "converge_schedule_runs"
+    __table_args__ = (
+        UniqueConstraint("schedule_id", "fire_time", name="uq_converge_schedule_runs_fire"),
+        Index("ix_converge_schedule_runs_state", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    schedule_id: Mapped[int] = mapped_column(ForeignKey("converge_schedules.id", ondelete="CASCADE"))
+    fire_time: Mapped[datetime] = mapped_column(UTCDateTime, comment="the cron time it is for")
+    state: Mapped[str] = mapped_column(String(16), comment="waiting | starting | running | done | failed | "
+                                                           "cancelled | skipped")
+    reason: Mapped[str | None] = mapped_column(Text, default=None, comment="why skipped or failed")
+    study_name: Mapped[str | None] = mapped_column(String(100), default=None)
+    manual: Mapped[bool] = mapped_column(Boolean, default=False, comment="run-now, not the cron")
+    warm_start: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None,
+                                                              comment="what was carried over from the last run")
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None,
+                                                          comment="the comparison with the previous run")
+    regression: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class WebhookDelivery(Base):
+    """One webhook notification of a schedule and every attempt to deliver it."""
+
+    __tablename__ = "converge_webhook_deliveries"
+    __table_args__ = (Index("ix_converge_webhook_deliveries_run", "run_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    schedule_id: Mapped[int] = mapped_column(ForeignKey("converge_schedules.id", ondelete="CASCADE"))
+    run_id: Mapped[int] = mapped_column(ForeignKey("converge_schedule_runs.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(32), comment="run.finished | run.regression | run.failed")
+    url: Mapped[str] = mapped_column(String(2000))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), default="pending", comment="pending | delivered | failed")
+    attempts: Mapped[list[Any]] = mapped_column(JSON, default=list,
+                                                comment="each attempt: at, status (HTTP) or error, seconds")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

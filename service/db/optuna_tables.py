@@ -64,6 +64,24 @@ optuna_trial_user_attributes = Table(
     Column("value_json", Text),
 )
 
+optuna_study_system_attributes = Table(
+    "study_system_attributes",
+    _metadata,
+    Column("study_system_attribute_id", Integer, primary_key=True),
+    Column("study_id", Integer),  # unique with key
+    Column("key", String(512)),
+    Column("value_json", Text),
+)
+
+optuna_trial_system_attributes = Table(
+    "trial_system_attributes",
+    _metadata,
+    Column("trial_system_attribute_id", Integer, primary_key=True),
+    Column("trial_id", Integer),  # unique with key
+    Column("key", String(512)),
+    Column("value_json", Text),
+)
+
 optuna_trial_intermediate_values = Table(
     "trial_intermediate_values",
     _metadata,

@@ -5,6 +5,7 @@ The caller owns the transaction through `session_scope()`.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections import Counter
@@ -51,6 +52,7 @@ from service.db.models import (
 from service.db.optuna_tables import (
     FINISHED_TRIAL_STATES,
     optuna_studies,
+    optuna_study_system_attributes,
     optuna_trial_intermediate_values,
     optuna_trial_params,
     optuna_trial_user_attributes,
@@ -742,3 +744,70 @@ def revoke_api_token(session: Session, token_id: int) -> tuple[ApiToken, bool]:
 def touch_api_token(session: Session, token_id: int, when: datetime) -> None:
     session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=when)
                     .execution_options(synchronize_session=False))
+
+
+# ---------------------------------------------------------------- figures and /metrics
+
+
+def metric_rows_of_trials(session: Session, study_id: int, numbers: Sequence[int],
+                          columns: Sequence[str] = ("train_loss", "val_loss")) -> list[Row[Any]]:
+    """The epoch rows (`trial_number`, `epoch` and `columns`, NaN kept) of some trials of one study, in order."""
+    if not numbers:
+        return []
+    m = TrialMetric
+    return list(session.execute(
+        select(m.trial_number, m.epoch, *(getattr(m, c) for c in columns))
+        .where(m.study_id == study_id, m.trial_number.in_(list(numbers))).order_by(m.trial_number, m.epoch)
+    ).all())
+
+
+def rerun_trial_numbers(session: Session, study_id: int) -> set[int]:
+    """The failed attempts of one study that were rerun (their copies count instead)."""
+    return set(session.scalars(select(TrialRetry.trial_number).where(TrialRetry.study_id == study_id)))
+
+
+def optuna_trial_state(session: Session, trial_id: int) -> str | None:
+    """Optuna's state name of one trial (RUNNING, COMPLETE, PRUNED, FAIL, WAITING), by its id."""
+    return session.scalar(select(optuna_trials.c.state).where(optuna_trials.c.trial_id == trial_id))
+
+
+def study_states(session: Session) -> Counter[str]:
+    """Converge's studies per state."""
+    return Counter({state: n for state, n in session.execute(select(Study.state, func.count()).group_by(Study.state))})
+
+
+def optuna_trial_states(session: Session) -> Counter[str]:
+    """Optuna's trials per state, over every study of the database."""
+    t = optuna_trials
+    return Counter({str(state): n for state, n in session.execute(select(t.c.state, func.count()).group_by(t.c.state))})
+
+
+def finished_trial_times(session: Session) -> list[tuple[datetime, datetime]]:
+    """(start, end) of every trial that ended with both times recorded."""
+    t = optuna_trials
+    return [(start, end) for start, end in session.execute(
+        select(t.c.datetime_start, t.c.datetime_complete)
+        .where(t.c.state.in_(FINISHED_TRIAL_STATES), t.c.datetime_start.is_not(None),
+               t.c.datetime_complete.is_not(None)))]
+
+
+def epoch_seconds_histogram(session: Session, bounds: Sequence[float]) -> tuple[list[int], int, float]:
+    """Epoch durations as a cumulative histogram, in one aggregate: (count at or under each bound, count, sum)."""
+    s = TrialMetric.epoch_seconds
+    finite_s = and_(s.is_not(None), s >= 0, s < 1e300)  # NaN compares false on PostgreSQL's ordering too
+    row = session.execute(select(
+        *(func.coalesce(func.sum(case((and_(finite_s, s <= b), 1), else_=0)), 0) for b in bounds),
+        func.coalesce(func.sum(case((finite_s, 1), else_=0)), 0),
+        func.coalesce(func.sum(case((finite_s, s), else_=0.0)), 0.0),
+    )).one()
+    return [int(v) for v in row[:len(bounds)]], int(row[len(bounds)]), float(row[len(bounds) + 1])
+
+
+def study_system_attrs(session: Session, optuna_study_id: int, keys: Sequence[str]) -> dict[str, Any]:
+    """These keys' values among a study's system attributes (those present): one indexed lookup,
+    where Optuna's `get_study_system_attrs` reads them all (they grow with the study: a dashboard
+    note per trial)."""
+    table = optuna_study_system_attributes
+    rows = session.execute(select(table.c.key, table.c.value_json)
+                           .where(table.c.study_id == optuna_study_id, table.c.key.in_(list(keys))))
+    return {key: json.loads(value) for key, value in rows}
