@@ -11,8 +11,7 @@ the dashboard are open (and `converge serve` binds to loopback only, or is told 
 token). The check reads the database on every request, with no cache: the database is the only
 state API replicas share, so a token created or revoked anywhere holds at the next request on
 every replica. It costs one indexed lookup by hash (a second, "is any token active", only when
-that lookup finds no active token), made in the request's own database session when the route
-has one (no transaction of its own), plus an update of `last_used_at` at most once a minute per
+that lookup finds no active token), plus an update of `last_used_at` at most once a minute per
 token.
 """
 
@@ -30,10 +29,9 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from service.db import repo
-from service.db.engine import rolled_back_and_translated, session_scope
+from service.db.engine import session_scope
 from service.db.errors import SchemaNotReady, ServiceError
 from service.db.models import API_SCOPES, ApiToken, utcnow
 
@@ -97,8 +95,7 @@ class AuthError(Exception):
         self.token_sent = token_sent
 
 
-def authorize(engine: Engine, token: str | None, needed: str, *, required: bool = False,
-              session: Session | None = None) -> TokenInfo | None:
+def authorize(engine: Engine, token: str | None, needed: str, *, required: bool = False) -> TokenInfo | None:
     """Check that `token` may do what needs scope `needed`.
 
     Returns the token's `TokenInfo`, or None when authentication is off (no active token and not
@@ -107,23 +104,33 @@ def authorize(engine: Engine, token: str | None, needed: str, *, required: bool 
     `DatabaseUnavailable` / `SchemaNotReady` like everywhere else, except that a database without
     Converge's tables holds no token, so it leaves authentication off unless `required` (that
     keeps `POST /v1/diagnose`, which needs no database, working before `converge db upgrade`).
-
-    `session`: the request's session, to look the token up in (one transaction per request, not
-    two: each costs a BEGIN and a COMMIT round trip on PostgreSQL); without one, a session of its own.
     """
     digest = hash_token(token) if token else None
     try:
-        if session is None:
-            with session_scope(engine) as own:
-                info = _lookup(own, token, digest, required)
-        else:
-            info = _lookup_in(session, engine, token, digest, required)
+        return _authorize(engine, token, digest, needed, required)
     except SchemaNotReady:
         if required:
             raise
         return None  # a database `converge db upgrade` never made holds no token: as with none, open
-    if info is None:
-        return None
+
+
+def _authorize(engine: Engine, token: str | None, digest: str | None, needed: str, required: bool) -> TokenInfo | None:
+    with session_scope(engine) as session:
+        row = repo.find_api_token(session, digest) if digest else None
+        # The database compared already; this also refuses a match found by a lenient collation.
+        if row is not None and not hmac.compare_digest(row.token_hash, digest or ""):
+            row = None
+        if row is None or row.revoked_at is not None:
+            if not required and not repo.any_active_api_token(session):
+                return None
+            if token is None:
+                raise AuthError(401, MISSING)
+            if row is None:
+                log.info("refused a request with an unknown API token")
+                raise AuthError(401, "unknown API token", token_sent=True)
+            log.warning("refused a request with revoked API token %s (id %d)", row.prefix, row.id)
+            raise AuthError(401, f"API token {row.prefix}… was revoked", token_sent=True)
+        info = TokenInfo.of(row)
     now = utcnow()
     if info.last_used_at is None or now - info.last_used_at >= LAST_USED_EVERY:
         _record_use(engine, info, now)
@@ -131,33 +138,6 @@ def authorize(engine: Engine, token: str | None, needed: str, *, required: bool 
         raise AuthError(403, f"this needs a token of scope {needed!r} or higher; token {info.prefix}… has scope "
                              f"{info.scope!r}", needed=needed, token_sent=True)
     return info
-
-
-def _lookup_in(session: Session, engine: Engine, token: str | None, digest: str | None,
-               required: bool) -> TokenInfo | None:
-    """`_lookup` in a session someone else commits: an error rolls it back (so the route may
-    still use it), a driver error translated as `session_scope` would."""
-    with rolled_back_and_translated(session, engine):
-        return _lookup(session, token, digest, required)
-
-
-def _lookup(session: Session, token: str | None, digest: str | None, required: bool) -> TokenInfo | None:
-    """The active token with this hash; None when authentication is off; AuthError otherwise."""
-    row = repo.find_api_token(session, digest) if digest else None
-    # The database compared already; this also refuses a match found by a lenient collation.
-    if row is not None and not hmac.compare_digest(row.token_hash, digest or ""):
-        row = None
-    if row is None or row.revoked_at is not None:
-        if not required and not repo.any_active_api_token(session):
-            return None
-        if token is None:
-            raise AuthError(401, MISSING)
-        if row is None:
-            log.info("refused a request with an unknown API token")
-            raise AuthError(401, "unknown API token", token_sent=True)
-        log.warning("refused a request with revoked API token %s (id %d)", row.prefix, row.id)
-        raise AuthError(401, f"API token {row.prefix}… was revoked", token_sent=True)
-    return TokenInfo.of(row)
 
 
 def _record_use(engine: Engine, info: TokenInfo, now: datetime) -> None:

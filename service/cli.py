@@ -564,7 +564,8 @@ def _show_study(name: str, *, verdicts: bool = False) -> None:
         trials = views.list_trial_outs(session, name)
         diagnoses = repo.diagnoses_by_trial(session, repo.get_study(session, name).id) if verdicts else {}
     click.echo(f"study {s.name}: {s.state}" + (f" ({s.detail})" if s.detail else ""))
-    click.echo(f"  {s.spec['task']['model']} on {s.spec['task']['dataset']}, "
+    task = s.spec["task"]
+    click.echo(f"  {task['model']} on {task.get('data') or task['dataset']}, "
                f"{s.spec['objective']['direction']} {s.spec['objective']['metric']}, {s.n_trials} trials")
     if s.best is not None:
         click.echo(f"  best: trial {s.best.number} = {s.best.value:.6g} {s.best.params}")

@@ -80,6 +80,7 @@ class Scheduler:
             self._guard(f"schedule {schedule_id}", self._fire_due, schedule_id, now)
         self._guard("queued runs", self._start_waiting, now)
         self._guard("stuck runs", self._fail_stuck, now)
+        self._guard("stale webhooks", self._resume_deliveries)
 
     def _guard(self, what: str, step: Callable[..., Any], *args: Any) -> None:
         try:
@@ -314,6 +315,21 @@ class Scheduler:
             delivery = schedule_repo.add_delivery(session, schedule.id, run.id, event, schedule.webhook_url, payload)
             out.append((delivery.id, schedule.webhook_url, payload))
         return out
+
+    def _resume_deliveries(self) -> None:
+        """Post again the deliveries a stopped process left pending (`service.webhooks`). On the
+        wall clock, not `self.clock`: delivery times are the notifier's, which are real."""
+        now = datetime.now(timezone.utc)
+        stale_before = now - timedelta(seconds=self.notifier.stale_after_s)
+        with session_scope(self.engine) as session:
+            stale = [(d.id, d.url, d.payload, len(d.attempts))
+                     for d in schedule_repo.stale_pending_deliveries(session, stale_before)]
+        for delivery_id, url, payload, attempts_so_far in stale:
+            with session_scope(self.engine) as session:
+                mine = schedule_repo.claim_stale_delivery(session, delivery_id, stale_before, now)
+            if mine:
+                log.warning("webhook delivery %d was left pending by a stopped process: posting it again", delivery_id)
+                self.notifier.submit(delivery_id, url, payload, attempts_so_far=attempts_so_far)
 
     def _post(self, deliveries: list[tuple[int, str, dict[str, Any]]]) -> None:
         for delivery_id, url, payload in deliveries:

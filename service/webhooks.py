@@ -5,6 +5,11 @@ transaction as the run's change it reports; the `Notifier` then posts it from a 
 with a timeout per attempt and retries with a doubling backoff, recording every attempt (its HTTP
 status or error, and how long it took) and the outcome (`delivered` or `failed`). A webhook that
 hangs, refuses or answers 500 is logged and recorded; it never raises into, nor waits, the scheduler.
+
+A delivery whose process stopped (a crash, a restart) stays `pending` with no new attempt: once
+untouched for `stale_after_s` (twice the longest a delivery can take, plus a minute), any
+scheduler takes it over (one conditional UPDATE decides which) and posts it again with a fresh
+retry budget. Delivery is therefore at least once: a receiver may, rarely, see an event twice.
 """
 
 from __future__ import annotations
@@ -54,8 +59,15 @@ class Notifier:
         self._futures: set[Future[str]] = set()
         self._lock = threading.Lock()
 
-    def submit(self, delivery_id: int, url: str, payload: dict[str, Any]) -> Future[str]:
-        future = self._pool.submit(self._deliver, delivery_id, url, payload)
+    @property
+    def stale_after_s(self) -> float:
+        """How long a pending delivery may go untouched before another scheduler takes it over."""
+        longest = (self.retries + 1) * self.timeout_s + self.backoff_s * 2 ** self.retries
+        return 2 * longest + 60
+
+    def submit(self, delivery_id: int, url: str, payload: dict[str, Any], *, attempts_so_far: int = 0) -> Future[str]:
+        """Post in the background; `attempts_so_far`: a delivery taken over continues their numbering."""
+        future = self._pool.submit(self._deliver, delivery_id, url, payload, attempts_so_far)
         with self._lock:
             self._futures.add(future)
         future.add_done_callback(self._forget)
@@ -80,9 +92,10 @@ class Notifier:
     def close(self, wait: bool = False) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
 
-    def _deliver(self, delivery_id: int, url: str, payload: dict[str, Any]) -> str:
+    def _deliver(self, delivery_id: int, url: str, payload: dict[str, Any], attempts_so_far: int = 0) -> str:
         state = "failed"
-        for attempt in range(1, self.retries + 2):
+        final = attempts_so_far + self.retries + 1
+        for attempt in range(attempts_so_far + 1, final + 1):
             started = time.monotonic()
             record: dict[str, Any] = {"attempt": attempt, "at": datetime.now(timezone.utc).isoformat()}
             try:
@@ -95,16 +108,16 @@ class Notifier:
                 record["error"] = f"{type(exc).__name__}: {exc}"
                 ok = False
             record["seconds"] = round(time.monotonic() - started, 3)
-            last = ok or attempt == self.retries + 1
+            last = ok or attempt == final
             state = "delivered" if ok else ("failed" if last else "pending")
             self._record(delivery_id, record, state)
             if ok:
                 return state
             log.warning("webhook %s (delivery %d), attempt %d of %d failed: %s", url, delivery_id, attempt,
-                        self.retries + 1, record["error"])
+                        final, record["error"])
             if not last:
                 self._sleep(self.backoff_s * 2 ** (attempt - 1))
-        log.error("webhook %s (delivery %d) given up after %d attempts", url, delivery_id, self.retries + 1)
+        log.error("webhook %s (delivery %d) given up after %d attempts", url, delivery_id, final)
         return state
 
     def _record(self, delivery_id: int, record: dict[str, Any], state: str) -> None:

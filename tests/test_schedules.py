@@ -27,7 +27,7 @@ from service import schedules
 from service.api.app import create_app
 from service.db import repo, schedule_repo
 from service.db.engine import get_engine, session_scope
-from service.db.models import ScheduleRun
+from service.db.models import ScheduleRun, utcnow
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.webhooks import Notifier
@@ -463,6 +463,44 @@ def test_failing_webhook_is_retried_recorded_and_never_blocks(settings: Settings
         scheduler.tick()  # the scheduler goes on
     finally:
         bad.close()
+
+
+class DeadNotifier(Notifier):
+    """A notifier whose process stops before posting anything: the deliveries stay pending."""
+
+    def submit(self, delivery_id: int, url: str, payload: dict[str, Any], **_: Any) -> Any:
+        return None
+
+
+def test_a_delivery_left_pending_by_a_stopped_process_is_posted_once_by_another(
+        settings: Settings, receiver: Receiver) -> None:
+    clock = Clock(utc(2026, 11, 1, 12))
+    sid = make_schedule(settings, clock.now, webhook_url=receiver.url)
+    engine = get_engine(settings.database_url)
+    crashed = Scheduler(settings, clock=clock, notifier=DeadNotifier(engine))
+    clock.to(utc(2026, 11, 2, 1, 30, 2))
+    crashed.tick()
+    (run,) = runs(settings, sid)
+    end_study(settings, run.study_name)
+    crashed.tick()  # the run is done and its delivery written, but never posted
+    with session_scope(engine) as session:
+        (delivery,) = schedule_repo.deliveries_of_runs(session, [run.id])
+        assert (delivery.state, delivery.attempts) == ("pending", [])
+    survivors = [fast_scheduler(settings, clock) for _ in range(2)]
+    for scheduler in survivors:  # not stale yet: left alone
+        scheduler.tick()
+    assert receiver.received == []
+
+    with session_scope(engine) as session:  # as if the crash was long ago
+        schedule_repo.deliveries_of_runs(session, [run.id])[0].updated_at = utcnow() - timedelta(hours=1)
+    for scheduler in survivors:
+        scheduler.tick()
+    for scheduler in survivors:
+        scheduler.notifier.wait(10)
+    assert [r["event"] for r in receiver.received] == ["run.finished"]  # once, by one of the two
+    with session_scope(engine) as session:
+        (delivery,) = schedule_repo.deliveries_of_runs(session, [run.id])
+        assert delivery.state == "delivered" and [a["attempt"] for a in delivery.attempts] == [1]
 
 
 def test_launch_failure_marks_the_run_failed_and_notifies(settings: Settings, receiver: Receiver) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
 import optuna
 from fastapi import Depends, HTTPException, Query, Request
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -28,11 +31,42 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
         yield session
 
 
-# Closed as soon as the route function returns, before the response is serialised: that step
-# waits for one of the thread pool's 40 threads, and with the session held open until then, a
-# burst of requests could take every thread waiting for a pooled connection that only a
-# finished request, itself waiting for a thread, would give back.
+# The request's session. Routes that take it are `SessionRoute`s, which commit and close it as
+# the route function returns; this dependency's own exit then only translates an error.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+class SessionRoute(APIRoute):
+    """A route that commits and closes its `SessionDep` in the route function's own thread.
+
+    FastAPI exits a `scope="function"` dependency only after the response is serialised, and
+    serialising a sync route's answer waits for one of the thread pool's 40 threads. With the
+    session's pooled connection held until then, a burst of requests deadlocks: every connection
+    held by requests waiting for a thread, every thread by requests waiting for a connection,
+    until the pool's 30 s timeout (tests/test_api_concurrency.py).
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any):
+        if not inspect.iscoroutinefunction(endpoint):
+            endpoint = _releasing_sessions(endpoint)
+        super().__init__(path, endpoint, **kwargs)
+
+
+def _releasing_sessions(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(endpoint)
+    def route(*args: Any, **kwargs: Any) -> Any:
+        sessions = [value for value in kwargs.values() if isinstance(value, Session)]
+        try:
+            result = endpoint(*args, **kwargs)
+            for session in sessions:
+                session.commit()
+            return result
+        finally:  # on an error too (rolled back): `session_scope` still translates it
+            for session in sessions:
+                session.close()
+
+    route.__signature__ = inspect.signature(endpoint, eval_str=True)  # type: ignore[attr-defined]
+    return route
 
 
 def get_storage(settings: SettingsDep) -> optuna.storages.RDBStorage:
@@ -64,12 +98,11 @@ class RequireScope:
             raise ValueError(f"unknown scope {scope!r}")
         self.scope = scope
 
-    def __call__(self, request: Request, settings: SettingsDep, credentials: BearerDep,
-                 session: SessionDep) -> auth.TokenInfo | None:
+    def __call__(self, request: Request, settings: SettingsDep, credentials: BearerDep) -> auth.TokenInfo | None:
         engine = get_engine(settings.database_url, settings.sqlite_busy_timeout_s)
-        try:  # in the route's session (the same one: FastAPI gives a request one of each dependency)
+        try:
             return auth.authorize(engine, credentials.credentials if credentials else None, self.scope,
-                                  required=request.app.state.require_token, session=session)
+                                  required=request.app.state.require_token)
         except auth.AuthError as exc:
             raise HTTPException(exc.status, exc.detail, headers={"WWW-Authenticate": _challenge(exc)}) from None
 

@@ -91,19 +91,8 @@ def session_scope(engine: Engine) -> Iterator[Session]:
     """A unit of work: commit on success, roll back on error, driver errors translated."""
     session = _session_factory(engine)()
     try:
-        with rolled_back_and_translated(session, engine):
-            yield session
-            session.commit()
-    finally:
-        session.close()
-
-
-@contextmanager
-def rolled_back_and_translated(session: Session, engine: Engine) -> Iterator[None]:
-    """On any error, roll `session` back; a driver error is raised as the service's own
-    (`translate_db_error`). For work in a session that someone else commits and closes."""
-    try:
-        yield
+        yield session
+        session.commit()
     except (OperationalError, ProgrammingError) as exc:
         session.rollback()
         translated = translate_db_error(exc, engine.url)
@@ -113,6 +102,8 @@ def rolled_back_and_translated(session: Session, engine: Engine) -> Iterator[Non
     except BaseException:
         session.rollback()
         raise
+    finally:
+        session.close()
 
 
 def is_transient(exc: BaseException) -> bool:

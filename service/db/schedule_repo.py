@@ -139,6 +139,17 @@ def deliveries_of_runs(session: Session, run_ids: list[int]) -> list[WebhookDeli
                                 .order_by(WebhookDelivery.id)))
 
 
-def pending_deliveries(session: Session) -> list[WebhookDelivery]:
-    return list(session.scalars(select(WebhookDelivery).where(WebhookDelivery.state == "pending")
+def stale_pending_deliveries(session: Session, stale_before: datetime) -> list[WebhookDelivery]:
+    """Deliveries still pending that nobody has touched since `stale_before`: their process stopped."""
+    return list(session.scalars(select(WebhookDelivery)
+                                .where(WebhookDelivery.state == "pending", WebhookDelivery.updated_at < stale_before)
                                 .order_by(WebhookDelivery.id)))
+
+
+def claim_stale_delivery(session: Session, delivery_id: int, stale_before: datetime, now: datetime) -> bool:
+    """Take a stale pending delivery over: one conditional UPDATE, so of two schedulers one wins."""
+    result = session.execute(update(WebhookDelivery)
+                             .where(WebhookDelivery.id == delivery_id, WebhookDelivery.state == "pending",
+                                    WebhookDelivery.updated_at < stale_before)
+                             .values(updated_at=now).execution_options(synchronize_session=False))
+    return result.rowcount == 1

@@ -14,11 +14,11 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.deps import SessionDep, SettingsDep, StorageDep, error_responses, require_scope
+from service.api.deps import SessionDep, SessionRoute, SettingsDep, StorageDep, error_responses, require_scope
 from service.api.routers.studies import BAD_NAME, BAD_PATH, StudyName, TrialNumber
 from studies import checkpoints
 
-router = APIRouter(prefix="/v1/studies", tags=["artifacts"])
+router = APIRouter(prefix="/v1/studies", tags=["artifacts"], route_class=SessionRoute)
 
 READ = [Depends(require_scope("read"))]
 ARTIFACT_EXAMPLE = {"artifact_id": "0b0e7cbb-5b0c-4d4e-9a43-0f1f5bb0c8a1", "filename": "blobs-trial-3.ckpt",

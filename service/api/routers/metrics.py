@@ -10,9 +10,9 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
 from service import prometheus
-from service.api.deps import SessionDep, SettingsDep, require_scope
+from service.api.deps import SessionDep, SessionRoute, SettingsDep, require_scope
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=SessionRoute)
 
 
 @router.get("/metrics", include_in_schema=False, dependencies=[Depends(require_scope("read"))])

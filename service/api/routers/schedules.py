@@ -7,10 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Path, Query, status
 
 from service import schedules
-from service.api.deps import SessionDep, SettingsDep, error_responses, require_scope
+from service.api.deps import SessionDep, SessionRoute, SettingsDep, error_responses, require_scope
 from service.schedules import RUN_EXAMPLE, SCHEDULE_EXAMPLE, RunOut, ScheduleIn, ScheduleOut, SchedulePatch
 
-router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
+router = APIRouter(prefix="/v1/schedules", tags=["schedules"], route_class=SessionRoute)
 
 MAX_ID = 2_147_483_647  # a 32-bit integer column
 ScheduleId = Annotated[int, Path(ge=1, le=MAX_ID, description="the schedule's id",

@@ -8,7 +8,15 @@ from fastapi import APIRouter, Body, Depends, Path, Query, Response, status
 from fastapi.responses import StreamingResponse
 
 from service import trial_pages, views
-from service.api.deps import FormatDep, SessionDep, SettingsDep, StorageDep, error_responses, require_scope
+from service.api.deps import (
+    FormatDep,
+    SessionDep,
+    SessionRoute,
+    SettingsDep,
+    StorageDep,
+    error_responses,
+    require_scope,
+)
 from service.api.schemas import (
     METRICS_COLUMNS_EXAMPLE,
     METRICS_CSV_EXAMPLE,
@@ -35,7 +43,7 @@ from service.db.engine import get_engine, session_scope
 from studies import lifecycle, repair
 from studies.spec import MAX_TRIALS, NAME_PATTERN, StudySpec
 
-router = APIRouter(prefix="/v1/studies", tags=["studies"])
+router = APIRouter(prefix="/v1/studies", tags=["studies"], route_class=SessionRoute)
 
 StudyName = Annotated[str, Path(pattern=NAME_PATTERN, description="the study's unique name, [A-Za-z0-9._-]{1,100}",
                                 openapi_examples={"a study": {"value": "digits-mlp"}})]

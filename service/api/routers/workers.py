@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from service import views
-from service.api.deps import SessionDep, SettingsDep, error_responses, require_scope
+from service.api.deps import SessionDep, SessionRoute, SettingsDep, error_responses, require_scope
 from service.api.schemas import WORKER_EXAMPLE, WorkerOut
 
-router = APIRouter(prefix="/v1/workers", tags=["workers"])
+router = APIRouter(prefix="/v1/workers", tags=["workers"], route_class=SessionRoute)
 
 
 @router.get("", response_model=list[WorkerOut], dependencies=[Depends(require_scope("read"))],
