@@ -41,6 +41,29 @@ def test_study_figures_are_refreshed_at_most_every_interval_and_always_at_the_en
     assert not figures.after_trial("c", study_ended=True)  # logged, never raised
 
 
+def test_a_trial_note_replaces_a_longer_one_in_the_dashboards_format(settings: Settings) -> None:
+    """`save_trial_note` writes optuna-dashboard's keys itself (one transaction): the dashboard reads
+    the new note, at the next version, with the chunks of a longer earlier note blanked."""
+    from optuna_dashboard import save_note
+
+    from service.db.engine import get_engine
+
+    study = optuna.create_study(study_name="noted", storage=storage_for(settings))
+    trial = study.ask()
+    other = study.ask()
+    save_note(trial, "user's words " * 400)  # three chunks of ~2 KB, version 1
+    save_note(other, "another trial's note")
+    diagnosis = {"verdict": "overfitting", "healthy": False, "confidence": 0.9, "onset_epoch": 3, "summary": "s",
+                 "findings": [{"kind": "overfitting", "epoch": 3, "evidence": "val_loss rose"}], "remedies": []}
+    dashboard.save_trial_note(trial, (4, diagnosis), get_engine(settings.database_url))
+
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    note = get_note_from_system_attrs(attrs, trial._trial_id)
+    assert note["version"] == 2
+    assert note["body"].startswith("## Converge: ") and "overfitting" in note["body"] and "user's" not in note["body"]
+    assert get_note_from_system_attrs(attrs, other._trial_id)["body"] == "another trial's note"  # untouched
+
+
 @pytest.mark.slow
 def test_a_worker_leaves_notes_and_figures_for_the_dashboard(tmp_path: Path) -> None:
     # SQLite only: the notes and figures go through Optuna's storage API, the same on both databases, and a

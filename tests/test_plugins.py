@@ -131,6 +131,38 @@ def test_metrics_of_a_module_with_two_optimizers_and_a_scheduler() -> None:
 
 
 @pytest.mark.slow
+def test_checkpoints_in_an_s3_bucket_are_kept_listed_and_downloaded(
+        art_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CONVERGE_ARTIFACT_S3_BUCKET: the same sweep keeps only the best checkpoint, in the bucket (moto's
+    in-process S3), and the API lists and serves it from there."""
+    import boto3
+    from moto import mock_aws
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    s3_settings = art_settings.model_copy(update={"artifact_s3_bucket": "converge-checkpoints"})
+    with mock_aws():
+        bucket = boto3.client("s3")
+        bucket.create_bucket(Bucket="converge-checkpoints")
+        assert run_sweep(s3_settings, parse_spec(plugin_spec("blobs-s3", n_trials=3)), progress=False) == "done"
+        trials = _trials(s3_settings, "blobs-s3")
+        best = max(trials, key=lambda t: t.value)
+        (stored,) = bucket.list_objects_v2(Bucket="converge-checkpoints")["Contents"]  # the best one only
+        assert stored["Key"] == best.user_attrs[CHECKPOINT_ATTR]
+        assert not Path(art_settings.artifact_dir).exists()  # nothing on the local disk
+
+        client = TestClient(create_app(s3_settings))
+        listed = {t.number: client.get(f"/v1/studies/blobs-s3/trials/{t.number}/artifacts").json() for t in trials}
+        assert [n for n, artifacts in listed.items() if artifacts] == [best.number]
+        response = client.get(f"/v1/studies/blobs-s3/artifacts/{stored['Key']}")
+        assert response.status_code == 200
+        assert response.content == bucket.get_object(Bucket="converge-checkpoints", Key=stored["Key"])["Body"].read()
+        checkpoint = torch.load(io.BytesIO(response.content), weights_only=False)
+        assert checkpoint["converge"]["hyperparameters"]["lr"] == pytest.approx(best.params["lr"])
+
+
+@pytest.mark.slow
 def test_a_plugin_sweep_keeps_only_the_best_checkpoint_which_round_trips(art_settings: Settings) -> None:
     spec = parse_spec(plugin_spec("blobs", n_trials=4))
     assert run_sweep(art_settings, spec, progress=False) == "done"

@@ -811,3 +811,18 @@ def study_system_attrs(session: Session, optuna_study_id: int, keys: Sequence[st
     rows = session.execute(select(table.c.key, table.c.value_json)
                            .where(table.c.study_id == optuna_study_id, table.c.key.in_(list(keys))))
     return {key: json.loads(value) for key, value in rows}
+
+
+def set_study_system_attrs(session: Session, optuna_study_id: int, values: dict[str, Any]) -> None:
+    """Write these study system attributes in one statement, stored as Optuna stores them (JSON in
+    `value_json`, unique per study and key): Optuna's `set_study_system_attr` is a transaction of
+    several queries per attribute."""
+    if not values:
+        return
+    table = optuna_study_system_attributes
+    dialect = session.get_bind().dialect.name
+    statement = (sqlite_insert if dialect == "sqlite" else postgresql_insert)(table)
+    statement = statement.on_conflict_do_update(index_elements=[table.c.study_id, table.c.key],
+                                                set_={"value_json": statement.excluded.value_json})
+    session.execute(statement, [{"study_id": optuna_study_id, "key": key, "value_json": json.dumps(value)}
+                                for key, value in values.items()])

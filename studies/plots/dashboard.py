@@ -2,7 +2,7 @@
 
 - Each trial's final diagnosis becomes its dashboard note (Markdown: verdict, evidence, remedies),
   written by the slot process when the trial ends (`save_trial_note`), in `optuna_dashboard.save_note`'s
-  format but reading only that trial's keys.
+  format but in one transaction that reads and writes only that trial's keys.
 - The study's five figures (`studies.plots.draw.study_figures`, the loss overlay cut to
   `DASHBOARD_CURVES` trials) are saved with `save_plotly_graph_object` under fixed ids
   (`converge-objective_history`, ...), so each save replaces the last. A worker refreshes them after
@@ -39,8 +39,9 @@ def save_trial_note(trial: optuna.Trial, last: tuple[int, dict[str, Any]] | None
     """The trial's dashboard note from its last diagnosis (`(epoch, diagnosis)`, None when it had none).
 
     optuna-dashboard's format (its `save_note_with_version`: a version key, the body in ~2 KB
-    chunks, an earlier note's extra chunks blanked), but reading only this trial's keys:
-    `save_note` reads every system attribute of the study twice, which grows with every note.
+    chunks, an earlier note's extra chunks blanked), in one transaction of two statements that
+    read and write only this trial's keys: `save_note` reads every system attribute of the study
+    twice (they grow with every note) and writes each key in a transaction of its own.
     """
     try:
         from optuna_dashboard._note import note_str_key_prefix, note_ver_key, split_body
@@ -48,15 +49,13 @@ def save_trial_note(trial: optuna.Trial, last: tuple[int, dict[str, Any]] | None
         epoch, diagnosis = last if last is not None else (None, None)
         study_id, trial_id = trial.study._study_id, trial._trial_id
         version_key, prefix = note_ver_key(trial_id), note_str_key_prefix(trial_id)
+        chunks = split_body(diagnosis_note(trial.number, diagnosis, epoch), trial_id)
         with session_scope(engine) as session:
             current = repo.study_system_attrs(session, study_id,
                                               [version_key, *(f"{prefix}{i}" for i in range(MAX_NOTE_CHUNKS))])
-        chunks = split_body(diagnosis_note(trial.number, diagnosis, epoch), trial_id)
-        stale = {f"{prefix}{i}": "" for i in range(len(chunks), MAX_NOTE_CHUNKS) if current.get(f"{prefix}{i}")}
-        storage = trial.storage
-        storage.set_study_system_attr(study_id, version_key, current.get(version_key, 0) + 1)
-        for key, value in {**chunks, **stale}.items():
-            storage.set_study_system_attr(study_id, key, value)
+            stale = {f"{prefix}{i}": "" for i in range(len(chunks), MAX_NOTE_CHUNKS) if current.get(f"{prefix}{i}")}
+            repo.set_study_system_attrs(session, study_id,
+                                        {version_key: current.get(version_key, 0) + 1, **chunks, **stale})
     except Exception:
         log.exception("trial %d: could not save its dashboard note", trial.number)
 
