@@ -17,16 +17,23 @@ PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 @contextlib.contextmanager
 def scratch_database(url: str | None) -> Iterator[str]:
-    """`url` as it is when given; else a new database, dropped afterwards (retried: a server
-    restarted meanwhile drops the admin connection)."""
+    """`url` as it is when given; else a new database (`new_database`), dropped afterwards."""
     if url is not None:
         yield url
         return
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"converge_bench_{uuid.uuid4().hex[:10]}"
+    with new_database(sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT"), "converge_bench") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def new_database(admin: sa.Engine, prefix: str) -> Iterator[str]:
+    """A new, empty database on `admin`'s server (an AUTOCOMMIT engine); its engine's connections
+    closed and the database dropped afterwards, retried: a server restarted meanwhile drops the
+    admin connection. Also the tests' scratch databases (tests/conftest.py)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
     try:
         yield url
     finally:

@@ -10,7 +10,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from service.db.engine import get_engine
+from benchmarks.scratch_db import new_database
 from service.db.migrate import upgrade
 from service.settings import Settings
 
@@ -61,19 +60,9 @@ def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield url
 
 
-@contextlib.contextmanager
-def scratch_postgres(admin: sa.Engine, prefix: str = "converge_test") -> Iterator[str]:
+def scratch_postgres(admin: sa.Engine, prefix: str = "converge_test") -> contextlib.AbstractContextManager[str]:
     """A new, empty PostgreSQL database's URL; dropped (its engine's connections closed) afterwards."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        yield url
-    finally:
-        get_engine(url).dispose()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    return new_database(admin, prefix)
 
 
 @pytest.fixture
