@@ -14,6 +14,7 @@ Imports no torch: the API lists and serves artifacts through this module.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -63,14 +64,20 @@ def artifact_store(settings: Settings) -> Any:
     """The configured Optuna artifact store: S3-compatible when `CONVERGE_ARTIFACT_S3_BUCKET` is set
     (boto3 imported only then), else the filesystem under `artifact_dir`."""
     if settings.artifact_s3_bucket:
-        import boto3  # only where an S3 store is configured
-        from optuna.artifacts import Boto3ArtifactStore
-
-        client = boto3.client("s3", endpoint_url=settings.artifact_s3_endpoint_url or None)
-        return Boto3ArtifactStore(settings.artifact_s3_bucket, client=client)
+        return _s3_store(settings.artifact_s3_bucket, settings.artifact_s3_endpoint_url or None)
     directory = artifact_dir(settings)
     directory.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(directory)
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_store(bucket: str, endpoint_url: str | None) -> Any:
+    """One store (and boto3 client, which is thread-safe) per bucket and endpoint in a process:
+    a client costs tens of milliseconds to build, and a slot asks for the store every trial."""
+    import boto3  # only where an S3 store is configured
+    from optuna.artifacts import Boto3ArtifactStore
+
+    return Boto3ArtifactStore(bucket, client=boto3.client("s3", endpoint_url=endpoint_url))
 
 
 def is_artifact_id(text: str) -> bool:
