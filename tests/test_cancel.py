@@ -60,6 +60,9 @@ def test_cancel_from_the_cli(settings: Settings) -> None:
 def test_cancel_stops_the_running_trial_within_an_epoch(settings: Settings) -> None:
     spec = tiny_spec("long-cancel", n_trials=4)
     spec["search_space"]["epochs"] = {"value": 400}
+    # Epochs of 70-100 ms, not tiny_spec's 10-20: the count read before the cancel is sent must stay
+    # within an epoch of the count when it lands, however busy the machine (CI saw 3 tiny epochs in between).
+    spec["task"]["params"] = {"width": 512, "depth": 3}
     client = TestClient(create_app(settings, dashboard=False))
     client.post("/v1/studies", json=spec)
     worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--devices", "cpu", "--exit-when-idle"],
