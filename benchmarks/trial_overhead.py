@@ -1,11 +1,12 @@
 """What does a trial cost outside its fit, and does that grow with the study?
 
 Runs studies of tiny trials (MLP width 16 on sklearn:digits, 2 epochs, TPE, median pruner)
-trial after trial in this process, the way a worker's slot process does (claim the slot,
-`run_slot`: ask, train, write each epoch's metrics and diagnosis, report, prune check, tell;
-then the study's finish check), and times each trial whole and its training alone (`trainers.fit`
-less the objective's per-epoch hook, whose metric writes, diagnosis, report and prune check are
-overhead). Overhead is the difference.
+trial after trial in this process, set up as a worker's slot process is (`runner.prepare_slot_process`:
+one torch thread, the slot's lower CPU priority, the startup heap frozen) and running each trial
+as it does (claim the slot, `runner.run_claim`: ask, train, write each epoch's metrics and
+diagnosis, report, prune check, tell, the slot's memory step; then the study's finish check), and
+times each trial whole and its training alone (`trainers.fit` less the objective's per-epoch hook,
+whose metric writes, diagnosis, report and prune check are overhead). Overhead is the difference.
 
 Around trial 100 and around trial 1,000 (one study filled to each size first, untimed), the
 timed trials take turns across both studies and two ways of running, so a change in the
@@ -26,6 +27,7 @@ import argparse
 import logging
 import statistics
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import optuna
@@ -39,7 +41,7 @@ from service.db.engine import get_engine, session_scope
 from service.db.migrate import upgrade
 from service.settings import Settings
 from studies.lifecycle import submit_study
-from studies.runner import run_slot
+from studies.runner import TRIAL_ENDED, prepare_slot_process, run_claim, trial_recorder
 from studies.spec import StudySpec
 
 
@@ -52,6 +54,9 @@ def spec(name: str, n_trials: int) -> StudySpec:
         "sampler": {"name": "tpe", "seed": 0},
         "pruner": {"name": "median"},
     })
+
+
+RECORD_TRIAL = trial_recorder(SimpleNamespace(value=-1))  # the slot's on_trial_start (its pid attribute)
 
 
 class FitTimer:
@@ -95,7 +100,8 @@ def run_trial(settings: Settings, name: str, timer: FitTimer, *, loaded_afresh: 
     with session_scope(engine) as session:
         claim = repo.claim_trial_slot(session, name)
     assert claim is not None
-    run_slot(settings, claim, device="cpu", read_back=False)  # as a worker's slot process calls it
+    answer = run_claim(settings, claim, "cpu", RECORD_TRIAL, lambda: False)  # as a worker's slot process runs it
+    assert answer == TRIAL_ENDED, answer
     with session_scope(engine) as session:
         repo.finish_study_if_complete(session, claim.study_id)
     seconds = time.perf_counter() - started
@@ -148,13 +154,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    import torch
-
-    torch.set_num_threads(1)  # one CPU slot's share on this 2-core machine
-
     with scratch_database(args.database_url) as url:
         upgrade(url)
         settings = Settings(database_url=url)
+        prepare_slot_process(settings, torch_threads=1)  # as a slot process starts: one CPU slot's share of 2 cores
         print(f"database: {sa.make_url(url).get_backend_name()}; one study per center: {args.centers}, "
               f"{args.window} timed trials of each way around each")
         times = run_study(settings, args.centers, args.window)

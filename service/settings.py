@@ -30,6 +30,12 @@ class Settings(BaseSettings):
                     "0 reads at every call",
     )
     worker_poll_s: float = Field(default=1.0, gt=0, description="how often an idle worker looks for work")
+    slot_nice: int = Field(
+        default=10, ge=0, le=19,
+        description="how much lower a worker's training slot processes run in CPU priority than the worker (nice "
+                    "increment): the API, the database and the worker's heartbeats on the same machine answer "
+                    "first, and training takes every CPU cycle they leave; 0 runs slots at the worker's priority",
+    )
     log_format: Literal["text", "json"] = Field(
         default="text", description="`json`: every process logs one JSON object per line (time, level, logger, "
                                     "message, process; exception text when there is one)")

@@ -26,7 +26,7 @@ from service.db import repo
 from service.db.engine import retry_unit_of_work
 from studies import checkpoints
 from studies.diagnosis import MAX_EPOCHS, HistoryError, diagnose
-from studies.plots.dashboard import save_trial_note
+from studies.plots.dashboard import write_trial_note
 from studies.pruning import (
     PRUNED_BY_ATTR,
     STOPPED_EARLY_ATTR,
@@ -80,10 +80,10 @@ class Objective:
         self.should_stop = should_stop  # polled at each epoch's end: the worker was asked to stop
 
     def __call__(self, trial: optuna.Trial) -> float:
-        if self.on_trial_start is not None:
-            self.on_trial_start(trial)
         try:
-            with _params_in_one_write(trial.study._storage):
+            with _params_in_one_write(trial.study._storage):  # what on_trial_start writes goes with the params
+                if self.on_trial_start is not None:
+                    self.on_trial_start(trial)
                 params = suggest(trial, self.spec.search_space)
             return self._train(trial, params)
         except optuna.TrialPruned:
@@ -102,8 +102,7 @@ class Objective:
             return self._fit(trial, params, diagnoser)
         finally:
             # Complete, pruned or failed: the last diagnosis becomes the trial's final one.
-            diagnoser.save_final(self.engine, self.study_id, trial._trial_id)
-            save_trial_note(trial, diagnoser.last, self.engine)  # its optuna-dashboard note; best effort, never raises
+            diagnoser.save_final(self.engine, self.study_id, trial)
 
     def _fit(self, trial: optuna.Trial, params: dict[str, Any], diagnoser: TrialDiagnoser) -> float:
         if self.spec.kept_checkpoints() <= 0 or self.artifact_store is None:
@@ -123,37 +122,47 @@ class Objective:
 
         def on_epoch_end(metrics: dict[str, Any]) -> bool:
             diagnosis = diagnoser.add_epoch(metrics)
+            epoch = int(metrics["epoch"])
+            value = metrics.get(metric)
+            reportable = value is not None and math.isfinite(value)
+            storage = trial.study._storage
+            store_value_too = reportable and hasattr(storage, "intermediate_value_stored")
 
-            def write_epoch(session: Session) -> bool:  # run again whole if the database drops it
+            def write_epoch(session: Session) -> tuple[bool, bool]:  # run again whole if the database drops it
                 repo.record_epoch(session, self.study_id, trial._trial_id, trial.number, metrics)
                 if diagnosis is not None:
-                    repo.save_diagnosis(session, self.study_id, trial._trial_id, trial.number,
-                                        int(metrics["epoch"]), diagnosis, final=False)
-                return repo.study_state(session, self.study_id) == "cancelled"
+                    repo.save_diagnosis(session, self.study_id, trial._trial_id, trial.number, epoch, diagnosis,
+                                        final=False)
+                # Optuna's intermediate value in the same transaction (the report below writes nothing
+                # more); not stored when the trial has ended, and then the report fails as Optuna's would.
+                stored = store_value_too and repo.record_intermediate_value(session, trial._trial_id, epoch,
+                                                                            float(value))
+                return repo.study_state(session, self.study_id) == "cancelled", stored
 
-            cancelled = retry_unit_of_work(self.engine, write_epoch,
-                                           what=f"trial {trial.number}: storing epoch {metrics['epoch']}")
+            cancelled, stored = retry_unit_of_work(self.engine, write_epoch,
+                                                   what=f"trial {trial.number}: storing epoch {epoch}")
+            if reportable:  # also what the dashboard plots per epoch, and what a pruned trial's value is
+                if stored:
+                    storage.intermediate_value_stored(trial._trial_id, epoch, float(value))
+                trial.report(value, step=epoch)
             if self.on_epoch is not None:
                 self.on_epoch(trial, metrics)
             if cancelled:
-                cancelled_at.append(int(metrics["epoch"]))
+                cancelled_at.append(epoch)
                 return True
             if self.should_stop is not None and self.should_stop():
-                interrupted_at.append(int(metrics["epoch"]))
+                interrupted_at.append(epoch)
                 return True
-            epoch = int(metrics["epoch"])
             if self.spec.pruner.name == "convergence" and diagnosis is not None:
                 rule = diagnosis_rule(diagnosis, epoch, len(diagnoser.epochs), diagnoser.max_epochs,
                                       min_fraction=self.spec.pruner.min_fraction,
                                       min_confidence=self.spec.pruner.min_confidence,
-                                      behind_peers=lambda: self._behind_peers(trial, epoch, metrics.get(metric)))
+                                      behind_peers=lambda: self._behind_peers(trial, epoch, value))
                 if rule is not None:
                     pruned.append(rule)
                     return True
-            value = metrics.get(metric)
-            if value is None or not math.isfinite(value):
+            if not reportable:
                 return True  # nothing to learn from further epochs; the objective check below fails it
-            trial.report(value, step=epoch)  # also what the dashboard plots per epoch
             if self.spec.pruner.name != "none" and trial.should_prune():  # "none" would ask the storage for nothing
                 base = self.spec.pruner.base if self.spec.pruner.name == "convergence" else self.spec.pruner.name
                 pruned.append(PruneDecision(base, epoch, f"the {base} pruner's decision"))
@@ -271,14 +280,27 @@ class TrialDiagnoser:
         self.last = (epoch, result)
         return result
 
-    def save_final(self, engine: Engine, study_id: int, trial_id: int) -> None:
-        """Store the last diagnosis with `final=True` (nothing when no epoch was diagnosed)."""
-        if self.last is None:
-            return
-        epoch, result = self.last
+    def save_final(self, engine: Engine, study_id: int, trial: optuna.Trial) -> None:
+        """Store the last diagnosis with `final=True` (none when no epoch was diagnosed) and the
+        trial's optuna-dashboard note from it, in one transaction. Should that fail, the diagnosis
+        alone is stored: the trial's own outcome matters more than either, so nothing here raises."""
+
+        def diagnosis(session: Session) -> None:
+            if self.last is not None:
+                epoch, result = self.last
+                repo.save_diagnosis(session, study_id, trial._trial_id, self.trial_number, epoch, result, final=True)
+
+        def both(session: Session) -> None:
+            diagnosis(session)
+            write_trial_note(session, trial, self.last)
+
+        what = f"trial {self.trial_number}: storing its final diagnosis"
         try:
-            retry_unit_of_work(engine, lambda session: repo.save_diagnosis(
-                session, study_id, trial_id, self.trial_number, epoch, result, final=True),
-                what=f"trial {self.trial_number}: storing its final diagnosis")
-        except Exception:  # the trial's own outcome matters more than its diagnosis row
+            retry_unit_of_work(engine, both, what=f"{what} and dashboard note")
+            return
+        except Exception:
+            log.exception("trial %d: could not store the final diagnosis with the dashboard note", self.trial_number)
+        try:
+            retry_unit_of_work(engine, diagnosis, what=what)
+        except Exception:
             log.exception("trial %d: could not store the final diagnosis", self.trial_number)

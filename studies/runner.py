@@ -6,6 +6,7 @@ only its own trial) and in-process by `converge sweep`.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections import OrderedDict
@@ -18,6 +19,7 @@ import optuna
 from service.db import repo
 from service.db.engine import get_engine, is_transient, session_scope
 from service.db.repo import ClaimedSlot
+from service.heap import freeze_startup_heap
 from service.settings import Settings
 from studies import checkpoints, plugin_check
 from studies.objective import EpochListener, Objective
@@ -147,27 +149,19 @@ def slot_main(settings_data: dict[str, Any], device: str, torch_threads: int, co
               trial_id: Any, stop: Any) -> None:
     """A worker slot's process (spawned: nothing inherited but arguments): run claims until told to stop.
 
-    torch and Lightning are imported once, here, not once per trial. The parent sends a
-    `ClaimedSlot` and gets one answer back; `None` ends the loop. `trial_id` (a shared value)
-    holds the running trial's Optuna id, for the parent to fail and rerun it if this process
-    dies; `stop` (an event) asks the running trial to end at its next epoch and be rerun.
+    The parent sends a `ClaimedSlot` and gets one answer back; `None` ends the loop. `trial_id`
+    (a shared value) holds the running trial's Optuna id, for the parent to fail and rerun it if
+    this process dies; `stop` (an event) asks the running trial to end at its next epoch and be rerun.
     """
     settings = Settings.model_validate(settings_data)
     from service.logs import configure
 
     configure(settings.log_format, text_format=f"%(asctime)s [slot {device}] %(name)s: %(message)s",
               component=f"slot {device}")
-    import torch
-
-    import trainers  # noqa: F401 - warm the import now, not in the first trial
-
-    if torch_threads > 0:
-        torch.set_num_threads(torch_threads)
-
-    def remember_trial(trial: optuna.Trial) -> None:
-        trial.set_user_attr("converge_worker_pid", os.getpid())
-        trial_id.value = trial._trial_id
-
+    frozen = prepare_slot_process(settings, torch_threads)
+    log.info("slot process %d ready on %s: nice %d, %s torch thread(s), %d startup objects frozen", os.getpid(),
+             device, os.nice(0), torch_threads or "default", frozen)
+    remember_trial = trial_recorder(trial_id)
     while True:
         try:
             claim = conn.recv()
@@ -179,13 +173,41 @@ def slot_main(settings_data: dict[str, Any], device: str, torch_threads: int, co
         if stop.is_set():
             conn.send(NOT_STARTED)
             return
-        conn.send(_run_claim(settings, claim, device, remember_trial, stop.is_set))
+        conn.send(run_claim(settings, claim, device, remember_trial, stop.is_set))
         if stop.is_set():
             return  # asked to stop: the parent hands out nothing more
 
 
-def _run_claim(settings: Settings, claim: ClaimedSlot, device: str,
-               on_trial_start: Callable[[optuna.Trial], None], should_stop: Callable[[], bool]) -> str:
+def prepare_slot_process(settings: Settings, torch_threads: int) -> int:
+    """Once per slot process, before its first trial: torch and Lightning imported (not once per
+    trial), torch's threads set, the CPU priority lowered by `slot_nice`, and everything loaded so
+    far frozen out of the garbage collector's walks (`service.heap`: a full collection here took
+    about 250 ms, in the middle of whichever trial was running); how many objects were frozen."""
+    import torch
+
+    import trainers  # noqa: F401 - warm the import now, not in the first trial
+
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+    if settings.slot_nice > 0:
+        os.nice(settings.slot_nice)
+    return freeze_startup_heap()
+
+
+def trial_recorder(trial_id: Any) -> Callable[[optuna.Trial], None]:
+    """The slot's `on_trial_start`: the trial's id in the shared value the parent reads if this
+    process dies, and this process's pid as a user attribute (written with the trial's params)."""
+
+    def remember_trial(trial: optuna.Trial) -> None:
+        trial_id.value = trial._trial_id
+        trial.set_user_attr("converge_worker_pid", os.getpid())
+
+    return remember_trial
+
+
+def run_claim(settings: Settings, claim: ClaimedSlot, device: str,
+              on_trial_start: Callable[[optuna.Trial], None], should_stop: Callable[[], bool]) -> str:
+    """One claimed trial slot as a slot process runs it; the answer for the parent."""
     try:
         run_slot(settings, claim, device=device, on_trial_start=on_trial_start, should_stop=should_stop,
                  read_back=False)
@@ -203,11 +225,11 @@ def _run_claim(settings: Settings, claim: ClaimedSlot, device: str,
 
 
 def _free_device_memory() -> None:
-    """A slot process lives for many trials: give the GPU memory of the last one back."""
-    import gc
-
+    """A slot process lives for many trials: give the GPU memory of the last one back (a collection
+    first, for tensors only cycles still hold). A CPU slot has no cache to give back: Python's own
+    collections do."""
     import torch
 
-    gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
         torch.cuda.empty_cache()

@@ -7,6 +7,7 @@ trial whose process died is failed after the grace period, and rerun (`studies.r
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 import warnings
@@ -17,12 +18,15 @@ from functools import lru_cache, partial, wraps
 from typing import Any
 
 import optuna
+import sqlalchemy as sa
 from optuna import distributions
 from optuna.distributions import BaseDistribution, check_distribution_compatibility
 from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
 
 from service.db.engine import (
@@ -78,22 +82,47 @@ class PatientRDBStorage(optuna.storages.RDBStorage):
     went through but whose reply was lost raises UpdateFinishedTrialError on its retry.)
     """
 
-    def set_trial_params(self, params: list[PendingParam]) -> None:
-        """Write one trial's suggested parameters in one transaction (see
-        `ThrottledReads.params_in_one_write`): what `_set_trial_param_without_commit` does for each,
-        with the trial looked up and checked once rather than once a parameter."""
-        if len({p.trial_id for p in params}) != 1:
-            raise ValueError("set_trial_params writes the parameters of exactly one trial")
+    def set_trial_params(self, params: list[PendingParam], system_attrs: dict[tuple[int, str], Any] | None = None,
+                         user_attrs: dict[tuple[int, str], Any] | None = None) -> None:
+        """Write one trial's suggested parameters, and the attributes set while they were suggested
+        (TPE's constant-liar record, the slot's pid), in one transaction (see
+        `ThrottledReads.params_in_one_write`): what `_set_trial_param_without_commit` and
+        `_set_trial_attr_without_commit` do for each, with the trial looked up and checked once
+        rather than once a write. Attributes are keyed by (trial id, key)."""
+        attrs_of = {models.TrialSystemAttributeModel: system_attrs or {},
+                    models.TrialUserAttributeModel: user_attrs or {}}
+        trial_ids = {p.trial_id for p in params} | {trial_id for attrs in attrs_of.values() for trial_id, _ in attrs}
+        if len(trial_ids) != 1:
+            raise ValueError("set_trial_params writes to exactly one trial")
         with _create_scoped_session(self.scoped_session, True) as session:
-            trial = models.TrialModel.find_or_raise_by_id(params[0].trial_id, session)
+            trial = models.TrialModel.find_or_raise_by_id(trial_ids.pop(), session)
             self.check_trial_is_updatable(trial.trial_id, trial.state)
+            rows = []
             for p in params:
                 previous = p.previous_distribution or self._stored_distribution(session, trial.study_id, p.name)
                 if previous is not None:
                     check_distribution_compatibility(previous, p.distribution)
-                session.add(models.TrialParamModel(trial_id=trial.trial_id, param_name=p.name,
-                                                   param_value=p.value_internal,
-                                                   distribution_json=distributions.distribution_to_json(p.distribution)))
+                rows.append({"trial_id": trial.trial_id, "param_name": p.name, "param_value": p.value_internal,
+                             "distribution_json": distributions.distribution_to_json(p.distribution)})
+            if rows:  # Core, not the ORM's unit of work: one executemany, nothing tracked
+                session.execute(sa.insert(models.TrialParamModel.__table__), rows)
+            for model, attrs in attrs_of.items():
+                self._set_trial_attrs(session, model, trial.trial_id, {key: value for (_, key), value in attrs.items()})
+
+    def _set_trial_attrs(self, session: Any, model: Any, trial_id: int, attrs: dict[str, Any]) -> None:
+        """Optuna's attribute upsert (`_set_trial_attr_without_commit`), for all of them in one statement."""
+        if not attrs:
+            return
+        if self.engine.name not in ("sqlite", "postgresql"):
+            for key, value in attrs.items():
+                self._set_trial_attr_without_commit(session, model, trial_id, key, value)
+            return
+        table = model.__table__
+        insert = (sqlite_insert if self.engine.name == "sqlite" else postgresql_insert)(table)
+        session.execute(insert.on_conflict_do_update(index_elements=[table.c.trial_id, table.c.key],
+                                                     set_={"value_json": insert.excluded.value_json}),
+                        [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+                         for key, value in attrs.items()])
 
     @staticmethod
     def _stored_distribution(session: Any, study_id: int, name: str) -> BaseDistribution | None:
@@ -154,62 +183,119 @@ class ThrottledReads(_CachedStorage):
         self._read_at: dict[int, float] = {}
         self._stale_checked_at: dict[int, float] = {}
         self._pending_params: list[PendingParam] | None = None
-        self._just_created: dict[int, FrozenTrial] = {}
+        self._pending_system_attrs: dict[tuple[int, str], Any] = {}
+        self._pending_user_attrs: dict[tuple[int, str], Any] = {}
+        self._running: dict[int, FrozenTrial] = {}  # see `get_trial`
+        self._claimed: set[int] = set()  # waiting trials this process set running, not read yet
+        self._stored_by_caller: dict[tuple[int, int], float] = {}  # see `intermediate_value_stored`
+
+    # ------------------------------------------------------------ the trials this process runs
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        """Optuna's `Trial` reads back the trial `ask` just created (six queries); the creation
-        already returned it, so that first read is answered from it. Any write to the trial
-        before that read drops it."""
         trial_id = super().create_new_trial(study_id, template_trial)
         with self._lock:
             _, number = self._trial_id_to_study_id_and_number[trial_id]
-            self._just_created = {trial_id: copy.deepcopy(self._studies[study_id].trials[number])}
+            created = self._studies[study_id].trials[number]
+            if created.state == TrialState.RUNNING:  # not a queued copy (an enqueued trial, a rerun)
+                self._running[trial_id] = copy.deepcopy(created)
         return trial_id
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
+        """A trial this process created or claimed and still runs, from the copy it keeps.
+
+        Optuna's `Trial` reads its new trial back and the final `tell` reads it again, six queries
+        each. The trial's creation (or, for a queued trial, the first read after this process set
+        it running) returned it, and every write to it goes through this storage, which applies
+        it to the copy: its params, intermediate values and attributes are the stored ones. Its
+        state is this process's to change; should another process have failed it meanwhile (a
+        stale heartbeat), the final state write finds it finished and refuses, as Optuna's
+        storage does for any write to a finished trial.
+        """
         with self._lock:
-            created = self._just_created.pop(trial_id, None)
-        return created if created is not None else super().get_trial(trial_id)
+            running = self._running.get(trial_id)
+            if running is not None:
+                return copy.deepcopy(running)
+            claimed = trial_id in self._claimed
+        trial = super().get_trial(trial_id)
+        if claimed and trial.state == TrialState.RUNNING:
+            with self._lock:
+                self._claimed.discard(trial_id)
+                self._running[trial_id] = copy.deepcopy(trial)
+        return trial
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        with self._lock:
+            self._running.pop(trial_id, None)
+            self._claimed.discard(trial_id)
+        changed = super().set_trial_state_values(trial_id, state, values)
+        if changed and state == TrialState.RUNNING:  # `ask` took a queued trial: its first read is kept
+            with self._lock:
+                self._claimed.add(trial_id)
+        return changed
+
+    def _apply(self, trial_id: int, write: Callable[[FrozenTrial], None]) -> None:
+        """A write to a trial this process runs, applied to its copy too."""
+        with self._lock:
+            running = self._running.get(trial_id)
+            if running is not None:
+                write(running)
+
+    # ------------------------------------------------------------ writes
 
     @contextmanager
     def params_in_one_write(self) -> Iterator[None]:
-        """Within the block, suggested parameters are kept and written together at its end, in one
-        transaction: a trial's five suggestions cost one round trip instead of five. (Optuna's
-        `Trial` keeps its own copy of its params, so nothing reads them back in between.)"""
-        self._pending_params = []
+        """Within the block, suggested parameters, and the attributes set meanwhile (TPE's
+        constant-liar record, the slot's pid), are kept and written together at its end, in one
+        transaction: a trial's five suggestions and two attributes cost one round trip instead of
+        seven. (Optuna's `Trial` keeps its own copy of its params and attributes, and this
+        storage its copy of the trial, so nothing reads them back in between.)"""
+        self._pending_params, self._pending_system_attrs, self._pending_user_attrs = [], {}, {}
         try:
             yield
         finally:
             pending, self._pending_params = self._pending_params, None
-            if pending:
-                self._backend.set_trial_params(pending)
+            system_attrs, self._pending_system_attrs = self._pending_system_attrs, {}
+            user_attrs, self._pending_user_attrs = self._pending_user_attrs, {}
+            if pending or system_attrs or user_attrs:
+                self._backend.set_trial_params(pending, system_attrs, user_attrs)
 
-    def _written(self, trial_id: int) -> None:
-        """A write to the trial: a copy kept from its creation is no longer the trial as stored."""
-        with self._lock:
-            self._just_created.pop(trial_id, None)
+    def _batching(self) -> bool:
+        return self._pending_params is not None and isinstance(self._backend, PatientRDBStorage)
 
-    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
-        self._written(trial_id)
-        return super().set_trial_state_values(trial_id, state, values)
+    def intermediate_value_stored(self, trial_id: int, step: int, value: float) -> None:
+        """The caller has stored this intermediate value itself, in the transaction that stored the
+        epoch's metrics (`repo.record_intermediate_value`): the `report` that follows updates the
+        trial's copies and writes nothing."""
+        self._stored_by_caller[(trial_id, step)] = value
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
-        self._written(trial_id)
-        super().set_trial_intermediate_value(trial_id, step, intermediate_value)
+        if self._stored_by_caller.pop((trial_id, step), None) != intermediate_value:
+            super().set_trial_intermediate_value(trial_id, step, intermediate_value)
+        self._apply(trial_id, lambda t: t.intermediate_values.__setitem__(step, intermediate_value))
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._written(trial_id)
-        super().set_trial_user_attr(trial_id, key, value)
+        if self._batching():
+            self._pending_user_attrs[(trial_id, key)] = value
+        else:
+            super().set_trial_user_attr(trial_id, key, value)
+        self._apply(trial_id, lambda t: t.user_attrs.__setitem__(key, _as_stored(value)))
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._written(trial_id)
-        super().set_trial_system_attr(trial_id, key, value)
+        if self._batching():
+            self._pending_system_attrs[(trial_id, key)] = value
+        else:
+            super().set_trial_system_attr(trial_id, key, value)
+        self._apply(trial_id, lambda t: t.system_attrs.__setitem__(key, _as_stored(value)))
 
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                         distribution: BaseDistribution) -> None:
-        self._written(trial_id)
-        if self._pending_params is None or not isinstance(self._backend, PatientRDBStorage):
+        def record(trial: FrozenTrial) -> None:
+            trial.distributions[param_name] = distribution
+            trial.params[param_name] = distribution.to_external_repr(param_value_internal)
+
+        if not self._batching():
             super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
+            self._apply(trial_id, record)
             return
         with self._lock:  # what `_CachedStorage.set_trial_param` does, less the write
             study_id, _ = self._trial_id_to_study_id_and_number[trial_id]
@@ -221,6 +307,9 @@ class ThrottledReads(_CachedStorage):
                 known[param_name] = distribution
             self._pending_params.append(PendingParam(trial_id, param_name, param_value_internal, distribution,
                                                      previous))
+        self._apply(trial_id, record)
+
+    # ------------------------------------------------------------ reads of the whole study
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
@@ -247,6 +336,11 @@ class ThrottledReads(_CachedStorage):
             return
         super()._read_trials_from_remote_storage(study_id)
         self._read_at[study_id] = now
+
+
+def _as_stored(value: Any) -> Any:
+    """An attribute's value as a read gives it back (Optuna stores attributes as JSON)."""
+    return json.loads(json.dumps(value))
 
 
 @lru_cache(maxsize=8)

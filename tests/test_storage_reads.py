@@ -68,7 +68,7 @@ def test_a_trials_suggestions_are_written_together_at_the_end_of_the_block(setti
         lr = trial.suggest_float("lr", 1e-3, 1e-1, log=True)
         batch_size = trial.suggest_categorical("batch_size", [64, 128])
         assert inserts == [] and trial.params == {"lr": lr, "batch_size": batch_size}
-    assert len(inserts) == 2
+    assert len(inserts) == 1  # both rows in one statement
     assert storage_for(settings).get_trial(trial._trial_id).params == {"lr": lr, "batch_size": batch_size}
 
 
@@ -112,3 +112,125 @@ def test_a_batch_of_suggestions_looks_its_trial_up_once(settings: Settings) -> N
             trial.suggest_float(name, 0.0, 1.0)
     assert len([s for s in lookups if "trials.trial_id = " in s]) == 1
     assert set(storage_for(settings).get_trial(trial._trial_id).params) == {"a", "b", "c"}
+
+
+# ---------------------------------------------------------------- the trials a process runs, kept in memory
+
+
+def _reads_of_trial_rows(storage: optuna.storages.RDBStorage) -> list[str]:
+    """Every SELECT of a trial's params or attributes: a full read of a trial makes them, the writes
+    don't (less the study-wide lookup of a parameter's distribution that Optuna's `set_trial_param` makes)."""
+    seen: list[str] = []
+    tables = ("FROM trial_params", "FROM trial_user_attributes", "FROM trial_system_attributes")
+
+    @event.listens_for(storage.engine, "before_cursor_execute")
+    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if (statement.lstrip().upper().startswith("SELECT") and any(t in statement for t in tables)
+                and "trial_params.param_name = " not in statement):
+            seen.append(statement)
+
+    return seen
+
+
+def _comparable(trial: optuna.trial.FrozenTrial) -> tuple[object, ...]:
+    return (trial.number, trial.state, trial.params, trial.distributions, trial.intermediate_values, trial.user_attrs,
+            trial.system_attrs)
+
+
+def test_a_running_trial_is_read_from_the_copy_its_process_keeps_which_matches_the_database(
+        settings: Settings) -> None:
+    study, storage = _study(settings, "kept-copy", max_age_s=60)
+    trial = study.ask()
+    with storage.params_in_one_write():
+        trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+        trial.suggest_categorical("batch_size", [64, 128])
+        storage.set_trial_system_attr(trial._trial_id, "sampler_note", {"k": (1, 2)})  # kept as JSON gives it back
+    trial.report(0.5, step=1)
+    trial.set_user_attr("note", ["a", 1])
+    reads = _reads_of_trial_rows(storage_for(settings))
+    kept = storage.get_trial(trial._trial_id)
+    assert reads == []
+    stored = storage_for(settings).get_trial(trial._trial_id)
+    assert _comparable(kept) == _comparable(stored)
+    assert kept.system_attrs["sampler_note"] == {"k": [1, 2]} and kept.user_attrs["note"] == ["a", 1]
+
+
+def test_a_trial_run_by_optimize_is_never_read_back(settings: Settings) -> None:
+    study, _ = _study(settings, "lean-tell", max_age_s=60)
+    study.get_trials()  # the window starts now
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+        trial.report(0.7, step=1)
+        raise optuna.TrialPruned()
+
+    reads = _reads_of_trial_rows(storage_for(settings))
+    study.optimize(objective, n_trials=1)
+    assert reads == []  # neither by the `Trial` at its start nor by the final tell
+    told = storage_for(settings).get_trial(study.trials[0]._trial_id)
+    assert told.state == optuna.trial.TrialState.PRUNED and told.value == 0.7  # the last report, as Optuna does
+
+
+def test_a_queued_trial_a_process_takes_is_read_once_then_kept(settings: Settings) -> None:
+    study, storage = _study(settings, "queued-kept", max_age_s=60)
+    study.enqueue_trial({"lr": 0.02}, user_attrs={"origin": "repair"})
+    trial = study.ask()
+    assert trial.suggest_float("lr", 1e-3, 1e-1, log=True) == 0.02
+    reads = _reads_of_trial_rows(storage_for(settings))
+    kept = storage.get_trial(trial._trial_id)
+    assert reads == [] and kept.user_attrs == {"origin": "repair"}
+    assert _comparable(kept) == _comparable(storage_for(settings).get_trial(trial._trial_id))
+
+
+def test_a_trial_failed_elsewhere_meanwhile_cannot_be_told(settings: Settings) -> None:
+    study, _ = _study(settings, "failed-elsewhere", max_age_s=60)
+    trial = study.ask()
+    storage_for(settings).set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # a stale check
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        study.tell(trial, 0.5)
+    assert storage_for(settings).get_trial(trial._trial_id).state == optuna.trial.TrialState.FAIL
+
+
+def test_a_value_the_caller_stored_is_not_written_again_by_the_report(settings: Settings) -> None:
+    from service.db import repo
+    from service.db.engine import get_engine, session_scope
+
+    study, storage = _study(settings, "stored-by-caller", max_age_s=60)
+    trial = study.ask()
+    writes: list[str] = []
+
+    @event.listens_for(storage_for(settings).engine, "before_cursor_execute")
+    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if "trial_intermediate_values" in statement and not statement.lstrip().upper().startswith("SELECT"):
+            writes.append(statement)
+
+    with session_scope(get_engine(settings.database_url)) as session:
+        assert repo.record_intermediate_value(session, trial._trial_id, 1, 0.25)
+    storage.intermediate_value_stored(trial._trial_id, 1, 0.25)
+    trial.report(0.25, step=1)
+    trial.report(0.125, step=2)  # not stored by the caller: Optuna's storage writes it
+    assert len(writes) == 1
+    assert storage_for(settings).get_trial(trial._trial_id).intermediate_values == {1: 0.25, 2: 0.125}
+
+
+def test_the_attributes_set_while_sampling_go_with_the_parameters(settings: Settings) -> None:
+    study, storage = _study(settings, "attrs-batched", max_age_s=60)
+    trial = study.ask()
+    writes: list[str] = []
+
+    @event.listens_for(storage_for(settings).engine, "before_cursor_execute")
+    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith(("INSERT INTO TRIAL_SYSTEM_ATTRIBUTES",
+                                                  "INSERT INTO TRIAL_USER_ATTRIBUTES")):
+            writes.append(statement)
+
+    with storage.params_in_one_write():
+        trial.set_user_attr("converge_worker_pid", 1234)  # what a slot's on_trial_start writes
+        trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+        storage.set_trial_system_attr(trial._trial_id, "tpe:relative_params:0", '{"lr": 0.01}')
+        storage.set_trial_system_attr(trial._trial_id, "other", 3)
+        assert writes == []
+    assert len(writes) == 2  # one statement each for the system and the user attributes, in one transaction
+    stored = storage_for(settings).get_trial(trial._trial_id)
+    assert stored.system_attrs == {"tpe:relative_params:0": '{"lr": 0.01}', "other": 3}
+    assert stored.user_attrs == {"converge_worker_pid": 1234} and stored.params == trial.params

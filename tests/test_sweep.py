@@ -103,3 +103,46 @@ def test_every_sampler_runs(tmp_path, sampler: str) -> None:
     spec = tiny_spec(f"s-{sampler}", n_trials=2, sampler={"name": sampler, "seed": 1})
     spec["search_space"]["epochs"] = 2
     assert run_sweep(settings, parse_spec(spec), progress=False) == "done"
+
+
+def test_each_epochs_metrics_and_optunas_value_for_it_commit_together(settings: Settings) -> None:
+    import sqlalchemy as sa
+
+    since_commit: dict[int, list[str]] = {}
+    value_writes: list[list[str]] = []  # what each write of Optuna's value shares its transaction with
+
+    def statement(conn, cursor, text, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        kind = text.lstrip().split("(")[0].strip().upper()
+        if kind.startswith("INSERT INTO TRIAL_INTERMEDIATE_VALUES"):
+            value_writes.append(list(since_commit.get(id(conn), [])))
+        since_commit.setdefault(id(conn), []).append(kind)
+
+    def commit(conn):  # type: ignore[no-untyped-def]
+        since_commit.pop(id(conn), None)
+
+    sa.event.listen(sa.Engine, "before_cursor_execute", statement)
+    sa.event.listen(sa.Engine, "commit", commit)
+    try:
+        assert run_sweep(settings, parse_spec(tiny_spec("together", n_trials=2)), progress=False) == "done"
+    finally:
+        sa.event.remove(sa.Engine, "before_cursor_execute", statement)
+        sa.event.remove(sa.Engine, "commit", commit)
+    epochs = sum(len(t.intermediate_values) for t in _trials(settings, "together"))
+    assert len(value_writes) == epochs == 2 * 3  # one write per epoch: the report added none
+    assert all(any(k.startswith("INSERT INTO CONVERGE_TRIAL_METRICS") for k in before) for before in value_writes)
+
+
+def test_the_final_diagnosis_is_stored_even_when_the_dashboard_note_cannot_be(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import studies.objective
+
+    def broken_note(session, trial, last):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no note today")
+
+    monkeypatch.setattr(studies.objective, "write_trial_note", broken_note)
+    assert run_sweep(settings, parse_spec(tiny_spec("no-note", n_trials=1)), progress=False) == "done"
+    with session_scope(get_engine(settings.database_url)) as session:
+        study = repo.get_study(session, "no-note")
+        final = repo.diagnoses_by_trial(session, study.id)[0]
+    assert final.final and final.epoch == 2
+    assert "could not store the final diagnosis with the dashboard note" in caplog.text

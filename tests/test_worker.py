@@ -55,3 +55,17 @@ def test_four_racing_workers_run_exactly_n_trials(settings: Settings) -> None:
     pids = {client.get(f"/v1/studies/raced/trials/{t['number']}").json()["user_attrs"]["converge_worker_pid"]
             for t in trials}
     assert not pids & {w.pid for w in workers}  # trials ran in the workers' slot processes
+
+
+def test_slot_processes_run_at_a_lower_cpu_priority_with_their_startup_heap_frozen(settings: Settings) -> None:
+    import os
+    import re
+
+    TestClient(create_app(settings)).post("/v1/studies", json=tiny_spec("niced", n_trials=1))
+    worker = start_worker(settings.database_url, "--exit-when-idle", CONVERGE_SLOT_NICE="7")
+    output, _ = worker.communicate(timeout=240)
+    assert worker.returncode == 0, output
+    ready = re.search(r"slot process \d+ ready on cpu: nice (\d+), .* (\d+) startup objects frozen", output)
+    assert ready is not None, output
+    # the slot's niceness as it read it itself: the worker's own (this test's) plus 7, at most 19
+    assert int(ready.group(1)) == min(os.nice(0) + 7, 19) and int(ready.group(2)) > 10_000

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 import optuna
-from fastapi import Depends, HTTPException, Query, Request
+from fastapi import Depends, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.datastructures import DefaultPlaceholder
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -19,16 +21,24 @@ from service.db.engine import get_engine, session_scope
 from service.settings import Settings
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
+    """Async, as every dependency that does no I/O: FastAPI runs a sync one in its thread pool,
+    and under load each such hop is a wait for a free thread."""
     return request.app.state.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
+async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
+    """The request's session, made on the event loop: a session connects only at its first query,
+    which runs in the route's thread, and `SessionRoute` commits and closes it there, so what is
+    left here does no I/O (it translates an error). A session still in a transaction (a route that
+    is not a `SessionRoute`) is committed in the thread pool instead."""
     with session_scope(get_engine(settings.database_url, settings.sqlite_busy_timeout_s)) as session:
         yield session
+        if session.in_transaction():
+            await run_in_threadpool(session.commit)
 
 
 # The request's session. Routes that take it are `SessionRoute`s, which commit and close it as
@@ -37,36 +47,52 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 class SessionRoute(APIRoute):
-    """A route that commits and closes its `SessionDep` in the route function's own thread.
+    """A route that commits and closes its `SessionDep` in the route function's own thread, and
+    there also turns the model it returns into the JSON answer.
 
     FastAPI exits a `scope="function"` dependency only after the response is serialised, and
     serialising a sync route's answer waits for one of the thread pool's 40 threads. With the
     session's pooled connection held until then, a burst of requests deadlocks: every connection
     held by requests waiting for a thread, every thread by requests waiting for a connection,
     until the pool's 30 s timeout (tests/test_api_concurrency.py).
+
+    A returned model of exactly the route's `response_model` is written as JSON in the same
+    thread, as FastAPI would write it (`model_dump_json`, by alias): FastAPI would wait for a
+    second thread of the pool to re-validate it (a no-op for a model instance) and only then
+    serialise it, and under load that second wait is most of a cheap request's time. Anything
+    else the route returns (a subclass, a dict, a Response) is left to FastAPI.
     """
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any):
         if not inspect.iscoroutinefunction(endpoint):
-            endpoint = _releasing_sessions(endpoint)
+            endpoint = _in_route_thread(endpoint, self)
         super().__init__(path, endpoint, **kwargs)
 
+    def json_answer(self, result: Any) -> Any:
+        """`result` as the JSON response FastAPI would send, or as it is where FastAPI must decide."""
+        if (type(result) is not self.response_model or not isinstance(self.response_class, DefaultPlaceholder)
+                or self.response_model_include or self.response_model_exclude or self.response_model_exclude_unset
+                or self.response_model_exclude_defaults or self.response_model_exclude_none):
+            return result
+        return Response(result.model_dump_json(by_alias=self.response_model_by_alias),
+                        status_code=self.status_code or 200, media_type="application/json")
 
-def _releasing_sessions(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+
+def _in_route_thread(endpoint: Callable[..., Any], route: SessionRoute) -> Callable[..., Any]:
     @functools.wraps(endpoint)
-    def route(*args: Any, **kwargs: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
         sessions = [value for value in kwargs.values() if isinstance(value, Session)]
         try:
             result = endpoint(*args, **kwargs)
             for session in sessions:
                 session.commit()
-            return result
+            return route.json_answer(result)
         finally:  # on an error too (rolled back): `session_scope` still translates it
             for session in sessions:
                 session.close()
 
-    route.__signature__ = inspect.signature(endpoint, eval_str=True)  # type: ignore[attr-defined]
-    return route
+    call.__signature__ = inspect.signature(endpoint, eval_str=True)  # type: ignore[attr-defined]
+    return call
 
 
 def get_storage(settings: SettingsDep) -> optuna.storages.RDBStorage:
@@ -179,7 +205,7 @@ def prefers_csv(accept: str | None) -> bool:
     return csv is not None and csv[0] > 0 and (json is None or csv >= json)
 
 
-def response_format(request: Request, fmt: Annotated[
+async def response_format(request: Request, fmt: Annotated[
         Format | None, Query(alias="format", description="`csv` or `json`; overrides the `Accept` header "
                              "(`Accept: text/csv` asks for CSV; any other type gets JSON)")] = None) -> Format:
     if fmt is not None:

@@ -17,12 +17,15 @@ from typing import Any, Literal
 
 from sqlalchemy import (
     Float,
+    Integer,
     Row,
     String,
     and_,
+    bindparam,
     case,
     cast,
     delete,
+    exists,
     func,
     literal,
     null,
@@ -321,6 +324,38 @@ def record_epoch(session: Session, study_id: int, trial_id: int, trial_number: i
         session.add(TrialMetric(**values))
         return
     session.execute(statement, values)
+
+
+def record_intermediate_value(session: Session, trial_id: int, step: int, value: float) -> bool:
+    """Optuna's intermediate value of a running trial, stored as `RDBStorage.set_trial_intermediate_value`
+    stores it (a value reported again for a step replaces it), in the caller's transaction: the
+    epoch's metrics and Optuna's value for it commit together, one statement where Optuna's own
+    report is a transaction of three. False, with nothing written, when the trial has ended.
+    """
+    if math.isfinite(value):
+        stored, value_type = float(value), "FINITE"
+    else:
+        stored, value_type = None, "NAN" if math.isnan(value) else ("INF_POS" if value > 0 else "INF_NEG")
+    return session.execute(_intermediate_value_upsert(session.get_bind().dialect.name),
+                           {"trial_id": trial_id, "step": step, "value": stored, "value_type": value_type}
+                           ).first() is not None
+
+
+@lru_cache(maxsize=4)
+def _intermediate_value_upsert(dialect: str) -> Any:
+    """INSERT ... SELECT ... WHERE the trial is running ... ON CONFLICT (trial_id, step) DO UPDATE ... RETURNING,
+    built once (the row it returns says it was written: the drivers' rowcount of an INSERT ... SELECT varies)."""
+    iv, t = optuna_trial_intermediate_values, optuna_trials
+    row = select(bindparam("trial_id", type_=Integer), bindparam("step", type_=Integer),
+                 bindparam("value", type_=iv.c.intermediate_value.type),
+                 bindparam("value_type", type_=iv.c.intermediate_value_type.type)).where(
+        exists().where(t.c.trial_id == bindparam("trial_id"), t.c.state == "RUNNING"))
+    statement = (sqlite_insert if dialect == "sqlite" else postgresql_insert)(iv).from_select(
+        ["trial_id", "step", "intermediate_value", "intermediate_value_type"], row)
+    return statement.on_conflict_do_update(
+        index_elements=[iv.c.trial_id, iv.c.step],
+        set_={"intermediate_value": statement.excluded.intermediate_value,
+              "intermediate_value_type": statement.excluded.intermediate_value_type}).returning(iv.c.step)
 
 
 @lru_cache(maxsize=8)

@@ -1,8 +1,9 @@
 """Converge's verdicts and figures inside optuna-dashboard (`/dashboard`), stored in Optuna's storage.
 
 - Each trial's final diagnosis becomes its dashboard note (Markdown: verdict, evidence, remedies),
-  written by the slot process when the trial ends (`save_trial_note`), in `optuna_dashboard.save_note`'s
-  format but in one transaction that reads and writes only that trial's keys.
+  written by the slot process when the trial ends, in the transaction of its final diagnosis
+  (`write_trial_note`), in `optuna_dashboard.save_note`'s format but reading and writing only that
+  trial's keys.
 - The study's five figures (`studies.plots.draw.study_figures`, the loss overlay cut to
   `DASHBOARD_CURVES` trials) are saved with `save_plotly_graph_object` under fixed ids
   (`converge-objective_history`, ...), so each save replaces the last. A worker refreshes them after
@@ -21,6 +22,7 @@ from typing import Any
 
 import optuna
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from service.db import repo
 from service.db.engine import get_engine, session_scope
@@ -36,28 +38,34 @@ MAX_NOTE_CHUNKS = 64  # chunks of an earlier note (a user's, written in the dash
 
 
 def save_trial_note(trial: optuna.Trial, last: tuple[int, dict[str, Any]] | None, engine: Engine) -> None:
-    """The trial's dashboard note from its last diagnosis (`(epoch, diagnosis)`, None when it had none).
-
-    optuna-dashboard's format (its `save_note_with_version`: a version key, the body in ~2 KB
-    chunks, an earlier note's extra chunks blanked), in one transaction of two statements that
-    read and write only this trial's keys: `save_note` reads every system attribute of the study
-    twice (they grow with every note) and writes each key in a transaction of its own.
-    """
+    """The trial's dashboard note from its last diagnosis (`(epoch, diagnosis)`, None when it had
+    none), in a transaction of its own; best effort, never raises. (A trial's slot writes it with
+    its final diagnosis instead: `studies.objective.TrialDiagnoser.save_final`.)"""
     try:
-        from optuna_dashboard._note import note_str_key_prefix, note_ver_key, split_body
-
-        epoch, diagnosis = last if last is not None else (None, None)
-        study_id, trial_id = trial.study._study_id, trial._trial_id
-        version_key, prefix = note_ver_key(trial_id), note_str_key_prefix(trial_id)
-        chunks = split_body(diagnosis_note(trial.number, diagnosis, epoch), trial_id)
         with session_scope(engine) as session:
-            current = repo.study_system_attrs(session, study_id,
-                                              [version_key, *(f"{prefix}{i}" for i in range(MAX_NOTE_CHUNKS))])
-            stale = {f"{prefix}{i}": "" for i in range(len(chunks), MAX_NOTE_CHUNKS) if current.get(f"{prefix}{i}")}
-            repo.set_study_system_attrs(session, study_id,
-                                        {version_key: current.get(version_key, 0) + 1, **chunks, **stale})
+            write_trial_note(session, trial, last)
     except Exception:
         log.exception("trial %d: could not save its dashboard note", trial.number)
+
+
+def write_trial_note(session: Session, trial: optuna.Trial, last: tuple[int, dict[str, Any]] | None) -> None:
+    """Write the trial's dashboard note in `session`'s transaction.
+
+    optuna-dashboard's format (its `save_note_with_version`: a version key, the body in ~2 KB
+    chunks, an earlier note's extra chunks blanked), in two statements that read and write only
+    this trial's keys: `save_note` reads every system attribute of the study twice (they grow
+    with every note) and writes each key in a transaction of its own.
+    """
+    from optuna_dashboard._note import note_str_key_prefix, note_ver_key, split_body
+
+    epoch, diagnosis = last if last is not None else (None, None)
+    study_id, trial_id = trial.study._study_id, trial._trial_id
+    version_key, prefix = note_ver_key(trial_id), note_str_key_prefix(trial_id)
+    chunks = split_body(diagnosis_note(trial.number, diagnosis, epoch), trial_id)
+    keys = [version_key, *(f"{prefix}{i}" for i in range(MAX_NOTE_CHUNKS))]
+    current = repo.study_system_attrs(session, study_id, keys)
+    stale = {f"{prefix}{i}": "" for i in range(len(chunks), MAX_NOTE_CHUNKS) if current.get(f"{prefix}{i}")}
+    repo.set_study_system_attrs(session, study_id, {version_key: current.get(version_key, 0) + 1, **chunks, **stale})
 
 
 def save_study_figures(settings: Settings, study_name: str) -> list[str]:
