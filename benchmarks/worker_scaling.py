@@ -8,7 +8,7 @@ timestamps), so the slot processes' start-up (importing torch once per slot) is 
 worker's whole wall time is printed beside it. The CPU slots split the machine's cores
 (`torch.set_num_threads`), so on 2 cores one slot trains with 2 threads and two with 1 each.
 
-    .venv/bin/python benchmarks/worker_scaling.py [--trials 24] [--rounds 2]
+    .venv/bin/python benchmarks/worker_scaling.py [--trials 48] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def run(slots: int, n_trials: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=24)
-    parser.add_argument("--rounds", type=int, default=2, help="alternated runs of each configuration")
+    parser.add_argument("--trials", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3, help="alternated runs of each configuration")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"{args.trials} trials of the reference MLP per run, {os.cpu_count()} cores, SQLite")
