@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any, Literal
 
+from optuna.storages._rdb.models import TrialIntermediateValueModel
 from sqlalchemy import (
     Float,
     Integer,
@@ -332,12 +333,9 @@ def record_intermediate_value(session: Session, trial_id: int, step: int, value:
     epoch's metrics and Optuna's value for it commit together, one statement where Optuna's own
     report is a transaction of three. False, with nothing written, when the trial has ended.
     """
-    if math.isfinite(value):
-        stored, value_type = float(value), "FINITE"
-    else:
-        stored, value_type = None, "NAN" if math.isnan(value) else ("INF_POS" if value > 0 else "INF_NEG")
+    stored, value_type = TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
     return session.execute(_intermediate_value_upsert(session.get_bind().dialect.name),
-                           {"trial_id": trial_id, "step": step, "value": stored, "value_type": value_type}
+                           {"trial_id": trial_id, "step": step, "value": stored, "value_type": value_type.name}
                            ).first() is not None
 
 
