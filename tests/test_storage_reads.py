@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import optuna
 import pytest
 from sqlalchemy import event
@@ -13,16 +15,25 @@ from studies.spec import parse_spec
 from studies.storage import ThrottledReads, storage_for
 
 
-def _count_trial_reads(storage: optuna.storages.RDBStorage) -> list[str]:
-    """Every SELECT on Optuna's trials table the storage's engine runs from now on."""
+def _statements(storage: optuna.storages.RDBStorage, wanted: Callable[[str], bool]) -> list[str]:
+    """Every statement the storage's engine runs from now on that `wanted` picks."""
     seen: list[str] = []
 
     @event.listens_for(storage.engine, "before_cursor_execute")
     def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        if statement.lstrip().upper().startswith("SELECT") and "FROM trials" in statement:
+        if wanted(statement):
             seen.append(statement)
 
     return seen
+
+
+def _is_select(statement: str) -> bool:
+    return statement.lstrip().upper().startswith("SELECT")
+
+
+def _count_trial_reads(storage: optuna.storages.RDBStorage) -> list[str]:
+    """Every SELECT on Optuna's trials table the storage's engine runs from now on."""
+    return _statements(storage, lambda statement: _is_select(statement) and "FROM trials" in statement)
 
 
 def _study(settings: Settings, name: str, max_age_s: float) -> tuple[optuna.Study, ThrottledReads]:
@@ -56,12 +67,8 @@ def test_a_claim_always_sees_a_trial_queued_elsewhere_a_moment_ago(settings: Set
 
 def test_a_trials_suggestions_are_written_together_at_the_end_of_the_block(settings: Settings) -> None:
     study, storage = _study(settings, "batched", max_age_s=60)
-    inserts: list[str] = []
-
-    @event.listens_for(storage_for(settings).engine, "before_cursor_execute")
-    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        if statement.lstrip().startswith("INSERT INTO trial_params"):
-            inserts.append(statement)
+    inserts = _statements(storage_for(settings), lambda statement: statement.lstrip().startswith(
+        "INSERT INTO trial_params"))
 
     trial = study.ask()
     with storage.params_in_one_write():
@@ -120,16 +127,9 @@ def test_a_batch_of_suggestions_looks_its_trial_up_once(settings: Settings) -> N
 def _reads_of_trial_rows(storage: optuna.storages.RDBStorage) -> list[str]:
     """Every SELECT of a trial's params or attributes: a full read of a trial makes them, the writes
     don't (less the study-wide lookup of a parameter's distribution that Optuna's `set_trial_param` makes)."""
-    seen: list[str] = []
     tables = ("FROM trial_params", "FROM trial_user_attributes", "FROM trial_system_attributes")
-
-    @event.listens_for(storage.engine, "before_cursor_execute")
-    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        if (statement.lstrip().upper().startswith("SELECT") and any(t in statement for t in tables)
-                and "trial_params.param_name = " not in statement):
-            seen.append(statement)
-
-    return seen
+    return _statements(storage, lambda statement: _is_select(statement) and any(t in statement for t in tables)
+                       and "trial_params.param_name = " not in statement)
 
 
 def _comparable(trial: optuna.trial.FrozenTrial) -> tuple[object, ...]:
@@ -197,12 +197,8 @@ def test_a_value_the_caller_stored_is_not_written_again_by_the_report(settings: 
 
     study, storage = _study(settings, "stored-by-caller", max_age_s=60)
     trial = study.ask()
-    writes: list[str] = []
-
-    @event.listens_for(storage_for(settings).engine, "before_cursor_execute")
-    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        if "trial_intermediate_values" in statement and not statement.lstrip().upper().startswith("SELECT"):
-            writes.append(statement)
+    writes = _statements(storage_for(settings),
+                         lambda statement: "trial_intermediate_values" in statement and not _is_select(statement))
 
     with session_scope(get_engine(settings.database_url)) as session:
         assert repo.record_intermediate_value(session, trial._trial_id, 1, 0.25)
@@ -216,13 +212,8 @@ def test_a_value_the_caller_stored_is_not_written_again_by_the_report(settings: 
 def test_the_attributes_set_while_sampling_go_with_the_parameters(settings: Settings) -> None:
     study, storage = _study(settings, "attrs-batched", max_age_s=60)
     trial = study.ask()
-    writes: list[str] = []
-
-    @event.listens_for(storage_for(settings).engine, "before_cursor_execute")
-    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        if statement.lstrip().upper().startswith(("INSERT INTO TRIAL_SYSTEM_ATTRIBUTES",
-                                                  "INSERT INTO TRIAL_USER_ATTRIBUTES")):
-            writes.append(statement)
+    writes = _statements(storage_for(settings), lambda statement: statement.lstrip().upper().startswith(
+        ("INSERT INTO TRIAL_SYSTEM_ATTRIBUTES", "INSERT INTO TRIAL_USER_ATTRIBUTES")))
 
     with storage.params_in_one_write():
         trial.set_user_attr("converge_worker_pid", 1234)  # what a slot's on_trial_start writes
