@@ -138,9 +138,9 @@ def test_a_trial_that_cannot_reach_its_epoch_end_in_time_is_killed_and_requeued(
 @contextlib.contextmanager
 def _workers_table_locked(db_url: str) -> Iterator[None]:
     """Block every write to `converge_workers` (the worker's heartbeat), as a frozen slot process
-    holding SQLite's write lock would."""
+    holding SQLite's write lock would. Waits for a write in progress (a slot's epoch) to end."""
     if db_url.startswith("sqlite"):
-        conn = sqlite3.connect(sa.make_url(db_url).database, isolation_level=None)
+        conn = sqlite3.connect(sa.make_url(db_url).database, isolation_level=None, timeout=30)
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -168,8 +168,10 @@ def test_the_stop_timeout_kills_even_while_the_worker_waits_on_a_locked_database
     worker = start_worker(settings.database_url, CONVERGE_STOP_TIMEOUT_S="1")
     victim = _running_trial(client, "stop-locked")
     pid = victim["user_attrs"]["converge_worker_pid"]
-    os.kill(pid, signal.SIGSTOP)
+    # Lock first, then freeze the slot: frozen first, it may be stopped inside its epoch's write
+    # transaction, holding SQLite's lock for good, and the lock here could never be taken.
     with _workers_table_locked(settings.database_url):
+        os.kill(pid, signal.SIGSTOP)
         worker.send_signal(signal.SIGTERM)  # its next heartbeat waits on the lock
         deadline = time.monotonic() + 10
         while not _gone(pid) and time.monotonic() < deadline:
