@@ -1,15 +1,17 @@
 """Does diagnosis-aware pruning buy the same study for fewer epochs?
 
-For each task (the digits MLP, a classification; an MLP on sklearn's diabetes, a regression)
-and each seed, real Converge studies run on a scratch SQLite database, trial after trial in this
-process the way `converge sweep` runs them (claim a slot, `run_slot`: train, record, diagnose,
-prune, auto-repair), under five configurations:
+For each task (the digits MLP, a classification; an MLP on Friedman #1, a regression; and, with
+`--tasks`, an MLP on sklearn's diabetes, a regression whose 88 validation rows make its target
+a matter of noise) and each seed, real Converge studies run on a scratch SQLite database, trial
+after trial in this process the way `converge sweep` runs them (claim a slot, `run_slot`: train,
+record, diagnose, prune, auto-repair), under six configurations:
 
     random                   random sampler, no pruning, N trials
     tpe                      TPE, no pruning, N trials            (the reference)
     tpe+hyperband            TPE + Optuna's Hyperband over epochs
     tpe+convergence          TPE + Converge's convergence pruner (Hyperband + diagnosis rules)
     tpe+convergence+repair   the same, with auto_repair: {max: 5}
+    tpe+convergence+sha      the convergence pruner over successive halving (`base: sha`)
 
 The target is the median over seeds of `tpe`'s final best at its full budget. The pruned
 configurations run until they have trained as many epochs as `tpe` did (median over seeds),
@@ -23,7 +25,7 @@ said they were done (converged or overfitting). Each trial that a diagnosis rule
 trained again in full, unpruned, with the same
 parameters and seed, and diagnosed: "healthy on rerun" counts the rule's mistakes.
 
-    .venv/bin/python benchmarks/sweep_efficiency.py [--seeds 5] [--trials 30] [--tasks digits,diabetes] [--threads 1]
+    .venv/bin/python benchmarks/sweep_efficiency.py [--seeds 5] [--trials 30] [--tasks digits,friedman1] [--threads 1]
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ TASKS: dict[str, dict[str, Any]] = {  # the task and the search space's fixed pa
     "diabetes": {"task": {"model": "mlp", "dataset": "sklearn:diabetes", "params": {"width": 64, "depth": 2},
                           "seed": 0},
                  "epochs": 30, "batch_size": [16, 32, 64]},
+    "friedman1": {"task": {"model": "mlp", "dataset": "sklearn:friedman1", "params": {"width": 64, "depth": 2},
+                           "seed": 0},
+                  "epochs": 30, "batch_size": [16, 32, 64]},
 }
 
 CONFIGS: dict[str, dict[str, Any]] = {  # sampler, pruner, auto_repair
@@ -68,6 +73,7 @@ CONFIGS: dict[str, dict[str, Any]] = {  # sampler, pruner, auto_repair
     "tpe+hyperband": {"sampler": "tpe", "pruner": {"name": "hyperband"}},
     "tpe+convergence": {"sampler": "tpe", "pruner": {"name": "convergence"}},
     "tpe+convergence+repair": {"sampler": "tpe", "pruner": {"name": "convergence"}, "auto_repair": {"max": 5}},
+    "tpe+convergence+sha": {"sampler": "tpe", "pruner": {"name": "convergence", "base": "sha"}},
 }
 UNPRUNED = ("random", "tpe")
 
@@ -269,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--trials", type=int, default=30, help="N: the unpruned configurations' trials")
-    parser.add_argument("--tasks", default="digits,diabetes")
+    parser.add_argument("--tasks", default="digits,friedman1", help=f"of {','.join(TASKS)}")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)

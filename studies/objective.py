@@ -32,8 +32,10 @@ from studies.pruning import (
     STOPPED_EARLY_ATTR,
     PruneDecision,
     behind_peers,
+    best_until,
     diagnosis_rule,
     early_stop_rule,
+    still_falling,
 )
 from studies.retries import INTERRUPTED, rerun
 from studies.search_space import suggest
@@ -157,7 +159,8 @@ class Objective:
                 rule = diagnosis_rule(diagnosis, epoch, len(diagnoser.epochs), diagnoser.max_epochs,
                                       min_fraction=self.spec.pruner.min_fraction,
                                       min_confidence=self.spec.pruner.min_confidence,
-                                      behind_peers=lambda: self._behind_peers(trial, epoch, value))
+                                      behind_peers=lambda: self._behind_peers(trial, epoch, value),
+                                      still_falling=lambda: still_falling(diagnoser.losses(), diagnoser.max_epochs))
                 if rule is not None:
                     pruned.append(rule)
                     return True
@@ -169,7 +172,7 @@ class Objective:
                 return True
             if self.spec.pruner.name == "convergence" and self.spec.pruner.early_stop and diagnosis is not None:
                 done = early_stop_rule(diagnosis, epoch, len(diagnoser.epochs), diagnoser.max_epochs,
-                                       min_fraction=self.spec.pruner.min_fraction,
+                                       min_fraction=self.spec.pruner.early_stop_fraction,
                                        min_confidence=self.spec.pruner.min_confidence)
                 if done is not None:
                     stopped_early.append(done)
@@ -221,10 +224,11 @@ class Objective:
 
 
     def _behind_peers(self, trial: optuna.Trial, epoch: int, value: float | None) -> bool:
-        """The trial's objective against the ended trials' at this epoch (from the study's cached read)."""
+        """The trial's objective against the ended trials' best by this epoch (from the study's cached read)."""
+        direction = self.spec.objective.direction
         ended = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-        peers = [t.intermediate_values[epoch] for t in ended if epoch in t.intermediate_values]
-        return behind_peers(value, peers, self.spec.objective.direction)
+        peers = [best for t in ended if (best := best_until(t.intermediate_values, epoch, direction)) is not None]
+        return behind_peers(value, peers, direction)
 
     def _requeue(self, trial: optuna.Trial, epoch: int) -> TrialInterrupted:
         """Add the trial's rerun before Optuna fails this attempt, so the study never counts it as done."""
@@ -279,6 +283,11 @@ class TrialDiagnoser:
             return None
         self.last = (epoch, result)
         return result
+
+    def losses(self) -> list[float | None]:
+        """The loss the verdicts read (`History.loss`): validation where measured, else training."""
+        key = "val_loss" if any(e.get("val_loss") is not None for e in self.epochs) else "train_loss"
+        return [e.get(key) for e in self.epochs]
 
     def save_final(self, engine: Engine, study_id: int, trial: optuna.Trial) -> None:
         """Store the last diagnosis with `final=True` (none when no epoch was diagnosed) and the

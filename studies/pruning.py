@@ -3,10 +3,12 @@
 The pruner is two things: a multi-fidelity Optuna pruner over epochs (the spec's `base`,
 Hyperband by default), which the objective reports to as with any pruner, and these rules,
 which the objective checks against each epoch's diagnosis first. A trial that diverged or
-whose gradients exploded or vanished will not recover, so it stops at once; one that learns
-too slowly or not enough stops only once the diagnosis is confident, the trial has run a
-fair share of its epochs (`min_fraction`), since early epochs of a healthy run can look slow,
-and its objective is behind the median of the study's ended trials at the same epoch.
+whose gradients exploded or vanished will not recover, so it stops at once. One that learns
+too slowly, not enough, or oscillates stops only when all of these hold: the diagnosis is
+confident; the trial has run a fair share of its epochs (`min_fraction`), since early epochs
+of a healthy run can look slow; its loss is not still falling at a rate that would read as
+improving over its whole run (`still_falling`); and its objective is behind the median of the
+study's ended trials at the same epoch (`behind_peers`).
 
 Apart from pruning, a trial whose diagnosis says it is done (converged: flat near its best;
 overfitting: its validation loss rising while training loss falls) is completed early with its
@@ -17,16 +19,23 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+
+from studies.diagnosis import signals
 
 PRUNED_BY_ATTR = "converge_pruned_by"  # the trial's user attribute: {"rule": ..., "epoch": ..., "reason": ...}
 STOPPED_EARLY_ATTR = "converge_stopped_early"  # the same, for a trial completed early (`early_stop_rule`)
 DONE = frozenset({"converged", "overfitting"})  # more epochs would not improve the objective
 HOPELESS = frozenset({"diverged", "exploding_gradients", "vanishing_gradients"})
-POOR = frozenset({"slow_convergence", "underfitting"})
-MIN_PEERS = 4  # ended trials with a value at the epoch before a slow or underfitting trial can be "behind"
+POOR = frozenset({"slow_convergence", "underfitting", "oscillating"})
+MIN_PEERS = 2  # ended trials with a value by the epoch before a poor trial can be "behind"
+# A loss that would still fall by this share over the last fifth of the full run is still falling:
+# between the diagnosis' flat (2%) and improving (5%) marks, on the safe side of slow.
+STILL_FALLING = 0.03
 DIAGNOSIS_RULES = HOPELESS | POOR  # the rules that prune by diagnosis (any other rule is the base pruner)
 
 
@@ -44,29 +53,66 @@ class PruneDecision:
 
 def diagnosis_rule(diagnosis: dict[str, Any], epoch: int, epochs_seen: int, max_epochs: int, *,
                    min_fraction: float, min_confidence: float,
-                   behind_peers: Callable[[], bool] = lambda: False) -> PruneDecision | None:
+                   behind_peers: Callable[[], bool] = lambda: False,
+                   still_falling: Callable[[], bool] = lambda: False) -> PruneDecision | None:
     """The rule that prunes the trial at this epoch, from its latest diagnosis; None to go on.
 
-    `behind_peers` (asked only for a confident slow or underfitting trial) says whether its
-    objective is worse than its peers' at this epoch: a trial's history alone cannot tell a slow
-    run from a task whose best loss is high (a noisy regression target, a run with dropout
-    whose training loss stays above its validation loss), and such runs often end healthy.
+    The two callables are asked only for a confident poor trial past `min_fraction`.
+    `behind_peers` says whether its objective is worse than its peers' by this epoch: a trial's
+    history alone cannot tell a slow run from a task whose best loss is high (a noisy regression
+    target, a run with dropout whose training loss stays above its validation loss), and such
+    runs often end healthy. `still_falling` (not asked of an oscillating trial, whose slope is
+    noise) says whether its loss falls fast enough to end as still improving.
     """
     verdict = diagnosis["verdict"]
     confidence = float(diagnosis["confidence"])
     if verdict in HOPELESS:
         return PruneDecision(verdict, epoch, f"{verdict} (confidence {confidence:.2f}): {diagnosis['summary']}")
     if (verdict in POOR and confidence >= min_confidence and epochs_seen >= min_fraction * max_epochs
-            and behind_peers()):
+            and (verdict == "oscillating" or not still_falling()) and behind_peers()):
         return PruneDecision(verdict, epoch, f"{verdict} with confidence {confidence:.2f} after {epochs_seen} of "
                                              f"{max_epochs} epochs, behind the median of its peers: "
                                              f"{diagnosis['summary']}")
     return None
 
 
+def _tail_span(epochs: int) -> int:
+    """How many epochs the diagnosis' last-fifth window spans after `epochs` epochs (`signals.tail_start`)."""
+    return max(1, min(epochs, max(3, round(epochs / 5))) - 1)
+
+
+def still_falling(losses: Sequence[float | None], max_epochs: int) -> bool:
+    """Whether the loss, at the rate of its last fifth so far, would fall by `STILL_FALLING` or more
+    over the last fifth of the full run.
+
+    The diagnosis reads a trend over the last fifth of the epochs so far: 2 epochs early in a
+    30-epoch run, 5 at its end. A steady run therefore reads slow (or flat: underfitting) early
+    and still improving at its end; this rescales the early rate to the full run's window.
+    """
+    values = np.array([math.nan if v is None else v for v in losses], dtype=float)
+    if len(values) < 2:
+        return True
+    with np.errstate(all="ignore"):
+        drop = signals.tail_drop(values)
+    return drop * _tail_span(max_epochs) / _tail_span(len(values)) >= STILL_FALLING
+
+
+def best_until(values: Mapping[int, float], epoch: int, direction: str) -> float | None:
+    """A peer's best finite value at or before `epoch`: what it had reached by then.
+
+    A peer stopped before `epoch` counts with where it stopped, which flatters the trial being
+    judged against it (the peer would have gone on improving), so no trial is called behind
+    on a peer's missing epochs.
+    """
+    seen = [v for step, v in values.items() if step <= epoch and math.isfinite(v)]
+    if not seen:
+        return None
+    return min(seen) if direction == "minimize" else max(seen)
+
+
 def behind_peers(value: float | None, peer_values: Iterable[float], direction: str,
                  min_peers: int = MIN_PEERS) -> bool:
-    """Whether `value` is worse than the median of the peers' values at the same epoch; False with
+    """Whether `value` is worse than the median of the peers' values by the same epoch; False with
     fewer than `min_peers` finite ones (too early in the study to call anyone slow)."""
     finite = [v for v in peer_values if math.isfinite(v)]
     if value is None or not math.isfinite(value) or len(finite) < min_peers:

@@ -32,8 +32,8 @@ NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
 # Each built-in model and the integer params it takes, with their minimum (depth 0 is linear).
 MODEL_PARAMS: dict[str, dict[str, int]] = {"mlp": {"width": 1, "depth": 0}, "cnn": {"channels": 1}}
 MODELS = frozenset(MODEL_PARAMS)
-SKLEARN_DATASETS = frozenset({"digits", "wine", "breast_cancer", "iris", "diabetes"})
-REGRESSION_DATASETS = frozenset({"sklearn:diabetes"})  # besides CSV files that say &task=regression
+SKLEARN_DATASETS = frozenset({"digits", "wine", "breast_cancer", "iris", "diabetes", "friedman1"})
+REGRESSION_DATASETS = frozenset({"sklearn:diabetes", "sklearn:friedman1"})  # besides CSV files that say &task=regression
 IMAGE_DATASETS = frozenset({"sklearn:digits"})
 MAX_TRIALS = 10_000
 BUILTIN_METRICS = frozenset({"val_loss", "val_acc", "train_loss"})
@@ -308,20 +308,26 @@ class Sampler(_Strict):
 
 class Pruner(_Strict):
     """`convergence` (the default): the `base` pruner over epochs, plus stopping a trial whose live
-    diagnosis is diverged, exploding_gradients or vanishing_gradients, or slow_convergence or
-    underfitting with at least `min_confidence` once `min_fraction` of its epochs have run and its
-    objective is behind the median of the study's ended trials at that epoch; and (`early_stop`)
-    completing early a trial whose diagnosis says it is done: converged or overfitting."""
+    diagnosis is diverged, exploding_gradients or vanishing_gradients, or slow_convergence,
+    underfitting or oscillating with at least `min_confidence` once `min_fraction` of its epochs
+    have run, its loss no longer falling at a rate that would read as improving by its last
+    epoch, and its objective behind the median of the study's ended trials by that epoch; and
+    (`early_stop`) completing early a trial whose diagnosis says it is done: converged or
+    overfitting."""
 
     name: str = "convergence"
     base: str = Field(default="hyperband", description="convergence only: the multi-fidelity pruner it wraps")
-    min_fraction: float = Field(default=0.5, gt=0, le=1, description="convergence only: the share of a trial's "
-                                "epochs before slow_convergence or underfitting may prune it")
-    min_confidence: float = Field(default=0.8, ge=0, le=1, description="convergence only: the diagnosis' "
-                                  "confidence needed to prune a slow or underfitting trial, or to stop one early")
+    min_fraction: float = Field(default=0.25, gt=0, le=1, description="convergence only: the share of a trial's "
+                                "epochs before slow_convergence, underfitting or oscillating may prune it")
+    min_confidence: float = Field(default=0.9, ge=0, le=1, description="convergence only: the diagnosis' "
+                                  "confidence needed to prune a slow, underfitting or oscillating trial, or to stop "
+                                  "one early")
     early_stop: bool = Field(default=True, description="convergence only: end a trial early, complete with its "
                              "objective at that epoch, once its diagnosis is converged or overfitting with at least "
-                             "`min_confidence` after `min_fraction` of its epochs: more epochs would not improve it")
+                             "`min_confidence` after `early_stop_fraction` of its epochs: more epochs would not "
+                             "improve it")
+    early_stop_fraction: float = Field(default=0.5, gt=0, le=1, description="convergence only: the share of a "
+                                       "trial's epochs before it may stop early: an early plateau is often a pause")
 
     @field_validator("name")
     @classmethod
@@ -336,7 +342,7 @@ class Pruner(_Strict):
     @model_validator(mode="after")
     def _options_need_convergence(self) -> Pruner:
         # Compared with the defaults, not with what was given: a stored spec carries every field.
-        misplaced = [name for name in ("base", "min_fraction", "min_confidence", "early_stop")
+        misplaced = [name for name in ("base", "min_fraction", "min_confidence", "early_stop", "early_stop_fraction")
                      if getattr(self, name) != type(self).model_fields[name].default]
         if misplaced and self.name != "convergence":
             raise ValueError(f"{', '.join(misplaced)}: only the convergence pruner takes these, not {self.name!r}")

@@ -7,6 +7,7 @@ trial whose process died is failed after the grace period, and rerun (`studies.r
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import logging
 import time
@@ -225,13 +226,32 @@ class ThrottledReads(_CachedStorage):
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         with self._lock:
-            self._running.pop(trial_id, None)
+            running = self._running.pop(trial_id, None)
             self._claimed.discard(trial_id)
         changed = super().set_trial_state_values(trial_id, state, values)
         if changed and state == TrialState.RUNNING:  # `ask` took a queued trial: its first read is kept
             with self._lock:
                 self._claimed.add(trial_id)
+        elif changed and running is not None and state.is_finished():
+            self._show_ended(running, state, values)
         return changed
+
+    def _show_ended(self, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        """This process's trial, just ended, shown in the study's cached trials at once.
+
+        Otherwise the next trial's pruning rules and sampler would not see it until the next read
+        (`max_age_s`): a trial of a fast task, in a sequential sweep, would not count as its
+        successor's peer. The cache still counts the trial as unfinished, so that next read
+        replaces this copy with the stored row.
+        """
+        trial.state = state
+        trial.values = None if values is None else list(values)
+        trial.datetime_complete = datetime.datetime.now()
+        with self._lock:
+            study_id, number = self._trial_id_to_study_id_and_number[trial._trial_id]
+            study = self._studies.get(study_id)
+            if study is not None and number in study.trials:
+                study.trials[number] = trial
 
     def _apply(self, trial_id: int, write: Callable[[FrozenTrial], None]) -> None:
         """A write to a trial this process runs, applied to its copy too."""

@@ -15,15 +15,15 @@ import sweep_efficiency  # noqa: E402
 
 @pytest.mark.slow
 def test_sweep_efficiency_runs_every_configuration_and_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
-    figures = sweep_efficiency.main(["--seeds", "1", "--trials", "2", "--tasks", "diabetes"])
+    figures = sweep_efficiency.main(["--seeds", "1", "--trials", "2", "--tasks", "friedman1"])
     table = capsys.readouterr().out
-    assert "diabetes: target val_loss" in table
+    assert "friedman1: target val_loss" in table
     for config in sweep_efficiency.CONFIGS:
-        assert config in table and config in figures["diabetes"]
-    tpe = figures["diabetes"]["tpe"]
+        assert config in table and config in figures["friedman1"]
+    tpe = figures["friedman1"]["tpe"]
     assert tpe["ratio_budget"] <= 1 and tpe["ratio_to_target"] == 1  # the reference reaches its own target
-    assert figures["diabetes"]["budget"] == 2 * sweep_efficiency.TASKS["diabetes"]["epochs"]
-    assert math.isfinite(figures["diabetes"]["target"])
+    assert figures["friedman1"]["budget"] == 2 * sweep_efficiency.TASKS["friedman1"]["epochs"]
+    assert math.isfinite(figures["friedman1"]["target"])
 
 
 def test_the_runs_compare_on_epochs_to_target_and_best_within_a_budget() -> None:

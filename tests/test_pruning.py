@@ -9,7 +9,15 @@ import pytest
 
 from conftest import tiny_spec
 from service.settings import Settings
-from studies.pruning import PRUNED_BY_ATTR, STOPPED_EARLY_ATTR, behind_peers, diagnosis_rule, early_stop_rule
+from studies.pruning import (
+    PRUNED_BY_ATTR,
+    STOPPED_EARLY_ATTR,
+    behind_peers,
+    best_until,
+    diagnosis_rule,
+    early_stop_rule,
+    still_falling,
+)
 from studies.registry import build_pruner
 from studies.spec import StudySpec, parse_spec
 from studies.storage import storage_for
@@ -21,9 +29,10 @@ def _diagnosis(verdict: str, confidence: float = 0.9) -> dict[str, Any]:
 
 
 def _rule(verdict: str, epochs_seen: int, confidence: float = 0.9, max_epochs: int = 10,
-          behind: bool = True) -> str | None:
+          behind: bool = True, falling: bool = False) -> str | None:
     decision = diagnosis_rule(_diagnosis(verdict, confidence), epochs_seen - 1, epochs_seen, max_epochs,
-                              min_fraction=0.5, min_confidence=0.8, behind_peers=lambda: behind)
+                              min_fraction=0.5, min_confidence=0.8, behind_peers=lambda: behind,
+                              still_falling=lambda: falling)
     return None if decision is None else decision.rule
 
 
@@ -32,12 +41,39 @@ def test_a_hopeless_trial_is_pruned_at_once_whatever_the_confidence(verdict: str
     assert _rule(verdict, epochs_seen=1, confidence=0.3) == verdict
 
 
-@pytest.mark.parametrize("verdict", ["slow_convergence", "underfitting"])
+@pytest.mark.parametrize("verdict", ["slow_convergence", "underfitting", "oscillating"])
 def test_a_poor_trial_is_pruned_only_when_confident_and_far_enough(verdict: str) -> None:
     assert _rule(verdict, epochs_seen=4) is None  # 4 of 10 < min_fraction 0.5
     assert _rule(verdict, epochs_seen=5, confidence=0.7) is None  # not confident enough
     assert _rule(verdict, epochs_seen=5) == verdict
     assert _rule(verdict, epochs_seen=5, behind=False) is None  # as good as its peers: the task, not the run
+
+
+@pytest.mark.parametrize("verdict", ["slow_convergence", "underfitting"])
+def test_a_slow_trial_whose_loss_still_falls_fast_enough_goes_on(verdict: str) -> None:
+    assert _rule(verdict, epochs_seen=5, falling=True) is None
+
+
+def test_an_oscillating_trial_is_not_spared_by_its_slope() -> None:
+    assert _rule("oscillating", epochs_seen=5, falling=True) == "oscillating"  # a swinging curve's slope is noise
+
+
+def test_still_falling_rescales_the_early_rate_to_the_full_runs_last_fifth() -> None:
+    steady = [1.0 - 0.012 * e for e in range(8)]  # 1.2% an epoch: 2.4% over the 2 epochs the diagnosis reads now
+    assert still_falling(steady, max_epochs=30)  # ~6% over the 5 epochs of a 30-epoch run's last fifth
+    assert not still_falling(steady, max_epochs=8)  # this is the whole run: 2.4%, below the 3% mark
+    assert not still_falling([1.0, 0.999, 0.998, 0.998, 0.997, 0.997, 0.997, 0.996], max_epochs=30)  # flat
+    assert not still_falling([0.5, 0.6, 0.7, 0.8], max_epochs=30)  # rising
+    assert still_falling([1.0], max_epochs=30)  # one epoch: no rate yet, so no verdict either
+    assert still_falling([1.0, None, 0.9, 0.85, 0.8], max_epochs=30)  # a missing epoch is skipped
+
+
+def test_a_peers_value_by_an_epoch_is_its_best_so_far_in_the_studys_direction() -> None:
+    values = {1: 0.9, 2: 0.5, 3: 0.7, 5: float("nan")}
+    assert best_until(values, 3, "minimize") == 0.5 and best_until(values, 1, "minimize") == 0.9
+    assert best_until(values, 10, "minimize") == 0.5  # stopped at epoch 3: counts with its best by then
+    assert best_until(values, 3, "maximize") == 0.9
+    assert best_until(values, 0, "minimize") is None and best_until({}, 3, "minimize") is None
 
 
 def test_a_hopeless_trial_needs_no_peers() -> None:
@@ -48,12 +84,13 @@ def test_behind_peers_compares_with_the_median_at_the_same_epoch_in_the_studys_d
     peers = [0.5, 0.6, 0.7, 0.8]
     assert behind_peers(0.9, peers, "minimize") and not behind_peers(0.6, peers, "minimize")
     assert behind_peers(0.6, peers, "maximize") and not behind_peers(0.9, peers, "maximize")
-    assert not behind_peers(0.9, peers[:3], "minimize")  # too few peers to call anyone slow
-    assert not behind_peers(0.9, [*peers[:3], float("nan")], "minimize")
+    assert behind_peers(0.9, peers[:2], "minimize")  # two are enough: each is a peer's best by then
+    assert not behind_peers(0.9, peers[:1], "minimize")  # too few peers to call anyone slow
+    assert not behind_peers(0.9, [peers[0], float("nan")], "minimize")
     assert not behind_peers(None, peers, "minimize") and not behind_peers(float("nan"), peers, "minimize")
 
 
-@pytest.mark.parametrize("verdict", ["converged", "still_improving", "oscillating", "overfitting"])
+@pytest.mark.parametrize("verdict", ["converged", "still_improving", "overfitting"])
 def test_other_verdicts_never_prune(verdict: str) -> None:
     assert _rule(verdict, epochs_seen=10, confidence=1.0) is None
 
@@ -67,7 +104,8 @@ def test_the_decision_says_what_and_when() -> None:
 def test_convergence_is_the_default_pruner_over_hyperband() -> None:
     pruner = StudySpec.model_validate({"name": "x"}).pruner
     assert (pruner.name, pruner.base) == ("convergence", "hyperband")
-    assert (pruner.min_fraction, pruner.min_confidence, pruner.early_stop) == (0.5, 0.8, True)
+    assert (pruner.min_fraction, pruner.min_confidence, pruner.early_stop, pruner.early_stop_fraction) == (
+        0.25, 0.9, True, 0.5)
     assert isinstance(build_pruner("convergence", 20), optuna.pruners.HyperbandPruner)
     assert isinstance(build_pruner("convergence", 20, "median"), optuna.pruners.MedianPruner)
 
@@ -78,6 +116,8 @@ def test_convergence_is_the_default_pruner_over_hyperband() -> None:
     ({"name": "convergence", "min_fraction": 0}, "min_fraction"),
     ({"name": "convergence", "min_confidence": 1.5}, "min_confidence"),
     ({"name": "hyperband", "early_stop": False}, "only the convergence pruner takes these"),
+    ({"name": "median", "early_stop_fraction": 0.3}, "only the convergence pruner takes these"),
+    ({"name": "convergence", "early_stop_fraction": 1.5}, "early_stop_fraction"),
 ])
 def test_bad_pruner_options_are_refused(pruner: dict[str, Any], problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
@@ -105,17 +145,17 @@ def test_a_healthy_trial_runs_to_its_end_under_the_convergence_pruner(settings: 
     assert trial.state.name == "COMPLETE" and PRUNED_BY_ATTR not in trial.user_attrs
 
 
-def test_the_objective_reads_its_peers_from_the_study_at_the_same_epoch() -> None:
+def test_the_objective_reads_its_peers_best_by_the_same_epoch_from_the_study() -> None:
     from studies.objective import Objective
 
     study = optuna.create_study()
-    for value in (0.5, 0.6, 0.7, 0.8):
-        study.add_trial(optuna.trial.create_trial(value=value, intermediate_values={3: value, 4: value}))
-    study.add_trial(optuna.trial.create_trial(value=0.1, intermediate_values={1: 0.1}))  # no value at epoch 3
+    study.add_trial(optuna.trial.create_trial(value=0.5, intermediate_values={3: 0.5, 4: 0.5}))
     objective = Objective(parse_spec(tiny_spec("peers")), study_id=1, engine=None)  # type: ignore[arg-type]
     trial = study.ask()
-    assert objective._behind_peers(trial, 3, 0.9) and not objective._behind_peers(trial, 3, 0.55)
-    assert not objective._behind_peers(trial, 1, 0.9)  # one peer at epoch 1: too few
+    assert not objective._behind_peers(trial, 3, 0.9)  # one peer: too few
+    study.add_trial(optuna.trial.create_trial(value=0.8, intermediate_values={1: 0.95, 2: 0.8}))  # stopped at 2
+    assert objective._behind_peers(trial, 3, 0.9) and not objective._behind_peers(trial, 3, 0.6)  # median 0.65
+    assert not objective._behind_peers(trial, 1, 0.99)  # by epoch 1 only one peer had a value
 
 
 def _stop(verdict: str, epochs_seen: int, confidence: float = 0.9) -> str | None:

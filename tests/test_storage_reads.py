@@ -171,6 +171,29 @@ def test_a_trial_run_by_optimize_is_never_read_back(settings: Settings) -> None:
     assert told.state == optuna.trial.TrialState.PRUNED and told.value == 0.7  # the last report, as Optuna does
 
 
+def test_a_trial_this_process_ended_shows_in_the_study_at_once_then_as_stored(settings: Settings) -> None:
+    study, storage = _study(settings, "ended-shown", max_age_s=60)
+    study.get_trials()  # the window starts now: no read for the next minute
+    pruned, done = study.ask(), study.ask()
+    pruned.report(0.7, step=1)
+    pruned.set_user_attr("converge_pruned_by", {"rule": "underfitting"})
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    done.report(0.4, step=1)
+    study.tell(done, 0.3)
+    reads = _count_trial_reads(storage_for(settings))
+    ended = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    assert reads == []  # seen without a read, as the next trial's peers
+    assert [(t.number, t.state.name, t.value, t.intermediate_values) for t in ended] == [
+        (0, "PRUNED", 0.7, {1: 0.7}), (1, "COMPLETE", 0.3, {1: 0.4})]
+    assert ended[0].user_attrs["converge_pruned_by"] == {"rule": "underfitting"} and ended[1].datetime_complete
+    stored = [storage_for(settings).get_trial(t._trial_id) for t in ended]
+    assert [_comparable(t) for t in ended] == [_comparable(t) for t in stored]
+
+    storage.max_age_s = 0  # the next read replaces the copies with the stored rows
+    assert [_comparable(t) for t in study.get_trials()] == [_comparable(t) for t in stored]
+    assert study.get_trials()[1].datetime_complete == stored[1].datetime_complete
+
+
 def test_a_queued_trial_a_process_takes_is_read_once_then_kept(settings: Settings) -> None:
     study, storage = _study(settings, "queued-kept", max_age_s=60)
     study.enqueue_trial({"lr": 0.02}, user_attrs={"origin": "repair"})

@@ -283,7 +283,7 @@ def test_sklearn_datasets(name: str, n_classes: int) -> None:
 
 def test_registries() -> None:
     assert MODEL_NAMES == frozenset({"mlp", "cnn"})
-    assert SKLEARN_DATASETS == frozenset({"digits", "wine", "breast_cancer", "iris", "diabetes"})
+    assert SKLEARN_DATASETS == frozenset({"digits", "wine", "breast_cancer", "iris", "diabetes", "friedman1"})
 
 
 def test_diabetes_is_a_standardised_regression_target() -> None:
@@ -291,6 +291,14 @@ def test_diabetes_is_a_standardised_regression_target() -> None:
     assert split.task == "regression" and split.n_classes is None and split.n_features == 10
     assert split.y_train.dtype == torch.float32 and split.y_train.shape == (353, 1)
     assert split.y_train.mean().abs() < 1e-4 and (split.y_train.std() - 1).abs() < 0.01
+
+
+def test_friedman1_is_generated_the_same_everywhere() -> None:
+    a, b = load_dataset("sklearn:friedman1", 0.2, 0), load_dataset("sklearn:friedman1", 0.2, 0)
+    assert a.task == "regression" and a.n_classes is None and a.n_features == 10
+    assert a.y_train.shape == (800, 1) and a.y_val.shape == (200, 1)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_val, b.y_val)
+    assert a.y_train.mean().abs() < 1e-4 and (a.y_train.std() - 1).abs() < 0.01
 
 
 def test_split_is_deterministic_by_seed() -> None:
