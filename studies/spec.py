@@ -33,7 +33,8 @@ NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
 MODEL_PARAMS: dict[str, dict[str, int]] = {"mlp": {"width": 1, "depth": 0}, "cnn": {"channels": 1}}
 MODELS = frozenset(MODEL_PARAMS)
 SKLEARN_DATASETS = frozenset({"digits", "wine", "breast_cancer", "iris", "diabetes", "friedman1"})
-REGRESSION_DATASETS = frozenset({"sklearn:diabetes", "sklearn:friedman1"})  # besides CSV files that say &task=regression
+# Besides CSV files that say &task=regression:
+REGRESSION_DATASETS = frozenset({"sklearn:diabetes", "sklearn:friedman1"})
 IMAGE_DATASETS = frozenset({"sklearn:digits"})
 MAX_TRIALS = 10_000
 BUILTIN_METRICS = frozenset({"val_loss", "val_acc", "train_loss"})
