@@ -121,6 +121,7 @@ class Objective:
         stopped_early: list[PruneDecision] = []
         cancelled_at: list[int] = []
         interrupted_at: list[int] = []
+        reported: dict[int, float] = {}  # epoch -> objective, what the trial has reached so far
 
         def on_epoch_end(metrics: dict[str, Any]) -> bool:
             diagnosis = diagnoser.add_epoch(metrics)
@@ -144,6 +145,7 @@ class Objective:
             cancelled, stored = retry_unit_of_work(self.engine, write_epoch,
                                                    what=f"trial {trial.number}: storing epoch {epoch}")
             if reportable:  # also what the dashboard plots per epoch, and what a pruned trial's value is
+                reported[epoch] = float(value)
                 if stored:
                     storage.intermediate_value_stored(trial._trial_id, epoch, float(value))
                 trial.report(value, step=epoch)
@@ -159,7 +161,8 @@ class Objective:
                 rule = diagnosis_rule(diagnosis, epoch, len(diagnoser.epochs), diagnoser.max_epochs,
                                       min_fraction=self.spec.pruner.min_fraction,
                                       min_confidence=self.spec.pruner.min_confidence,
-                                      behind_peers=lambda: self._behind_peers(trial, epoch, value),
+                                      behind_peers=lambda: self._behind_peers(
+                                          trial, epoch, best_until(reported, epoch, self.spec.objective.direction)),
                                       still_falling=lambda: still_falling(diagnoser.losses(), diagnoser.max_epochs))
                 if rule is not None:
                     pruned.append(rule)
@@ -224,7 +227,9 @@ class Objective:
 
 
     def _behind_peers(self, trial: optuna.Trial, epoch: int, value: float | None) -> bool:
-        """The trial's objective against the ended trials' best by this epoch (from the study's cached read)."""
+        """The trial's best objective so far against the ended trials' best by this epoch (from the study's
+        cached read): like for like, and an oscillating trial is judged by what it has reached, not by
+        where its latest swing left it."""
         direction = self.spec.objective.direction
         ended = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
         peers = [best for t in ended if (best := best_until(t.intermediate_values, epoch, direction)) is not None]

@@ -7,8 +7,8 @@ whose gradients exploded or vanished will not recover, so it stops at once. One 
 too slowly, not enough, or oscillates stops only when all of these hold: the diagnosis is
 confident; the trial has run a fair share of its epochs (`min_fraction`), since early epochs
 of a healthy run can look slow; its loss is not still falling at a rate that would read as
-improving over its whole run (`still_falling`); and its objective is behind the median of the
-study's ended trials at the same epoch (`behind_peers`).
+improving over its whole run (`still_falling`); and its best objective so far is behind the
+median of the study's ended trials' best by the same epoch (`behind_peers`).
 
 Apart from pruning, a trial whose diagnosis says it is done (converged: flat near its best;
 overfitting: its validation loss rising while training loss falls) is completed early with its

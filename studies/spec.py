@@ -312,7 +312,8 @@ class Pruner(_Strict):
     diagnosis is diverged, exploding_gradients or vanishing_gradients, or slow_convergence,
     underfitting or oscillating with at least `min_confidence` once `min_fraction` of its epochs
     have run, its loss no longer falling at a rate that would read as improving by its last
-    epoch, and its objective behind the median of the study's ended trials by that epoch; and
+    epoch, and its best objective so far behind the median of the study's ended trials' best by
+    that epoch; and
     (`early_stop`) completing early a trial whose diagnosis says it is done: converged or
     overfitting."""
 
