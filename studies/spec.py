@@ -313,9 +313,8 @@ class Pruner(_Strict):
     underfitting or oscillating with at least `min_confidence` once `min_fraction` of its epochs
     have run, its loss no longer falling at a rate that would read as improving by its last
     epoch, and its best objective so far behind the median of the study's ended trials' best by
-    that epoch; and
-    (`early_stop`) completing early a trial whose diagnosis says it is done: converged or
-    overfitting."""
+    that epoch; and (`early_stop`) completing early a trial whose diagnosis says it is done:
+    converged or overfitting, past `early_stop_fraction` of its epochs."""
 
     name: str = "convergence"
     base: str = Field(default="hyperband", description="convergence only: the multi-fidelity pruner it wraps")
