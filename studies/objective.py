@@ -291,7 +291,8 @@ class TrialDiagnoser:
 
     def losses(self) -> list[float | None]:
         """The loss the verdicts read (`History.loss`): validation where measured, else training."""
-        key = "val_loss" if any(e.get("val_loss") is not None for e in self.epochs) else "train_loss"
+        measured = any(v is not None and math.isfinite(v) for v in (e.get("val_loss") for e in self.epochs))
+        key = "val_loss" if measured else "train_loss"
         return [e.get(key) for e in self.epochs]
 
     def save_final(self, engine: Engine, study_id: int, trial: optuna.Trial) -> None:

@@ -77,8 +77,8 @@ def diagnosis_rule(diagnosis: dict[str, Any], epoch: int, epochs_seen: int, max_
 
 
 def _tail_span(epochs: int) -> int:
-    """How many epochs the diagnosis' last-fifth window spans after `epochs` epochs (`signals.tail_start`)."""
-    return max(1, min(epochs, max(3, round(epochs / 5))) - 1)
+    """How many epochs the diagnosis' last-fifth window spans after `epochs` epochs."""
+    return max(1, epochs - signals.tail_start(epochs) - 1)
 
 
 def still_falling(losses: Sequence[float | None], max_epochs: int) -> bool:
