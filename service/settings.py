@@ -68,6 +68,39 @@ class Settings(BaseSettings):
     artifact_s3_endpoint_url: str | None = Field(
         default=None, description="the S3-compatible service's endpoint (e.g. MinIO); AWS when unset")
 
+    # Security (README "Security"): what a token holder may make a worker or the server do.
+    plugin_modules: str = Field(
+        default="",
+        description="comma-separated module prefixes (e.g. `mypkg,lab.models`) whose factories a spec may name as "
+                    "task.model / task.data; empty (the default) allows no plug-in at all. The standard library and "
+                    "Converge's own packages are never allowed",
+    )
+    data_dir: str = Field(
+        default="./data",
+        description="the folder `csv:` dataset paths resolve in (relative to the working directory); a path that "
+                    "leaves it (absolute, `..`, a symlink out) is refused",
+    )
+    max_data_bytes: int = Field(default=256 * 1024 * 1024, gt=0, description="the largest CSV dataset a worker "
+                                "reads, in bytes (256 MiB)")
+    webhook_allow: str = Field(
+        default="",
+        description="comma-separated hosts and networks (e.g. `127.0.0.1,10.0.0.0/8,hooks.lan`) webhooks may reach "
+                    "although they are loopback, private, link-local or otherwise not public; empty: public "
+                    "addresses only",
+    )
+    allowed_hosts: str = Field(
+        default="",
+        description="comma-separated extra `Host` names the API answers (besides the bound address, localhost and "
+                    "127.0.0.1) while no token exists; once set, also checked when tokens exist",
+    )
+    health_probe_every_s: float = Field(default=5.0, ge=0, description="/v1/health probes the database with a "
+                                        "write at most this often (cached in between)")
+
+    @staticmethod
+    def split(value: str) -> list[str]:
+        """A comma-separated setting as its list of non-empty, stripped items."""
+        return [item.strip() for item in value.split(",") if item.strip()]
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
