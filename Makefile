@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint lint-imports clean
+.PHONY: setup run test lint lint-imports clean secrets
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ lint: setup
 
 lint-imports: setup
 	$(BIN)/lint-imports
+
+# docker-compose.yml's PostgreSQL password, made on first use (kept when it exists; never committed).
+secrets:
+	scripts/make-secrets.sh
 
 clean:
 	rm -rf $(VENV) converge.db converge.db-wal converge.db-shm

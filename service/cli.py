@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,7 +28,12 @@ from studies.spec import SpecError, load_spec_file
 
 
 class ConvergeGroup(click.Group):
-    """Turns Converge's own errors into one line on stderr and an exit code, never a traceback."""
+    """Turns Converge's own errors into one line on stderr and an exit code, never a traceback.
+
+    A database failure that reaches here as a driver error, or wrapped (Optuna's RDBStorage turns
+    every driver error into its StorageInternalError), is reported as the service's own error too
+    (`service.db.engine.as_service_error`): unreachable, not upgraded, read-only or full.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -38,6 +44,26 @@ class ConvergeGroup(click.Group):
         except ServiceError as exc:
             click.echo(f"converge: {exc}", err=True)
             ctx.exit(1)
+        except Exception as exc:
+            found = _database_error(exc)
+            if found is None:
+                raise
+            click.echo(f"converge: {' '.join(str(found).split())}", err=True)
+            ctx.exit(1)
+
+
+def _database_error(exc: Exception) -> ServiceError | None:
+    """The service error a database failure amounts to, or None for anything else (click's own exits included)."""
+    if isinstance(exc, (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort)):
+        return None
+    from service.db.engine import as_service_error
+
+    return as_service_error(exc, get_settings().database_url)
+
+
+# Commands that run until stopped wait out a database outage (`service.db.engine.retry_transient`);
+# every other command says at once what is wrong. `diagnose` uses no database.
+_PATIENT_COMMANDS = {"serve", "worker", "sweep", "scheduler", "diagnose"}
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -49,12 +75,17 @@ def _setup_logging(verbose: bool = False) -> None:
 
 @click.group(cls=ConvergeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(VERSION, prog_name="converge")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Converge: hyperparameter sweeps with a convergence diagnosis for every trial.
 
     The database is CONVERGE_DATABASE_URL (default sqlite:///./converge.db); run
     `converge db upgrade` once before anything else.
     """
+    if ctx.invoked_subcommand not in _PATIENT_COMMANDS:
+        from service.db.engine import waiting_at_most
+
+        ctx.with_resource(waiting_at_most(0))
 
 
 # ---------------------------------------------------------------- db
@@ -96,7 +127,10 @@ def serve(host: str, port: int, workers: int, demo_spec: Path | None) -> None:
     Once an API token exists (`converge token create`), every request but /v1/health needs one.
     While none does, the API is open, so serve listens on a loopback address only (127.0.0.1,
     ::1, localhost): another --host is refused (exit status 2) until a token exists. A server
-    on another host keeps requiring a token even if every token is later revoked.
+    on another host keeps requiring a token even if every token is later revoked. While it is
+    open, it answers only requests whose Host is the bound address, localhost, 127.0.0.1 or ::1
+    (400 otherwise: no DNS rebinding); CONVERGE_ALLOWED_HOSTS adds names, and once set applies
+    with tokens too.
 
     Request bodies over CONVERGE_MAX_BODY_BYTES (1 MiB) are refused with 413, the dashboard's too.
     """
@@ -134,7 +168,7 @@ def serve(host: str, port: int, workers: int, demo_spec: Path | None) -> None:
     scheduler.start_thread()  # a thread, not a process: it only creates studies (see service/scheduler.py)
     try:
         # With JSON logs uvicorn configures no logging of its own: its loggers reach the JSON root handler.
-        app = create_app(settings, require_token=not loopback)
+        app = create_app(settings, require_token=not loopback, bound_host=host, bound_port=port)
         freeze_startup_heap()  # collections then skip the app and its libraries: no 100 ms pauses under load
         uvicorn.run(app, host=host, port=port, log_level="info",
                     **({"log_config": None} if settings.log_format == "json" else {}))
@@ -322,72 +356,206 @@ def sweep(spec_path: Path, quiet: bool) -> None:
 # ---------------------------------------------------------------- diagnose
 
 
+# `converge diagnose` reads its input in bounded chunks and never past these caps, so that no input (`/dev/zero`,
+# an endless pipe, a huge file) can make it read until memory runs out. Both are far above any real history:
+# 10,000 epochs (the most `studies.diagnosis` diagnoses) of every metric are about 2 MB of JSON.
+MAX_DIAGNOSE_INPUT_BYTES = 64 * 1024 * 1024  # one FILE or stdin, --jsonl or not: past it, reading stops
+MAX_DIAGNOSE_LINE_BYTES = 4 * 1024 * 1024  # one --jsonl line: a longer one is an error line, skipped unread
+_READ_CHUNK_BYTES = 1024 * 1024
+
+
+class _InputTooLarge(Exception):
+    """The input passed MAX_DIAGNOSE_INPUT_BYTES; reading stopped there."""
+
+
 @cli.command("diagnose")
-@click.argument("source", metavar="FILE|-", type=click.File("r", encoding="utf-8"))
+@click.argument("source", metavar="FILE|-", type=click.File("rb"))
 @click.option("--jsonl", is_flag=True,
-              help="one history per input line; prints one compact diagnosis per line, in the same order")
-def diagnose_command(source: IO[str], jsonl: bool) -> None:
+              help="one history per input line; prints one compact diagnosis per line, in the same order; "
+                   "exit status 2 if any line could not be diagnosed, else 0")
+def diagnose_command(source: IO[bytes], jsonl: bool) -> None:
     """Diagnose a training history: why it did or did not converge, and what to change.
 
     FILE is a JSON history in the diagnosis contract's format (`-` reads stdin), such as the
     body of GET /v1/studies/NAME/trials/N/metrics?layout=history; NaN and infinities may be bare tokens or the
     strings "NaN", "Infinity", "-Infinity". Prints the diagnosis as JSON. Needs no database.
 
-    An invalid JSON file or history: one line on stderr, exit status 2.
+    An invalid JSON file or history: one line on stderr, exit status 2. So is input that cannot be read:
+    not UTF-8 text, nested too deeply, a number too long, or over the size limit.
 
     With --jsonl, every input line is a history and every output line its diagnosis. A line
     that cannot be diagnosed (empty, invalid JSON, invalid history) prints
     {"line": N, "error": "..."} in its place, so output lines stay aligned with input lines;
-    the other lines go on, and the exit status is then 2.
+    the other lines go on, and the exit status is then 2 (0 when every line was diagnosed).
+
+    Limits: at most 64 MiB of input is read (a larger FILE or stdin is refused, exit status 2;
+    with --jsonl the lines before the limit are diagnosed and reading stops there), and with
+    --jsonl at most 4 MiB per line (a longer line is an error line of its own).
     """
     import json
-
-    from studies.diagnosis import HistoryError, diagnose
 
     ctx = click.get_current_context()
     if not jsonl:
         try:
-            data = json.loads(source.read())
-            result = diagnose(data).to_dict()
-        except json.JSONDecodeError as exc:
-            click.echo(f"converge: {source.name}: not valid JSON: {exc}", err=True)
+            text = _read_capped(source, MAX_DIAGNOSE_INPUT_BYTES).decode("utf-8")
+            if "\r" in text:  # as a text-mode read would see it (universal newlines), so error positions agree
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+            result = _diagnose_text(text)
+        except _InputTooLarge:
+            click.echo(f"converge: {source.name}: larger than the {_mib(MAX_DIAGNOSE_INPUT_BYTES)} limit of "
+                       "`converge diagnose` input; nothing was diagnosed", err=True)
             ctx.exit(2)
         except UnicodeDecodeError as exc:
             click.echo(f"converge: {source.name}: not UTF-8 text: {exc}", err=True)
             ctx.exit(2)
-        except HistoryError as exc:
+        except json.JSONDecodeError as exc:
+            click.echo(f"converge: {source.name}: not valid JSON: {exc}", err=True)
+            ctx.exit(2)
+        except ValueError as exc:  # unreadable JSON or an invalid history, worded by `_diagnose_text`
             click.echo(f"converge: {source.name}: {exc}", err=True)
+            ctx.exit(2)
+        except OSError as exc:
+            click.echo(f"converge: {source.name}: cannot read it: {exc.strerror or exc}", err=True)
             ctx.exit(2)
         click.echo(json.dumps(result, indent=2))
         return
 
+    reader = _LineReader(source, MAX_DIAGNOSE_LINE_BYTES, MAX_DIAGNOSE_INPUT_BYTES)
     lines = bad = 0
-    try:
-        for lines, line in enumerate(source, start=1):
-            out = _diagnose_line(line, lines)
-            bad += "error" in out
-            click.echo(json.dumps(out, separators=(",", ":")))
-    except UnicodeDecodeError as exc:
-        click.echo(f"converge: {source.name}: not UTF-8 text after line {lines}: {exc}", err=True)
+    rows = iter(reader)
+    while True:
+        try:  # a read error only: one writing the output (a closed pipe) is not the input's
+            line = next(rows)
+        except StopIteration:
+            break
+        except OSError as exc:
+            click.echo(f"converge: {source.name}: cannot read it after line {lines}: {exc.strerror or exc}",
+                       err=True)
+            ctx.exit(2)
+        lines += 1
+        out = _diagnose_line(line, lines)
+        bad += "error" in out
+        click.echo(json.dumps(out, separators=(",", ":")))
+    if reader.stopped:
+        click.echo(f"converge: {source.name}: reading stopped at the {_mib(MAX_DIAGNOSE_INPUT_BYTES)} limit of "
+                   f"`converge diagnose` input, in line {lines}; {bad} of {lines} lines could not be diagnosed",
+                   err=True)
         ctx.exit(2)
     if bad:
         click.echo(f"converge: {bad} of {lines} lines could not be diagnosed", err=True)
         ctx.exit(2)
 
 
-def _diagnose_line(line: str, number: int) -> dict[str, Any]:
+def _mib(size: int) -> str:
+    return f"{size // (1024 * 1024)} MiB"
+
+
+def _read_capped(stream: IO[bytes], limit: int) -> bytes:
+    """All of `stream`, read in chunks; `_InputTooLarge` once it passes `limit` bytes (one byte more is read)."""
+    read = getattr(stream, "read1", stream.read)
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := read(min(_READ_CHUNK_BYTES, limit + 1 - total)):
+        total += len(chunk)
+        if total > limit:
+            raise _InputTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# A line `_LineReader` did not keep: longer than its line limit, or where its input limit stopped the reading.
+_LONG_LINE, _CUT_LINE = object(), object()
+
+
+class _LineReader:
+    """The lines of a byte stream as a text-mode file splits them (at \\n, \\r\\n or \\r; without these),
+    read in chunks: each line's bytes, or `_LONG_LINE` for a line over `max_line` bytes (never held whole:
+    the rest of it is dropped as it is read). Reading stops after `max_total` bytes: the line it stopped
+    in is then the last one, `_CUT_LINE` (or `_LONG_LINE`), and `stopped` is True."""
+
+    def __init__(self, stream: IO[bytes], max_line: int, max_total: int, chunk_bytes: int = _READ_CHUNK_BYTES):
+        self.stream, self.max_line, self.max_total, self.chunk_bytes = stream, max_line, max_total, chunk_bytes
+        self.stopped = False
+
+    def __iter__(self) -> Iterator[bytes | object]:
+        read = getattr(self.stream, "read1", self.stream.read)  # read1: what a pipe has now, not a whole chunk
+        line = bytearray()
+        long = False  # the line passed max_line: the rest of it is dropped
+        after_cr = False  # the previous chunk ended in \r: a \n starting this one belongs to it
+        left = self.max_total
+        while chunk := read(min(self.chunk_bytes, left + 1)):  # a byte past the limit tells it from the end
+            if len(chunk) > left:
+                chunk, self.stopped = chunk[:left], True
+            left -= len(chunk)
+            pos = 1 if after_cr and chunk.startswith(b"\n") else 0
+            after_cr = False
+            size = len(chunk)
+            nl, cr = chunk.find(b"\n", pos), chunk.find(b"\r", pos)
+            while pos < size:
+                if 0 <= nl < pos:  # each search runs once per line ending, so a chunk is scanned in linear time
+                    nl = chunk.find(b"\n", pos)
+                if 0 <= cr < pos:
+                    cr = chunk.find(b"\r", pos)
+                end = min(nl if nl >= 0 else size, cr if cr >= 0 else size)
+                if not long:
+                    line += chunk[pos:end]
+                    if len(line) > self.max_line:
+                        line, long = bytearray(), True
+                if end == size:  # the line goes on in the next chunk
+                    break
+                yield _LONG_LINE if long else bytes(line)
+                line, long = bytearray(), False
+                pos = end + 1
+                if end == cr:  # \r\n is one line ending
+                    if pos < size and chunk[pos] == 0x0A:
+                        pos += 1
+                    elif pos == size:
+                        after_cr = True
+            if self.stopped:
+                yield _LONG_LINE if long else _CUT_LINE
+                return
+        if line or long:
+            yield _LONG_LINE if long else bytes(line)
+
+
+def _diagnose_text(text: str) -> dict[str, Any]:
+    """The diagnosis of one JSON history. Raises `json.JSONDecodeError` for text that is not JSON, else a
+    ValueError (`HistoryError` included) whose message says what is wrong with it."""
+    from service.json_input import TOO_DEEP, JSONInputError, loads
+    from studies.diagnosis import diagnose
+
+    try:
+        return diagnose(loads(text)).to_dict()
+    except JSONInputError as exc:
+        raise ValueError(f"cannot read its JSON: {exc}") from None
+    except RecursionError:  # nesting that json.loads took but a later step did not
+        raise ValueError(f"cannot read its JSON: {TOO_DEEP}") from None
+    except MemoryError:  # 64 MiB of `[{},{},...]` decodes to about 1.7 GB of objects
+        raise ValueError("cannot read its JSON: it needs more memory than there is") from None
+
+
+def _diagnose_line(line: bytes | object, number: int) -> dict[str, Any]:
     """One --jsonl line: its diagnosis, or {"line": N, "error": "..."}."""
     import json
 
-    from studies.diagnosis import HistoryError, diagnose
-
-    if not line.strip():
+    if line is _LONG_LINE:
+        return {"line": number, "error": f"the line is longer than the {_mib(MAX_DIAGNOSE_LINE_BYTES)} limit of a "
+                                         "--jsonl line; it was skipped unread"}
+    if line is _CUT_LINE:
+        return {"line": number, "error": f"not read to its end: the input passed the "
+                                         f"{_mib(MAX_DIAGNOSE_INPUT_BYTES)} limit of `converge diagnose` here"}
+    assert isinstance(line, bytes)
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return {"line": number, "error": f"not UTF-8 text: {exc}"}
+    if not text.strip():
         return {"line": number, "error": "empty line: expected one JSON history"}
     try:
-        return diagnose(json.loads(line)).to_dict()
+        return _diagnose_text(text)
     except json.JSONDecodeError as exc:
         return {"line": number, "error": f"not valid JSON: {exc.msg} at column {exc.colno}"}
-    except HistoryError as exc:
+    except ValueError as exc:  # unreadable JSON or an invalid history, worded by `_diagnose_text`
         return {"line": number, "error": str(exc)}
 
 
@@ -425,12 +593,14 @@ def study_create(spec_path: Path, check: bool) -> None:
 def _dry_run(spec: Any) -> None:
     """`study create --check`: the same dry run a worker makes (`studies.plugin_check.check_task`)."""
     from studies.plugin_check import PluginCheckError, check_task
+    from studies.policy import check_before_running
 
+    check_before_running(spec, get_settings())  # nothing is imported from a module the settings do not allow
     if not spec.task.is_plugin:
         click.echo("check: a built-in model and dataset; nothing to dry-run")
         return
     try:
-        outcome = check_task(spec)
+        outcome = check_task(spec, get_settings())
     except PluginCheckError as exc:
         raise click.ClickException(f"check failed: {exc}") from None
     logged = ", ".join(f"{k}={v:.4g}" for k, v in outcome["metrics"].items() if isinstance(v, float))
@@ -724,18 +894,20 @@ def schedule() -> None:
 @click.option("--regression-threshold", default=0.05, show_default=True, type=float,
               help="flag a run whose best worsens by more than this fraction of the previous best")
 @click.option("--webhook", "webhook_url", default=None,
-              help="URL that gets a JSON POST per finished, regressed or failed run")
+              help="URL that gets a JSON POST per finished, regressed or failed run; a public address, unless "
+                   "CONVERGE_WEBHOOK_ALLOW lists its host or a network holding it")
 def schedule_create(cron: str, zone: str, spec_path: Path, disabled: bool, misfire_grace_s: int, overlap: str,
                     warm_start_top_k: int, warm_start_search_space: bool, regression_threshold: float,
                     webhook_url: str | None) -> None:
     """Create a schedule; prints its id and next fire time. Bad input: exit status 2."""
     from pydantic import ValidationError
 
-    from service import schedules
+    from service import outbound, schedules
     from service.db.engine import get_engine, session_scope
     from studies.spec import describe_errors
 
     template = load_spec_file(spec_path).model_dump(mode="json")
+    allow = outbound.Allow.from_setting(get_settings().webhook_allow)
     try:
         data = schedules.ScheduleIn(cron=cron, timezone=zone, template=template, enabled=not disabled,
                                     misfire_grace_s=misfire_grace_s, overlap=overlap,
@@ -743,9 +915,12 @@ def schedule_create(cron: str, zone: str, spec_path: Path, disabled: bool, misfi
                                     warm_start_search_space=warm_start_search_space,
                                     regression_threshold=regression_threshold, webhook_url=webhook_url)
     except ValidationError as exc:
-        raise SpecError(describe_errors(exc.errors()), "schedule") from None
+        problems = describe_errors(exc.errors())
+        if not any(p.startswith("webhook_url:") for p in problems):  # every problem at once, the address's too
+            problems += schedules.webhook_problems(webhook_url, allow)
+        raise SpecError(problems, "schedule") from None
     with session_scope(get_engine(get_settings().database_url)) as session:
-        out = schedules.create_schedule(session, data)
+        out = schedules.create_schedule(session, data, allow=allow)
     nxt = _when(out.next_fire_time) if out.next_fire_time else "- (disabled)"
     click.echo(f"schedule {out.id} created: runs {template['name']}-YYYYMMDD-HHMM, next fire time {nxt}")
 

@@ -16,7 +16,8 @@ times due by now ask for, then starts queued runs whose predecessor has ended:
 - **Reports.** A run whose study ended is compared with the schedule's previous finished run
   (`schedule_rules.run_report`) and flagged as a regression past the schedule's threshold.
 - **Webhooks** are written as delivery rows with the change they report, then posted by
-  `service.webhooks.Notifier` on its own threads: the tick never waits on a receiver.
+  `service.webhooks.Notifier` on its own threads: the tick never waits on a receiver. They go to
+  public addresses only, unless `CONVERGE_WEBHOOK_ALLOW` lists them (`service.outbound`).
 
 Time comes from an injected `clock` (tests control it). `converge serve` runs the scheduler as a daemon
 thread of the API process rather than as a child process: it only reads and writes the database and
@@ -35,8 +36,8 @@ from typing import Any
 
 import optuna
 
+from service import outbound, views
 from service import schedule_rules as rules
-from service import views
 from service.db import repo, schedule_repo
 from service.db.engine import get_engine, session_scope
 from service.db.errors import Conflict, NotFound, ServiceError
@@ -64,7 +65,8 @@ class Scheduler:
         self.clock = clock
         self.engine = get_engine(settings.database_url, settings.sqlite_busy_timeout_s)
         self.notifier = notifier or Notifier(self.engine, timeout_s=settings.webhook_timeout_s,
-                                             retries=settings.webhook_retries, backoff_s=settings.webhook_backoff_s)
+                                             retries=settings.webhook_retries, backoff_s=settings.webhook_backoff_s,
+                                             allow=outbound.Allow.from_setting(settings.webhook_allow))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -10,9 +10,12 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
+from service import outbound
 from service import schedule_rules as rules
 from service.db import schedule_repo
 from service.db.models import Schedule, ScheduleRun, WebhookDelivery, utcnow
+from service.settings import get_settings
+from studies import policy
 from studies.spec import SpecError, parse_spec
 
 MAX_GRACE_S = 7 * 24 * 3600
@@ -41,6 +44,9 @@ def _check_template(value: dict[str, Any]) -> dict[str, Any]:
         spec = parse_spec(value)
     except SpecError as exc:
         raise ValueError("invalid study template: " + "; ".join(exc.problems)) from None
+    refused = policy.policy_problems(spec, get_settings())  # the operator's plug-in and data settings
+    if refused:
+        raise ValueError("invalid study template: " + "; ".join(refused))
     if len(spec.name) > rules.MAX_PREFIX_LEN:
         raise ValueError(f"the template's name is each run's prefix ({{name}}-YYYYMMDD-HHMM): at most "
                          f"{rules.MAX_PREFIX_LEN} characters, got {len(spec.name)}")
@@ -83,7 +89,9 @@ Threshold = Annotated[float, AfterValidator(_check_threshold), Field(
     ge=0, description="a run is a regression when its best objective is worse than the previous run's by more "
     "than this fraction of the previous best's magnitude (0.05: 5%)")]
 Url = Annotated[str, AfterValidator(_check_url), Field(
-    max_length=2000, description="receives a JSON POST on run.finished, run.regression and run.failed")]
+    max_length=2000, description="receives a JSON POST on run.finished, run.regression and run.failed; a "
+    "public address only (redirects are not followed), unless CONVERGE_WEBHOOK_ALLOW lists its host or a "
+    "network holding its address")]
 
 
 class ScheduleIn(BaseModel):
@@ -214,8 +222,23 @@ def schedule_out(schedule: Schedule, now: datetime | None = None) -> ScheduleOut
         "updated_at")})
 
 
-def create_schedule(session: Session, data: ScheduleIn, now: datetime | None = None) -> ScheduleOut:
-    """A new schedule; it fires from `now` on (fire times before it are not missed ones)."""
+def webhook_problems(url: str | None, allow: outbound.Allow) -> list[str]:
+    """The webhook URL's problem under the address rule (`service.outbound`: public addresses only, unless
+    `CONVERGE_WEBHOOK_ALLOW` lists the host or a network holding its address), as a `webhook_url: ...` line."""
+    problem = outbound.url_problem(url, allow) if url else None
+    return [f"webhook_url: {problem}"] if problem else []
+
+
+def _check_webhook(url: str | None, allow: outbound.Allow) -> None:
+    if problems := webhook_problems(url, allow):
+        raise SpecError(problems, "schedule")
+
+
+def create_schedule(session: Session, data: ScheduleIn, now: datetime | None = None, *,
+                    allow: outbound.Allow = outbound.PUBLIC_ONLY) -> ScheduleOut:
+    """A new schedule; it fires from `now` on (fire times before it are not missed ones). `allow`: what
+    `CONVERGE_WEBHOOK_ALLOW` lets a webhook reach besides public addresses (a SpecError otherwise)."""
+    _check_webhook(data.webhook_url, allow)
     now = now or utcnow()
     schedule = schedule_repo.add_schedule(session, **data.model_dump(), fired_through=now, created_at=now)
     return schedule_out(schedule, now)
@@ -229,11 +252,13 @@ def list_schedules(session: Session) -> list[ScheduleOut]:
     return [schedule_out(s) for s in schedule_repo.list_schedules(session)]
 
 
-def update_schedule(session: Session, schedule_id: int, patch: SchedulePatch) -> ScheduleOut:
+def update_schedule(session: Session, schedule_id: int, patch: SchedulePatch, *,
+                    allow: outbound.Allow = outbound.PUBLIC_ONLY) -> ScheduleOut:
     """Change the fields given. A changed cron or zone, or a schedule enabled again, fires from now on: the
-    fire times it had meanwhile are not missed ones."""
-    schedule = schedule_repo.get_schedule(session, schedule_id)
+    fire times it had meanwhile are not missed ones. A new webhook URL is checked as `create_schedule` does."""
     changes = patch.model_dump(exclude_unset=True)
+    _check_webhook(changes.get("webhook_url"), allow)  # first: its DNS lookup holds no database connection
+    schedule = schedule_repo.get_schedule(session, schedule_id)
     for field in ("cron", "timezone", "template", "enabled", "misfire_grace_s", "overlap", "warm_start_top_k",
                   "warm_start_search_space", "regression_threshold"):
         if changes.get(field) is None and field in changes:

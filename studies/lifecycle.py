@@ -13,6 +13,7 @@ from service.db.engine import get_engine, session_scope
 from service.db.errors import Conflict
 from service.db.models import Study
 from service.settings import Settings
+from studies import policy
 from studies.spec import StudySpec
 from studies.storage import storage_for
 
@@ -25,6 +26,7 @@ def submit_study(settings: Settings, spec: StudySpec, enqueue: Sequence[dict[str
     Optuna study is removed again. `enqueue`: parameter sets queued as the study's first
     trials (a scheduled sweep's warm start), before any worker can claim a trial of it.
     """
+    policy.check_spec(spec, settings)  # the operator's plug-in modules and data folder, before anything is stored
     storage = storage_for(settings)
     try:
         study_id = storage.create_new_study(

@@ -23,7 +23,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from service.db import repo
-from service.db.engine import retry_unit_of_work
+from service.db.engine import describe_cause, is_transient, retry_unit_of_work
+from service.settings import Settings
 from studies import checkpoints
 from studies.diagnosis import MAX_EPOCHS, HistoryError, diagnose
 from studies.plots.dashboard import write_trial_note
@@ -66,12 +67,30 @@ class TrialInterrupted(RuntimeError):
     """The worker is shutting down: the trial stopped at an epoch boundary and is rerun elsewhere."""
 
 
+class StorageLost(BaseException):  # noqa: N818 - not an error of the trial's: see below
+    """The database stayed unavailable (down, read-only, full) for longer than the trial's writes wait
+    (`service.db.engine.RETRY_WITHIN_S`): the trial stopped where it was.
+
+    A BaseException, so that Optuna's `optimize` lets it through without writing the trial's state:
+    the attempt stays RUNNING for `runner.run_slot` (or, while the database is still away, the
+    worker) to settle as a crashed one (`studies.retries.settle_dead_attempt`): failed, and rerun
+    within the spec's `retries`. Its final diagnosis is marked then too.
+    """
+
+    def __init__(self, trial_id: int, trial_number: int, cause: str):
+        super().__init__(f"trial {trial_number}: the database became unavailable: {cause}")
+        self.trial_id = trial_id
+        self.trial_number = trial_number
+        self.cause = cause
+
+
 class Objective:
     def __init__(self, spec: StudySpec, study_id: int, engine: Engine, *, device: str = "auto",
                  on_trial_start: Callable[[optuna.Trial], None] | None = None,
                  on_epoch: EpochListener | None = None, should_stop: Callable[[], bool] | None = None,
-                 artifact_store: Any = None):
+                 artifact_store: Any = None, settings: Settings | None = None):
         self.spec = spec
+        self.settings = settings  # its data folder and CSV size cap (`train_config`)
         self.artifact_store = artifact_store  # where kept checkpoints go (None: none is kept)
         self.uploaded_checkpoint = False  # this trial stored one: `checkpoints.retain` runs after it completes
         self.study_id = study_id
@@ -91,6 +110,8 @@ class Objective:
         except optuna.TrialPruned:
             raise
         except Exception as exc:
+            if is_transient(exc):  # the database, not the trial: nothing more can be written now
+                raise StorageLost(trial._trial_id, trial.number, describe_cause(exc)) from exc
             # Optuna keeps no failure reason of its own; the API and CLI show this one.
             error = f"{type(exc).__name__}: {exc}"
             if self.spec.task.is_plugin and "task.model" not in error and "task.data" not in error:
@@ -101,10 +122,15 @@ class Objective:
     def _train(self, trial: optuna.Trial, params: dict[str, Any]) -> float:
         diagnoser = TrialDiagnoser(self.spec, trial.number, max_epochs=int(params["epochs"]))
         try:
-            return self._fit(trial, params, diagnoser)
-        finally:
-            # Complete, pruned or failed: the last diagnosis becomes the trial's final one.
-            diagnoser.save_final(self.engine, self.study_id, trial)
+            value = self._fit(trial, params, diagnoser)
+        except BaseException as exc:
+            # Pruned or failed: the last diagnosis becomes the trial's final one; unless the database is
+            # away (StorageLost), when settling the attempt marks it final.
+            if not is_transient(exc):
+                diagnoser.save_final(self.engine, self.study_id, trial)
+            raise
+        diagnoser.save_final(self.engine, self.study_id, trial)  # complete: likewise
+        return value
 
     def _fit(self, trial: optuna.Trial, params: dict[str, Any], diagnoser: TrialDiagnoser) -> float:
         if self.spec.kept_checkpoints() <= 0 or self.artifact_store is None:
@@ -182,7 +208,7 @@ class Objective:
                     return True
             return False
 
-        result = fit(train_config(self.spec, params, self.device), on_epoch_end=on_epoch_end,
+        result = fit(train_config(self.spec, params, self.device, self.settings), on_epoch_end=on_epoch_end,
                      checkpoint_path=checkpoint)
         log.info("trial %d: %d epoch(s) in %.2f s on %s, precision %s", trial.number, len(result.epochs),
                  result.seconds, result.device, result.precision)
@@ -243,13 +269,17 @@ class Objective:
         return TrialInterrupted(f"the worker stopped after epoch {epoch}; {where}")
 
 
-def train_config(spec: StudySpec, params: dict[str, Any], device: str = "auto") -> Any:
-    """The trainer's config for one trial: the study's task and its split and init seed, the trial's params."""
+def train_config(spec: StudySpec, params: dict[str, Any], device: str = "auto",
+                 settings: Settings | None = None) -> Any:
+    """The trainer's config for one trial: the study's task and its split and init seed, the trial's params;
+    the data folder and CSV size cap of `settings` (the trainers' defaults, equal to Converge's, without)."""
     from trainers import TrainConfig
 
+    data_access = {} if settings is None else {"data_dir": settings.data_dir,
+                                               "max_data_bytes": settings.max_data_bytes}
     return TrainConfig(model=spec.task.model, dataset=spec.task.dataset, val_fraction=spec.task.val_fraction,
                        seed=spec.training_seed(), params=dict(spec.task.params), device=device,
-                       data=spec.task.data, **params)
+                       data=spec.task.data, **data_access, **params)
 
 
 def _params_in_one_write(storage: Any) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from service.settings import Settings
 from studies.search_space import PARAM_NAMES
 from studies.spec import FloatRange, IntChoices, IntRange, StudySpec
 
@@ -40,7 +41,7 @@ def dry_run_params(spec: StudySpec) -> dict[str, Any]:
     return params
 
 
-def check_task(spec: StudySpec) -> dict[str, Any]:
+def check_task(spec: StudySpec, settings: Settings | None = None) -> dict[str, Any]:
     """Dry-run the spec's own model and data; return what it logged (name: value) and its seconds.
 
     PluginCheckError when the model or data does not import, build or run a batch, or when it
@@ -52,7 +53,7 @@ def check_task(spec: StudySpec) -> dict[str, Any]:
     from trainers.plugins import PluginError, dry_run
 
     try:
-        config = train_config(spec, dry_run_params(spec), device="cpu")
+        config = train_config(spec, dry_run_params(spec), device="cpu", settings=settings)
         result = dry_run(config, spec.objective.metric)
     except (PluginError, ValueError) as exc:
         raise PluginCheckError(str(exc)) from None

@@ -17,14 +17,15 @@ from typing import Any
 import optuna
 
 from service.db import repo
-from service.db.engine import get_engine, is_transient, session_scope
+from service.db.engine import describe_cause, get_engine, is_transient, retry_transient, session_scope
 from service.db.repo import ClaimedSlot
 from service.heap import freeze_startup_heap
 from service.settings import Settings
-from studies import checkpoints, plugin_check
-from studies.objective import EpochListener, Objective
+from studies import checkpoints, plugin_check, policy
+from studies.objective import EpochListener, Objective, StorageLost
 from studies.registry import SHARED_SEED_SAMPLERS, build_pruner, build_sampler
 from studies.repair import auto_repair
+from studies.retries import CRASHED, settle_dead_attempt
 from studies.search_space import grid
 from studies.spec import StudySpec
 from studies.storage import ThrottledReads, storage_for
@@ -42,7 +43,7 @@ def sampler_seed(spec: StudySpec, slot: int) -> int | None:
     seed = spec.sampler.seed
     if seed is None or spec.sampler.name in SHARED_SEED_SAMPLERS:
         return seed
-    return seed * 100_003 + slot
+    return (seed * 100_003 + slot) % 2**32  # samplers seed numpy, which takes 0..2**32-1
 
 
 def load_study(settings: Settings, spec: StudySpec, slot: int) -> optuna.Study:
@@ -82,7 +83,13 @@ def run_slot(settings: Settings, slot: ClaimedSlot, *, device: str = "auto",
              should_stop: Callable[[], bool] | None = None,
              read_back: bool = True) -> optuna.trial.FrozenTrial | None:
     """Run the slot's one trial to its end (complete, pruned or failed) and return it as stored
-    (None without `read_back`: a worker's slot needs nothing back, and the read is a few ms)."""
+    (None without `read_back`: a worker's slot needs nothing back, and the read is a few ms).
+
+    A trial the database dropped (`StorageLost`, or Optuna's final write of its state refused) is
+    settled like a crashed one once the database answers again, and None is returned; should it stay
+    away past `RETRY_WITHIN_S`, its error is raised and the trial is left RUNNING for the worker (or
+    the next stale-trial check) to settle.
+    """
     try:
         spec = StudySpec.model_validate(slot.spec)
         study = study_for(settings, spec, slot)
@@ -91,17 +98,37 @@ def run_slot(settings: Settings, slot: ClaimedSlot, *, device: str = "auto",
         if is_transient(exc):
             raise  # the database, not the study: the worker gives the slot back and tries again
         raise StudySetupError(f"{type(exc).__name__}: {exc}") from exc
+    try:
+        policy.check_before_running(spec, settings)  # before anything of the study is imported or opened
+    except policy.PolicyError as exc:
+        raise StudySetupError(f"refused by this worker's settings: {exc}") from exc
     _check_plugin_once(settings, spec, slot, study)
     started: list[int] = []
+    numbers: list[int] = []
 
     def start(trial: optuna.Trial) -> None:
         started.append(trial._trial_id)
+        numbers.append(trial.number)
         if on_trial_start is not None:
             on_trial_start(trial)
 
     objective = Objective(spec, slot.study_id, get_engine(settings.database_url), device=device,
-                          on_trial_start=start, on_epoch=on_epoch, should_stop=should_stop, artifact_store=store)
-    study.optimize(objective, n_trials=1, catch=(Exception,))
+                          on_trial_start=start, on_epoch=on_epoch, should_stop=should_stop, artifact_store=store,
+                          settings=settings)
+    try:
+        study.optimize(objective, n_trials=1, catch=(Exception,))
+    except StorageLost as lost:
+        settle_lost_attempt(settings, study, slot.study_name, lost)
+        return None
+    except Exception as exc:
+        # Optuna's final write of the trial's state (its `tell`) refused, the trial left RUNNING; Optuna
+        # then raises an AssertionError of its own over the database's error.
+        cause = _database_failure(exc)
+        if cause is None or not started:
+            raise
+        settle_lost_attempt(settings, study, slot.study_name, StorageLost(started[0], numbers[0],
+                                                                          describe_cause(cause)))
+        return None
     if not started:  # optimize() failed before calling the objective: nothing ran
         raise RuntimeError(f"study {slot.study_name}: Optuna did not start a trial")
     if objective.uploaded_checkpoint:  # it is among the kept ones now: drop the checkpoints it displaced
@@ -117,6 +144,34 @@ def run_slot(settings: Settings, slot: ClaimedSlot, *, device: str = "auto",
     return trial
 
 
+def settle_lost_attempt(settings: Settings, study: optuna.Study, study_name: str, lost: StorageLost) -> int | None:
+    """Fail a trial the database dropped and rerun it, as the worker does for one whose process died
+    (`CRASHED`: it counts against the spec's `retries`), waiting up to `RETRY_WITHIN_S` for the database.
+    Through the study's own storage, so this process's cached copy of the trial ends too. The rerun's
+    number, or None."""
+    cause = f"the database became unavailable during the trial: {lost.cause}"
+    log.warning("trial %d of %s: %s", lost.trial_number, study_name, cause)
+    engine = get_engine(settings.database_url)
+    return retry_transient(lambda: settle_dead_attempt(study._storage, engine, study_name, lost.trial_id, CRASHED,
+                                                       cause),
+                           what=f"trial {lost.trial_number} of {study_name}: settling it")
+
+
+def _database_failure(exc: BaseException) -> BaseException | None:
+    """The transient database error behind `exc` (along its causes and the errors it was raised over), or None."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if is_transient(error):
+            return error
+        todo += [error.__cause__, error.__context__]
+    return None
+
+
 # Studies whose user model and data passed the dry run in this process (or in another, per the study's attribute).
 _CHECKED: set[tuple[str, int]] = set()
 
@@ -130,7 +185,7 @@ def _check_plugin_once(settings: Settings, spec: StudySpec, claim: ClaimedSlot, 
         return
     if plugin_check.CHECKED_ATTR not in study.user_attrs:
         try:
-            outcome = plugin_check.check_task(spec)
+            outcome = plugin_check.check_task(spec, settings)
         except plugin_check.PluginCheckError as exc:
             raise StudySetupError(f"the dry run of the study's model and data failed: {exc}") from exc
         study.set_user_attr(plugin_check.CHECKED_ATTR, {"seconds": round(outcome.get("seconds", 0.0), 3),
@@ -142,6 +197,7 @@ def _check_plugin_once(settings: Settings, spec: StudySpec, claim: ClaimedSlot, 
 TRIAL_ENDED = "ended"
 SETUP_FAILED = "setup_failed"
 TRIAL_ERROR = "error"
+STORAGE_LOST = "storage_lost"  # the database dropped the trial and is still away: the worker settles it
 NOT_STARTED = "not_started"  # asked to stop before the trial began: the slot goes back unused
 
 
@@ -216,7 +272,11 @@ def run_claim(settings: Settings, claim: ClaimedSlot, device: str,
         with session_scope(get_engine(settings.database_url)) as session:
             repo.fail_study(session, claim.study_id, f"study setup failed: {exc}")
         return SETUP_FAILED
-    except Exception:
+    except Exception as exc:
+        if is_transient(exc):
+            log.error("study %s: the database is unavailable, the trial is left to the worker: %s", claim.study_name,
+                      describe_cause(exc))
+            return STORAGE_LOST
         log.exception("study %s: the trial slot failed", claim.study_name)
         return TRIAL_ERROR
     finally:

@@ -8,6 +8,7 @@ equal to `trainers`' own registries).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -29,8 +30,12 @@ from pydantic import (
 from studies.registry import BASE_PRUNERS, PRUNERS, SAMPLERS
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
-# Each built-in model and the integer params it takes, with their minimum (depth 0 is linear).
-MODEL_PARAMS: dict[str, dict[str, int]] = {"mlp": {"width": 1, "depth": 0}, "cnn": {"channels": 1}}
+# Each built-in model and the integer params it takes, with their (minimum, maximum); depth 0 is linear.
+# The maxima keep one trial inside what a worker can hold: a spec cannot ask for a billion-unit layer.
+MODEL_PARAMS: dict[str, dict[str, tuple[int, int]]] = {
+    "mlp": {"width": (1, 65_536), "depth": (0, 64)},
+    "cnn": {"channels": (1, 4_096)},
+}
 MODELS = frozenset(MODEL_PARAMS)
 SKLEARN_DATASETS = frozenset({"digits", "wine", "breast_cancer", "iris", "diabetes", "friedman1"})
 # Besides CSV files that say &task=regression:
@@ -42,8 +47,31 @@ BUILTIN_METRICS = frozenset({"val_loss", "val_acc", "train_loss"})
 IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_./-]{0,99}$")
 MAX_RETRIES = 10
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 65_536
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds are 32-bit
 
 _CSV_REF = re.compile(r"^csv:(?P<path>[^?]+)\?target=(?P<target>[^&]+)(&task=(classification|regression))?$")
+
+
+def _shown(value: float) -> str:
+    """A number for a message: `:g` for floats, digits for integers (too large for a float, `:g` would
+    raise), named by its length past 40 characters."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = f"{value:,}"
+        return text if len(text) <= 40 else f"an integer of {len(str(abs(value)))} digits"
+    return f"{value:g}"
+
+
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in a JSON-like value (a plug-in's params are free-form)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return True
 
 
 class _Strict(BaseModel):
@@ -62,9 +90,10 @@ class _Range(_Strict):
     def _bounds(self) -> _Range:
         problems = []
         if self.low >= self.high:
-            problems.append(f"low ({self.low:g}) must be below high ({self.high:g}); use {{value: x}} to fix a value")
+            problems.append(f"low ({_shown(self.low)}) must be below high ({_shown(self.high)}); "
+                            "use {value: x} to fix a value")
         if self.log and self.low <= 0:
-            problems.append(f"a log scale needs positive bounds, got low={self.low:g}")
+            problems.append(f"a log scale needs positive bounds, got low={_shown(self.low)}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -153,15 +182,18 @@ AnyParam = Union[FloatRange, IntRange, IntChoices, FloatFixed, IntFixed]
 
 
 def _check_bounds(name: str, param: AnyParam, minimum: float, *, inclusive: bool = True,
-                  maximum: float | None = None) -> None:
-    """Reject values a trainer cannot use (negative lr, dropout of 1, zero batch)."""
+                  maximum: float | None = None, most: int | None = None) -> None:
+    """Reject values a trainer cannot use (negative lr, dropout of 1, zero batch) or hold
+    (`most`, inclusive: a hundred million epochs)."""
     for value in param.values():
         too_low = value < minimum if inclusive else value <= minimum
         if too_low:
             bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
-            raise ValueError(f"{name} values must be {bound}, got {value:g}")
+            raise ValueError(f"{name} values must be {bound}, got {_shown(value)}")
         if maximum is not None and value >= maximum:
-            raise ValueError(f"{name} values must be < {maximum:g}, got {value:g}")
+            raise ValueError(f"{name} values must be < {maximum:g}, got {_shown(value)}")
+        if most is not None and value > most:
+            raise ValueError(f"{name} values must be at most {most:,}, got {_shown(value)}")
 
 
 class SearchSpace(_Strict):
@@ -182,7 +214,7 @@ class SearchSpace(_Strict):
     @field_validator("batch_size", "epochs")
     @classmethod
     def _positive_int(cls, v: IntParam, info: Any) -> IntParam:
-        _check_bounds(info.field_name, v, 1)
+        _check_bounds(info.field_name, v, 1, most=MAX_BATCH_SIZE if info.field_name == "batch_size" else MAX_EPOCHS)
         return v
 
     @field_validator("weight_decay")
@@ -215,8 +247,9 @@ class Task(_Strict):
     val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     params: dict[str, Any] = Field(default_factory=dict, description="model parameters, e.g. width, depth; for "
                                    "the user's own factories, fixed keywords passed to them")
-    seed: int | None = Field(default=None, description="the data split's and the weights' initial seed, the same "
-                             "for every trial; the sampler's seed (or 0) when absent")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="the data split's and the weights' "
+                             f"initial seed, the same for every trial (0..{MAX_SEED}); the sampler's seed (or 0) when "
+                             "absent")
 
     @field_validator("model")
     @classmethod
@@ -231,6 +264,14 @@ class Task(_Strict):
     def _data_path(cls, v: str | None) -> str | None:
         if v is not None and not IMPORT_PATH.match(v):
             raise ValueError(f"data {v!r} is not an import path 'package.module:factory'")
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _finite_params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = sorted(name for name, value in v.items() if not _finite(value))
+        if bad:
+            raise ValueError(f"params {bad}: every number must be finite (no NaN or infinity)")
         return v
 
     @property
@@ -271,8 +312,11 @@ class Task(_Strict):
         for name, value in self.params.items():
             if name not in known:
                 problems.append(f"model {self.model!r} has no param {name!r}; it takes {', '.join(sorted(known))}")
-            elif not isinstance(value, int) or isinstance(value, bool) or value < known[name]:
-                problems.append(f"params.{name} must be an integer >= {known[name]}, got {value!r}")
+                continue
+            low, high = known[name]
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                shown = _shown(value) if isinstance(value, int) and not isinstance(value, bool) else repr(value)[:40]
+                problems.append(f"params.{name} must be an integer in {low}..{high:,}, got {shown}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -298,7 +342,7 @@ def _registered(kind: str, name: str, registry: Mapping[str, Any]) -> str:
 
 class Sampler(_Strict):
     name: str = "tpe"
-    seed: int | None = 0
+    seed: int | None = Field(default=0, ge=0, le=MAX_SEED, description=f"0..{MAX_SEED}; null: a random seed")
     grid_points: int = Field(default=3, ge=2, le=20, description="grid sampler: points per continuous axis")
 
     @field_validator("name")
@@ -489,4 +533,8 @@ def load_spec_file(path: str | Path) -> StudySpec:
         data = yaml.safe_load(text) if not str(path).endswith(".json") else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise SpecError([f"spec file {path}: not valid YAML/JSON ({exc})"]) from None
+    except ValueError:  # Python refuses to parse an integer of more than 4,300 digits
+        raise SpecError([f"spec file {path}: a number is too long to read (more than 4,300 digits)"]) from None
+    except RecursionError:
+        raise SpecError([f"spec file {path}: nested too deeply to read"]) from None
     return parse_spec(data)

@@ -35,6 +35,7 @@ from service.db.engine import (
     engine_kwargs,
     get_engine,
     is_transient,
+    reconnect_after_refused_writes,
     retry_transient,
     translate_db_error,
 )
@@ -377,7 +378,7 @@ def open_storage(url: str, heartbeat_interval_s: int, grace_period_s: int,
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             storage_class = PatientRDBStorage if patient else optuna.storages.RDBStorage
-            return storage_class(
+            storage = storage_class(
                 url,
                 engine_kwargs=engine_kwargs(url, busy_timeout_s),
                 skip_table_creation=True,
@@ -387,6 +388,8 @@ def open_storage(url: str, heartbeat_interval_s: int, grace_period_s: int,
             )
         except OperationalError as exc:
             raise translate_db_error(exc, url) from None
+    reconnect_after_refused_writes(storage.engine)  # a read-only or full database made writable again is used again
+    return storage
 
 
 def optuna_study_id(storage: optuna.storages.BaseStorage, name: str) -> int:

@@ -61,7 +61,9 @@ def run_sweep(settings: Settings, spec: StudySpec, *, progress: bool = True) -> 
                 with session_scope(engine) as session:
                     repo.fail_study(session, slot.study_id, f"study setup failed: {exc}")
                 raise
-            if trial is not None and trial.value is not None:
+            if trial is None:  # the database dropped it; it was failed and rerun, and the rerun is claimed next
+                continue
+            if trial.value is not None:
                 better = max if spec.objective.direction == "maximize" else min
                 best[:] = [better([trial.value, *best])]
             bar.update(1)

@@ -5,6 +5,10 @@ imported once), hands each a claimed trial slot at a time, reaps the answers and
 study when its last trial ends. A slot process that dies takes only its own trial with it: the
 trial is failed and rerun (`studies.retries`), and the slot gets a fresh process.
 
+A trial the database dropped (down, read-only or full for longer than its writes wait) is
+settled the same way, by its slot process once the database answers or else here: the worker's
+loop waits out the outage (`_step`) and goes on.
+
 SIGTERM/SIGINT: no new claims; running trials stop at their next epoch's end and are rerun by
 whoever claims next, and the worker exits. A trial that does not reach its epoch's end within
 `stop_timeout_s` is killed and rerun the same way; a second signal kills at once.
@@ -36,7 +40,7 @@ from service.settings import Settings
 from studies.devices import Slot
 from studies.plots.dashboard import StudyFigures
 from studies.retries import CRASHED, INTERRUPTED, settle_dead_attempt
-from studies.runner import NOT_STARTED, SETUP_FAILED, TRIAL_ENDED, slot_main
+from studies.runner import NOT_STARTED, SETUP_FAILED, STORAGE_LOST, TRIAL_ENDED, slot_main
 from studies.storage import storage_for
 
 log = logging.getLogger("converge.worker")
@@ -240,6 +244,8 @@ class Worker:
         elif p.answer == NOT_STARTED:
             with session_scope(self.engine) as session:
                 repo.release_trial_slot(session, claim.study_id)
+        elif p.answer == STORAGE_LOST:  # settled here once the database is back (this step is retried until then)
+            self._settle(p, claim, "the database became unavailable during the trial (see the worker's log)")
         elif p.answer not in (TRIAL_ENDED, SETUP_FAILED):
             self._settle(p, claim, "the trial's process failed outside the trial (see the worker's log)")
 

@@ -22,6 +22,11 @@ from benchmarks.scratch_db import new_database
 from service.db.migrate import upgrade
 from service.settings import Settings
 
+# The operator's allow-list for the suite: the test plug-ins and the examples' package (README "Security").
+# Set before any Settings is made, so in-process Settings and every worker subprocess see it;
+# the security tests pass their own Settings(plugin_modules=...) where the setting is what they test.
+os.environ.setdefault("CONVERGE_PLUGIN_MODULES", "converge_test_plugins,converge_examples")
+
 PG_ADMIN_URL = os.environ.get("CONVERGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REQUIRE_PG = os.environ.get("CONVERGE_REQUIRE_POSTGRES") == "1"
 REPO = Path(__file__).resolve().parents[1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import click
 import pytest
@@ -72,13 +73,37 @@ def test_the_stack_has_a_healthy_database_a_one_shot_migrate_gpu_workers_and_an_
     device = deploy["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     for name in ("postgres", "migrate", "api", "worker"):
-        for env_file in services[name]["env_file"]:
-            assert (REPO / env_file).is_file(), env_file
-    env = dict(line.split("=", 1) for line in (REPO / "converge.env").read_text().splitlines()
-               if line and not line.startswith("#"))
-    url = env["CONVERGE_DATABASE_URL"]
-    assert url.startswith("postgresql://") and "@postgres:5432/" in url
-    assert url.endswith("/" + env["POSTGRES_DB"])
+        assert services[name]["env_file"] == ["converge.env", SECRETS], name  # committed, then made on first use
+    assert (REPO / "converge.env").is_file()
+
+
+SECRETS = "secrets/postgres.env"
+
+
+def _env(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
+def test_no_password_is_committed_and_make_secrets_makes_one_on_first_use(tmp_path: Path) -> None:
+    committed = _env(REPO / "converge.env")
+    assert "POSTGRES_PASSWORD" not in committed and "CONVERGE_DATABASE_URL" not in committed
+    assert "/secrets/" in (REPO / ".gitignore").read_text().splitlines()
+    made = [tmp_path / "a.env", tmp_path / "b.env"]
+    for path in made:
+        done = subprocess.run(["bash", str(REPO / "scripts" / "make-secrets.sh"), str(path)], capture_output=True,
+                              text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert path.stat().st_mode & 0o077 == 0  # readable by its owner only
+    first, second = _env(made[0]), _env(made[1])
+    assert re.fullmatch(r"[0-9a-f]{64}", first["POSTGRES_PASSWORD"])
+    assert first["POSTGRES_PASSWORD"] != second["POSTGRES_PASSWORD"]  # random, not a fixed default
+    url = first["CONVERGE_DATABASE_URL"]
+    assert url == (f"postgresql://{committed['POSTGRES_USER']}:{first['POSTGRES_PASSWORD']}@postgres:5432/"
+                   f"{committed['POSTGRES_DB']}")
+    before = made[0].read_text()
+    again = subprocess.run(["bash", str(REPO / "scripts" / "make-secrets.sh"), str(made[0])], capture_output=True,
+                           text=True, timeout=30)
+    assert again.returncode == 0 and "kept" in again.stdout and made[0].read_text() == before
 
 
 def test_the_dockerfile_builds_a_cpu_or_a_cuda_image_by_build_argument() -> None:

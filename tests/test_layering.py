@@ -49,6 +49,6 @@ def test_spec_names_match_the_trainers_registries() -> None:
     from trainers.data import SKLEARN_REGRESSION
 
     assert spec.MODELS == trainers.MODEL_NAMES
-    assert spec.MODEL_PARAMS == trainers.MODEL_PARAMS  # names and minimums
+    assert spec.MODEL_PARAMS == trainers.MODEL_PARAMS  # names, minimums and maximums
     assert spec.SKLEARN_DATASETS == trainers.SKLEARN_DATASETS
     assert spec.REGRESSION_DATASETS == {f"sklearn:{name}" for name in SKLEARN_REGRESSION}

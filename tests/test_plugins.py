@@ -231,7 +231,8 @@ def test_a_worker_fails_bad_plugin_studies_with_the_cause_and_runs_the_good_one(
     """Unresolvable path, a raising factory, no objective logged: each study failed with its cause and
     path in `detail`, by the worker's dry run before any trial; the worker lives on and runs the good study."""
     bad = {
-        "missing": ("nowhere.at_all:build", "task.model 'nowhere.at_all:build' does not import"),
+        # under an allowed prefix (CONVERGE_PLUGIN_MODULES, tests/conftest.py), so it gets as far as the import
+        "missing": (f"{P}.nowhere:build", f"task.model '{P}.nowhere:build' does not import"),
         "raising": (f"{P}:raises", f"task.model '{P}:raises' raised RuntimeError: this factory needs a GPU"),
         "silent": (f"{P}:forgets_objective", f"task.model '{P}:forgets_objective' logs no 'val_f1'"),
     }

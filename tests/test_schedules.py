@@ -28,8 +28,9 @@ from service.api.app import create_app
 from service.db import repo, schedule_repo
 from service.db.engine import get_engine, session_scope
 from service.db.models import ScheduleRun, utcnow
+from service.outbound import Allow
 from service.scheduler import Scheduler
-from service.settings import Settings
+from service.settings import Settings, get_settings
 from service.webhooks import Notifier
 from studies.spec import parse_spec
 from studies.storage import storage_for
@@ -132,11 +133,21 @@ def test_run_report_and_regression_flag() -> None:
 # ---------------------------------------------------------------- helpers with a database
 
 
+@pytest.fixture
+def settings(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """This file's webhook receivers listen on 127.0.0.1, which a webhook reaches only where the operator allows
+    it (`CONVERGE_WEBHOOK_ALLOW`, tests/test_webhook_policy.py): allowed here, as a deployment would."""
+    monkeypatch.setenv("CONVERGE_WEBHOOK_ALLOW", "127.0.0.1")
+    get_settings.cache_clear()
+    yield Settings(**settings.model_dump(exclude={"webhook_allow"}))
+    get_settings.cache_clear()
+
+
 def make_schedule(settings: Settings, now: datetime, prefix: str = "nightly", **fields: Any) -> int:
     data = schedules.ScheduleIn.model_validate({"cron": "30 2 * * *", "timezone": BERLIN,
                                                 "template": tiny_spec(prefix), **fields})
     with session_scope(get_engine(settings.database_url)) as session:
-        return schedules.create_schedule(session, data, now=now).id
+        return schedules.create_schedule(session, data, now=now, allow=Allow.from_setting(settings.webhook_allow)).id
 
 
 def runs(settings: Settings, schedule_id: int) -> list[ScheduleRun]:
@@ -213,7 +224,8 @@ def receiver() -> Iterator[Receiver]:
 
 
 def fast_scheduler(settings: Settings, clock: Clock, **notifier: Any) -> Scheduler:
-    options = {"timeout_s": 2.0, "retries": 2, "backoff_s": 0.05, **notifier}
+    options = {"timeout_s": 2.0, "retries": 2, "backoff_s": 0.05,
+               "allow": Allow.from_setting(settings.webhook_allow), **notifier}
     return Scheduler(settings, clock=clock, notifier=Notifier(get_engine(settings.database_url), **options))
 
 

@@ -45,6 +45,10 @@ def test_serve_runs_the_demo_study_and_shows_it(db_url: str, tmp_path: Path) -> 
             time.sleep(0.5)
         assert study and study["state"] == "done", study
         assert httpx.get(f"{base}/v1/health").json()["status"] == "ok"
+        # Open (no token): a page on a rebound host name cannot drive it; its own names still work.
+        rebound = httpx.get(f"{base}/v1/studies", headers={"Host": f"rebind.attacker.example:{port}"})
+        assert rebound.status_code == 400 and "CONVERGE_ALLOWED_HOSTS" in rebound.json()["detail"]
+        assert httpx.get(f"{base}/v1/studies", headers={"Host": f"localhost:{port}"}).status_code == 200
         metrics = httpx.get(f"{base}/v1/studies/demo/trials/0/metrics").json()
         assert len(metrics["columns"]["epoch"]) >= 2
         assert "<html" in httpx.get(f"{base}/dashboard").text.lower()

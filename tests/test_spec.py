@@ -92,7 +92,7 @@ def test_cnn_needs_images_and_csv_refs_are_checked() -> None:
 def test_model_params_are_checked() -> None:
     text = "\n".join(problems_of({"name": "x", "task": {"model": "mlp", "params": {"channels": 8, "width": 0}}}))
     assert "model 'mlp' has no param 'channels'; it takes depth, width" in text
-    assert "params.width must be an integer >= 1, got 0" in text
+    assert "params.width must be an integer in 1..65,536, got 0" in text
     parse_spec({"name": "x", "task": {"model": "mlp", "params": {"width": 8, "depth": 0}}})
 
 

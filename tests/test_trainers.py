@@ -145,13 +145,15 @@ def test_hook_returning_false_runs_all_epochs() -> None:
 
 @pytest.mark.slow
 def test_regression_csv(regression_csv: Path) -> None:
-    result = fit(tiny(dataset=f"csv:{regression_csv}?target=y", epochs=2, batch_size=32))
+    result = fit(tiny(dataset=f"csv:{regression_csv}?target=y", epochs=2, batch_size=32,
+                       data_dir=str(regression_csv.parent)))
     assert_well_formed(result, epochs=2, classification=False)
 
 
 @pytest.mark.slow
 def test_classification_csv_with_string_labels(labelled_csv: Path) -> None:
-    result = fit(tiny(dataset=f"csv:{labelled_csv}?target=species", epochs=2, batch_size=16))
+    result = fit(tiny(dataset=f"csv:{labelled_csv}?target=species", epochs=2, batch_size=16,
+                       data_dir=str(labelled_csv.parent)))
     assert_well_formed(result, epochs=2)
 
 
@@ -309,14 +311,14 @@ def test_split_is_deterministic_by_seed() -> None:
 
 
 def test_regression_csv_split(regression_csv: Path) -> None:
-    split = load_dataset(f"csv:{regression_csv}?target=y", 0.25, 0)
+    split = load_dataset(f"csv:{regression_csv}?target=y", 0.25, 0, data_dir=regression_csv.parent)
     assert split.task == "regression" and split.n_classes is None and split.n_features == 3
     assert split.y_train.dtype == torch.float32 and split.y_train.shape == (150, 1) and split.y_val.shape == (50, 1)
     assert abs(split.y_train.mean().item()) < 1e-4  # targets standardised with train statistics
 
 
 def test_string_labels_become_class_ids(labelled_csv: Path) -> None:
-    split = load_dataset(f"csv:{labelled_csv}?target=species", 0.25, 0)
+    split = load_dataset(f"csv:{labelled_csv}?target=species", 0.25, 0, data_dir=labelled_csv.parent)
     assert split.task == "classification" and split.n_classes == 3
     assert set(split.y_train.tolist()) == {0, 1, 2}
 
@@ -324,9 +326,9 @@ def test_string_labels_become_class_ids(labelled_csv: Path) -> None:
 def test_task_inference_and_override(tmp_path: Path) -> None:
     rows = [[i * 0.1, i % 4 + 1] for i in range(40)]  # integer target, 4 distinct values
     path = write_csv(tmp_path / "small.csv", ["x", "grade"], rows)
-    assert load_dataset(f"csv:{path}?target=grade", 0.25, 0).n_classes == 4
-    assert load_dataset(f"csv:{path}?target=grade&task=regression", 0.25, 0).task == "regression"
-    assert load_dataset(f"csv:{path}?target=x", 0.25, 0).task == "regression"
+    assert load_dataset(f"csv:{path}?target=grade", 0.25, 0, data_dir=tmp_path).n_classes == 4
+    assert load_dataset(f"csv:{path}?target=grade&task=regression", 0.25, 0, data_dir=tmp_path).task == "regression"
+    assert load_dataset("csv:small.csv?target=x", 0.25, 0, data_dir=tmp_path).task == "regression"
 
 
 @pytest.mark.parametrize(
@@ -337,7 +339,8 @@ def test_task_inference_and_override(tmp_path: Path) -> None:
         ("digits", "bad dataset ref"),
         ("csv:data.csv", "bad dataset ref"),
         ("csv:data.csv?target=y&task=ranking", "unknown task 'ranking'"),
-        ("csv:/no/such/file.csv?target=y", "CSV file not found"),
+        ("csv:no/such/file.csv?target=y", "CSV file not found"),
+        ("csv:/no/such/file.csv?target=y", "outside the data folder"),
     ],
 )
 def test_bad_refs(ref: str, message: str) -> None:
@@ -347,12 +350,12 @@ def test_bad_refs(ref: str, message: str) -> None:
 
 def test_missing_target_column(regression_csv: Path) -> None:
     with pytest.raises(ValueError, match="target column 'price' not in .*columns are"):
-        load_dataset(f"csv:{regression_csv}?target=price", 0.2, 0)
+        load_dataset(f"csv:{regression_csv}?target=price", 0.2, 0, data_dir=regression_csv.parent)
 
 
 def test_non_numeric_feature_column_is_named(labelled_csv: Path) -> None:
     with pytest.raises(ValueError, match="feature column 'species'"):
-        load_dataset(f"csv:{labelled_csv}?target=x1", 0.2, 0)
+        load_dataset(f"csv:{labelled_csv}?target=x1", 0.2, 0, data_dir=labelled_csv.parent)
 
 
 # --- models and config ------------------------------------------------------------------------

@@ -10,6 +10,10 @@ from trainers.models import MODEL_NAMES
 from trainers.plugin_contract import is_import_path
 
 DEVICES = frozenset({"auto", "cpu", "cuda"})
+# Where `csv:` paths resolve and how much of a CSV file is read: Converge's defaults of
+# CONVERGE_DATA_DIR and CONVERGE_MAX_DATA_BYTES (a worker passes its own settings).
+DEFAULT_DATA_DIR = "./data"
+DEFAULT_MAX_DATA_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class TrainConfig:
     params: Mapping[str, Any] = field(default_factory=dict)
     device: str = "auto"
     data: str | None = None  # the user's data factory, "package.module:factory": `model` is one too
+    data_dir: str = DEFAULT_DATA_DIR  # a `csv:` dataset's path must resolve inside it
+    max_data_bytes: int = DEFAULT_MAX_DATA_BYTES
 
     @property
     def is_plugin(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ import numpy as np
 import torch
 from sklearn import datasets
 from sklearn.model_selection import train_test_split
+
+from trainers.config import DEFAULT_DATA_DIR, DEFAULT_MAX_DATA_BYTES
 
 _SKLEARN_LOADERS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
     "digits": datasets.load_digits,
@@ -27,6 +30,9 @@ TASKS = frozenset({"classification", "regression"})
 MAX_INFERRED_CLASSES = 20  # an integer target with more distinct values is taken as regression
 _IMAGE_SHAPES = {"sklearn:digits": (1, 8, 8)}
 _REF_FORMS = "expected 'sklearn:NAME' or 'csv:PATH?target=COLUMN[&task=classification|regression]'"
+# What an error may show of a CSV file's header (never its data): names cut to 40 characters, at most 20.
+_SHOWN_NAME_CHARS = 40
+_SHOWN_COLUMNS = 20
 
 
 def _friedman1() -> tuple[np.ndarray, np.ndarray]:
@@ -50,8 +56,12 @@ class DataSplit:
     image_shape: tuple[int, int, int] | None = None
 
 
-def load_dataset(ref: str, val_fraction: float, seed: int) -> DataSplit:
-    """Load `ref` ("sklearn:NAME" or "csv:PATH?target=COL[&task=...]") and split it by `seed`."""
+def load_dataset(ref: str, val_fraction: float, seed: int, *, data_dir: str | Path = DEFAULT_DATA_DIR,
+                 max_bytes: int = DEFAULT_MAX_DATA_BYTES) -> DataSplit:
+    """Load `ref` ("sklearn:NAME" or "csv:PATH?target=COL[&task=...]") and split it by `seed`.
+
+    A CSV path resolves inside `data_dir` (relative to it; an absolute one must lie in it), checked
+    on the real path after symlinks, and a file larger than `max_bytes` is refused unread."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     kind, _, rest = ref.partition(":")
@@ -62,13 +72,52 @@ def load_dataset(ref: str, val_fraction: float, seed: int) -> DataSplit:
         task = "regression" if rest in SKLEARN_REGRESSION else "classification"
         return _split(x.astype(np.float64), y, task, val_fraction, seed, _IMAGE_SHAPES.get(ref))
     if kind == "csv" and rest:
-        x, y, task = _read_csv(ref, rest)
+        x, y, task = _read_csv(ref, rest, Path(data_dir), max_bytes)
         return _split(x, y, task, val_fraction, seed, None)
     raise ValueError(f"bad dataset ref {ref!r}; {_REF_FORMS}")
 
 
-def _read_csv(ref: str, rest: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """Numeric features and a target column from a headed CSV file."""
+def resolve_data_path(path_text: str, data_dir: Path) -> Path:
+    """The real path of a CSV file named by a spec, refused (ValueError) when it leaves `data_dir`:
+    an absolute path elsewhere, `..`, or a symlink pointing out. Mirrored by `studies.policy` at submission."""
+    root = data_dir.resolve()
+    try:
+        path = (root / path_text).resolve()  # an absolute `path_text` replaces `root` in the join
+    except (OSError, ValueError):  # a NUL byte, a symlink loop
+        path = None
+    if path is None or not path.is_relative_to(root):
+        raise ValueError(f"CSV path {path_text!r} is outside the data folder {root} (CONVERGE_DATA_DIR): refused")
+    return path
+
+
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= _SHOWN_NAME_CHARS else name[:_SHOWN_NAME_CHARS] + "...")
+
+
+def _read_rows(path: Path, max_bytes: int) -> list[list[str]]:
+    """Every row of the file, refused without reading when it is over `max_bytes`."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"CSV file {path} has {size:,} bytes, more than the {max_bytes:,} a worker reads "
+                         "(CONVERGE_MAX_DATA_BYTES)")
+    with path.open("rb") as f:
+        raw = f.read(max_bytes + 1)  # a file that grew since stat() is still capped
+    if len(raw) > max_bytes:
+        raise ValueError(f"CSV file {path} is larger than the {max_bytes:,} bytes a worker reads "
+                         "(CONVERGE_MAX_DATA_BYTES)")
+    try:
+        return list(csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline="")))
+    except UnicodeDecodeError:
+        raise ValueError(f"CSV file {path} is not UTF-8 text") from None
+    except csv.Error as exc:
+        raise ValueError(f"CSV file {path} is not a readable CSV file ({exc})") from None
+
+
+def _read_csv(ref: str, rest: str, data_dir: Path, max_bytes: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Numeric features and a target column from a headed CSV file inside `data_dir`.
+
+    Errors name the file and the columns involved, never a cell of it (and names cut short):
+    a trial's error is shown to every `read` token."""
     path_text, _, query = rest.partition("?")
     options = dict(parse_qsl(query, keep_blank_values=True))
     unknown = set(options) - {"target", "task"}
@@ -78,16 +127,17 @@ def _read_csv(ref: str, rest: str) -> tuple[np.ndarray, np.ndarray, str]:
     if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r} in {ref!r}; expected one of {sorted(TASKS)}")
 
-    path = Path(path_text)
+    path = resolve_data_path(path_text, data_dir)
     if not path.is_file():
-        raise ValueError(f"CSV file not found: {path} (from {ref!r})")
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
+        raise ValueError(f"CSV file not found: {path_text} in the data folder {data_dir.resolve()}")
+    rows = _read_rows(path, max_bytes)
     if not rows:
         raise ValueError(f"CSV file {path} is empty")
     header, body = [name.strip() for name in rows[0]], [row for row in rows[1:] if row]
     if target not in header:
-        raise ValueError(f"target column {target!r} not in {path}; columns are {header}")
+        shown = ", ".join(_shown(name) for name in header[:_SHOWN_COLUMNS])
+        more = f" and {len(header) - _SHOWN_COLUMNS} more" if len(header) > _SHOWN_COLUMNS else ""
+        raise ValueError(f"target column {_shown(target)} not in {path}; its columns are {shown}{more}")
     if len(header) < 2 or not body:
         raise ValueError(f"CSV file {path} needs a header, at least one feature column and one data row")
     bad_rows = [i + 2 for i, row in enumerate(body) if len(row) != len(header)]
@@ -102,7 +152,7 @@ def _read_csv(ref: str, rest: str) -> tuple[np.ndarray, np.ndarray, str]:
             continue
         values = _as_floats(columns[i])
         if values is None:
-            raise ValueError(f"feature column {name!r} in {path} is not numeric (or has empty cells)")
+            raise ValueError(f"feature column {_shown(name)} in {path} is not numeric (or has empty cells)")
         features.append(values)
     x = np.stack(features, axis=1)
 
@@ -113,7 +163,8 @@ def _read_csv(ref: str, rest: str) -> tuple[np.ndarray, np.ndarray, str]:
         task = "regression" if is_regression else "classification"
     if task == "regression":
         if numeric_target is None:
-            raise ValueError(f"target column {target!r} in {path} is not numeric, so it cannot be a regression target")
+            raise ValueError(f"target column {_shown(target)} in {path} is not numeric, so it cannot be a "
+                             "regression target")
         return x, numeric_target, task
     return x, np.asarray(raw_target if numeric_target is None else numeric_target), task
 

@@ -63,7 +63,8 @@ def fit(config: TrainConfig, on_epoch_end: EpochHook | None = None, split: DataS
     with _quiet_lightning():
         pl.seed_everything(config.seed, workers=False, verbose=False)
         if split is None:
-            split = load_dataset(config.dataset, config.val_fraction, config.seed)
+            split = load_dataset(config.dataset, config.val_fraction, config.seed, data_dir=config.data_dir,
+                                 max_bytes=config.max_data_bytes)
         module = LitModel(build_network(config, split), split.task, config.lr, config.weight_decay)
         accelerator = _accelerator(config.device)
         precision = _precision(accelerator)

@@ -60,10 +60,11 @@ def _cnn(config: TrainConfig, split: DataSplit, n_outputs: int) -> nn.Module:
                     dropout=config.dropout)
 
 
-# Each model's builder and the integer `params` it reads, with their minimum (depth 0 is a linear model).
-_BUILDERS: Mapping[str, tuple[Callable[[TrainConfig, DataSplit, int], nn.Module], Mapping[str, int]]] = {
-    "mlp": (_mlp, {"width": 1, "depth": 0}),
-    "cnn": (_cnn, {"channels": 1}),
+# Each model's builder and the integer `params` it reads, with their (minimum, maximum): depth 0 is a
+# linear model; the maxima keep a network inside what one worker can hold (as `studies.spec` checks).
+_BUILDERS: Mapping[str, tuple[Callable[[TrainConfig, DataSplit, int], nn.Module], Mapping[str, tuple[int, int]]]] = {
+    "mlp": (_mlp, {"width": (1, 65_536), "depth": (0, 64)}),
+    "cnn": (_cnn, {"channels": (1, 4_096)}),
 }
 MODEL_NAMES = frozenset(_BUILDERS)
 MODEL_PARAMS = {name: dict(params) for name, (_, params) in _BUILDERS.items()}
@@ -76,7 +77,8 @@ def build_network(config: TrainConfig, split: DataSplit) -> nn.Module:
     if unknown:
         raise ValueError(f"unknown params for model {config.model!r}: {sorted(unknown)}; expected {sorted(known)}")
     for name, value in config.params.items():
-        if int(value) < known[name]:
-            raise ValueError(f"model param {name!r} must be at least {known[name]}, got {value}")
+        low, high = known[name]
+        if not low <= int(value) <= high:
+            raise ValueError(f"model param {name!r} must be in {low}..{high}, got {value}")
     n_outputs = split.n_classes if split.task == "classification" else 1
     return builder(config, split, n_outputs)

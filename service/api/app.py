@@ -13,11 +13,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException
 
+from service import auth
 from service.api.dashboard import DashboardDispatch
+from service.api.hosts import ALWAYS_ALLOWED, HostCheck
 from service.api.limits import BodySizeLimit
 from service.api.openapi import keep_null_examples
 from service.api.routers import artifacts, diagnose, health, metrics, plots, schedules, studies, workers
-from service.db.engine import describe_cause, get_engine, is_transient, safe_url
+from service.db.engine import as_service_error, describe_cause, get_engine, is_transient, safe_url
 from service.db.errors import (
     Conflict,
     DatabaseUnavailable,
@@ -26,6 +28,7 @@ from service.db.errors import (
     SchemaNotReady,
     ServiceError,
 )
+from service.json_input import number_too_long
 from service.settings import Settings, get_settings
 from service.version import VERSION
 from studies.diagnosis import HistoryError
@@ -50,9 +53,12 @@ token as the HTTP Basic password (its reads need `read`, its changes `admin`). W
 is open, and `converge serve` listens on loopback only."""
 
 
-def create_app(settings: Settings | None = None, *, dashboard: bool = True, require_token: bool = False) -> FastAPI:
+def create_app(settings: Settings | None = None, *, dashboard: bool = True, require_token: bool = False,
+               bound_host: str | None = None, bound_port: int | None = None) -> FastAPI:
     """The API (and the dashboard). `require_token`: refuse requests without a valid token even while no
-    token exists (a server listening beyond loopback must not open up when its last token is revoked)."""
+    token exists (a server listening beyond loopback must not open up when its last token is revoked).
+    `bound_host`/`bound_port`: the address `converge serve` listens on; with it (or CONVERGE_ALLOWED_HOSTS
+    set) a request for another `Host` is refused while the server is open (`service.api.hosts`)."""
     settings = settings or get_settings()
     app = FastAPI(title="Converge", version=VERSION,
                   description=DESCRIPTION.replace("{max_body_bytes}", f"{settings.max_body_bytes:,}"))
@@ -66,6 +72,7 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True, requ
     app.include_router(workers.router)
     app.include_router(schedules.router)
     app.include_router(health.router)
+    app.state.health_probe = health.WriteProbe(settings.health_probe_every_s)  # /v1/health's write, cached
     keep_null_examples(app)
 
     @app.get("/", include_in_schema=False)
@@ -74,7 +81,7 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True, requ
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        status = _STATUS.get(type(exc), 500)
+        status = _status(exc)
         body: dict[str, Any] = {"detail": str(exc)}
         if status == 422:  # every 422 has the same shape: `detail`, and `problems` one per line
             body["problems"] = [str(exc)]
@@ -82,7 +89,11 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True, requ
 
     @app.exception_handler(optuna.exceptions.StorageInternalError)
     async def storage_error(_: Request, exc: optuna.exceptions.StorageInternalError) -> JSONResponse:
-        """Optuna wraps every driver error in this one: a database that is down is a 503 here too."""
+        """Optuna wraps every driver error in this one: a database that is down, read-only or full is a 503
+        here too, said as Converge's own errors say it."""
+        found = as_service_error(exc, settings.database_url)
+        if found is not None:
+            return JSONResponse({"detail": str(found)}, status_code=_status(found))
         detail = f"cannot use database {safe_url(settings.database_url)}: {describe_cause(exc)}"
         return JSONResponse({"detail": detail}, status_code=503 if is_transient(exc) else 500)
 
@@ -112,7 +123,7 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True, requ
         text, JSON nested beyond Python's recursion limit): a 422 saying so, like any other body that is not JSON."""
         if exc.status_code == 400 and exc.detail == UNPARSABLE and exc.__cause__ is not None:
             what = _WHAT.get((request.method, request.url.path), "request")
-            return _invalid([_unreadable(exc.__cause__)], what)
+            return _invalid([await _unreadable(request, exc.__cause__)], what)
         return await http_exception_handler(request, exc)
 
     if dashboard:
@@ -122,21 +133,39 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True, requ
         app.add_middleware(DashboardDispatch, storage_factory=lambda: storage_for(settings, patient=False),
                            engine_factory=lambda: get_engine(settings.database_url, settings.sqlite_busy_timeout_s),
                            require_token=require_token)
+    extra_hosts = settings.split(settings.allowed_hosts)
+    if bound_host is not None or extra_hosts:
+        def tokens_exist() -> bool:
+            return require_token or auth.auth_enabled(get_engine(settings.database_url))
+
+        app.add_middleware(HostCheck, names=[*ALWAYS_ALLOWED, *([bound_host] if bound_host else []), *extra_hosts],
+                           port=bound_port, always=bool(extra_hosts), tokens_exist=tokens_exist)
     # Added last, so it runs first: the cap holds for every path, the dashboard's included.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
+
+
+def _status(exc: ServiceError) -> int:
+    """A service error's HTTP status, by its kind (a `DatabaseNotWritable` is a `DatabaseUnavailable`: 503)."""
+    return next((status for kind, status in _STATUS.items() if isinstance(exc, kind)), 500)
 
 
 def _invalid(problems: list[str], what: str) -> JSONResponse:
     return JSONResponse({"detail": str(SpecError(problems, what)), "problems": problems}, status_code=422)
 
 
-def _unreadable(cause: BaseException) -> str:
+async def _unreadable(request: Request, cause: BaseException) -> str:
     """Why FastAPI could not decode a body, in words."""
     if isinstance(cause, UnicodeDecodeError):
         return f"the body is not valid JSON: it is not UTF-8 text ({cause.reason} at byte {cause.start})"
     if isinstance(cause, RecursionError):
         return "the body is not valid JSON this server reads: it is nested too deeply"
+    if isinstance(cause, ValueError):  # json.loads' only other ValueError: an integer literal over the digit limit
+        try:
+            body = await request.body()  # the route's own Request, whose body is kept once read
+        except Exception:  # noqa: BLE001 - not kept after all: say what is known without it
+            return "the body is not valid JSON this server reads: a number in it is too long"
+        return number_too_long(body)
     return f"the body could not be read: {type(cause).__name__}"
 
 

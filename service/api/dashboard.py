@@ -53,7 +53,7 @@ class DashboardDispatch:
                 import optuna_dashboard
                 from a2wsgi import WSGIMiddleware
 
-                self._dashboard = WSGIMiddleware(optuna_dashboard.wsgi(self._storage_factory()))
+                self._dashboard = WSGIMiddleware(_with_accept_encoding(optuna_dashboard.wsgi(self._storage_factory())))
         return self._dashboard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -83,6 +83,19 @@ class DashboardDispatch:
         except ServiceError as exc:  # the database is down or not upgraded
             return JSONResponse({"detail": str(exc)}, status_code=503)
         return None
+
+
+def _with_accept_encoding(wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
+    """optuna-dashboard (0.21) serves /favicon.ico and /static/... after reading `request.headers["Accept-Encoding"]`
+    to choose a gzipped file, and bottle's headers raise KeyError for a header the request lacks: a request
+    without Accept-Encoding (curl, a probe) was a 500. Such a request reaches it with `identity`, the one
+    coding every client takes, so it gets the plain file."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        environ.setdefault("HTTP_ACCEPT_ENCODING", "identity")
+        return wsgi_app(environ, start_response)
+
+    return app
 
 
 def _is_dashboard_path(path: str) -> bool:

@@ -591,8 +591,14 @@ class HealthOut(BaseModel):
         {"status": "ok", "database": "ok", "version": "0.1.0"},
         {"status": "unavailable",
          "database": "database sqlite:///./converge.db is not initialised: run `converge db upgrade`",
+         "detail": "database sqlite:///./converge.db is not initialised: run `converge db upgrade`",
+         "version": "0.1.0"},
+        {"status": "unavailable",
+         "database": "the database at sqlite:///./converge.db cannot be written: database or disk is full",
+         "detail": "the database at sqlite:///./converge.db cannot be written: database or disk is full",
          "version": "0.1.0"}]})
 
     status: Literal["ok", "unavailable"]
     database: str
+    detail: str | None = Field(default=None, description="why the service is unavailable (a 503 only)")
     version: str

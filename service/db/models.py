@@ -314,3 +314,14 @@ class WebhookDelivery(Base):
                                                 comment="each attempt: at, status (HTTP) or error, seconds")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class HealthProbe(Base):
+    """The one row `/v1/health` rewrites, committed, to learn whether the database takes a write (a read-only
+    file or transaction, or a full disk, refuses it); at most every `CONVERGE_HEALTH_PROBE_EVERY_S` per server."""
+
+    __tablename__ = "converge_health"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False, comment="always 1")
+    probes: Mapped[int] = mapped_column(Integer, default=0, comment="write probes that went through")
+    probed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, comment="the latest one")

@@ -45,6 +45,7 @@ from service.db.models import (
     ACTIVE_STATES,
     METRIC_COLUMNS,
     ApiToken,
+    HealthProbe,
     Study,
     TrialDiagnosis,
     TrialMetric,
@@ -736,6 +737,19 @@ def prune_dead_workers(session: Session, older_than: timedelta) -> int:
     cutoff: datetime = utcnow() - older_than
     result = session.execute(delete(Worker).where(Worker.last_heartbeat < cutoff))
     return result.rowcount or 0
+
+
+# ---------------------------------------------------------------- the health probe
+
+
+def probe_write(session: Session) -> None:
+    """The health probe's write: `converge_health`'s one row rewritten (added again if it was deleted). The caller
+    commits it; only a commit makes SQLite and PostgreSQL refuse it when read-only or out of space."""
+    done = session.execute(update(HealthProbe).where(HealthProbe.id == 1)
+                           .values(probes=HealthProbe.probes + 1, probed_at=utcnow())
+                           .execution_options(synchronize_session=False))
+    if not done.rowcount:
+        session.add(HealthProbe(id=1, probes=1, probed_at=utcnow()))
 
 
 # ---------------------------------------------------------------- API tokens (hashes only: see service.auth)

@@ -9,6 +9,7 @@ a missing `train_loss`, more than `MAX_EPOCHS` epochs).
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,16 @@ MAX_EPOCHS = 10_000
 OPTIONAL_METRICS = ("val_loss", "val_acc", "grad_norm", "param_norm", "lr")
 _NON_FINITE = {"nan": math.nan, "infinity": math.inf, "+infinity": math.inf, "-infinity": -math.inf,
                "inf": math.inf, "+inf": math.inf, "-inf": -math.inf}
+
+
+# How a refused value is shown in a problem: repr, cut short, so that a huge string or a deeply nested value in
+# the input makes neither a huge message nor a RecursionError.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 3, 80, 80, 80
+
+
+def _shown(value: Any) -> str:
+    return _REPR.repr(value)
 
 
 class HistoryError(ValueError):
@@ -101,7 +112,7 @@ def _objective(value: Any, problems: list[str]) -> tuple[str, str]:
         problems.append("objective.metric must be a metric name such as 'val_loss'")
         metric = "val_loss"
     if direction not in ("minimize", "maximize"):
-        problems.append(f"objective.direction must be 'minimize' or 'maximize', got {direction!r}")
+        problems.append(f"objective.direction must be 'minimize' or 'maximize', got {_shown(direction)}")
         direction = "minimize"
     return metric, direction
 
@@ -110,7 +121,7 @@ def _max_epochs(value: Any, problems: list[str]) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        problems.append(f"max_epochs must be a positive integer, got {value!r}")
+        problems.append(f"max_epochs must be a positive integer, got {_shown(value)}")
         return None
     return value
 
@@ -122,17 +133,22 @@ def _epoch_number(value: Any, index: int, problems: list[str]) -> float:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         if isinstance(value, float) and value.is_integer() and 0 <= value <= MAX_EPOCH_NUMBER:
             return value
-        problems.append(f"epochs[{index}].epoch must be a non-negative integer up to {MAX_EPOCH_NUMBER}, got {value!r}")
+        problems.append(f"epochs[{index}].epoch must be a non-negative integer up to {MAX_EPOCH_NUMBER}, "
+                        f"got {_shown(value)}")
         return math.nan
     if value > MAX_EPOCH_NUMBER:
-        problems.append(f"epochs[{index}].epoch must be a non-negative integer up to {MAX_EPOCH_NUMBER}, got {value!r}")
+        problems.append(f"epochs[{index}].epoch must be a non-negative integer up to {MAX_EPOCH_NUMBER}, "
+                        f"got {_shown(value)}")
         return math.nan
     return float(value)
 
 
 def _number(value: Any, where: str, problems: list[str], *, required: bool) -> float:
     if type(value) is float or type(value) is int:  # the common case, checked first: it is most of the work
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer past a float's range: JSON has such integers, floats do not
+            return _too_large(where, problems)
     if value is None:
         if required:
             problems.append(f"{where} is required")
@@ -140,13 +156,23 @@ def _number(value: Any, where: str, problems: list[str], *, required: bool) -> f
     if isinstance(value, str):
         parsed = _NON_FINITE.get(value.strip().lower())
         if parsed is None:
-            problems.append(f"{where} must be a number or one of \"NaN\", \"Infinity\", \"-Infinity\", got {value!r}")
+            problems.append(f"{where} must be a number or one of \"NaN\", \"Infinity\", \"-Infinity\", "
+                            f"got {_shown(value)}")
             return math.nan
         return parsed
     if isinstance(value, bool) or not isinstance(value, int | float):
         problems.append(f"{where} must be a number, got {type(value).__name__}")
         return math.nan
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        return _too_large(where, problems)
+
+
+def _too_large(where: str, problems: list[str]) -> float:
+    problems.append(f"{where} must be a number within a float's range (about 1.8e308), got an integer of over "
+                    "300 digits")
+    return math.nan
 
 
 def _check_order(epochs: list[float], problems: list[str]) -> None:

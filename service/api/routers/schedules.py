@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query, status
 
-from service import schedules
+from service import outbound, schedules
 from service.api.deps import SessionDep, SessionRoute, SettingsDep, error_responses, require_scope
 from service.schedules import RUN_EXAMPLE, SCHEDULE_EXAMPLE, RunOut, ScheduleIn, ScheduleOut, SchedulePatch
 
@@ -28,8 +28,9 @@ ADMIN = [Depends(require_scope("admin"))]
 NO_SCHEDULE = {404: "no schedule with that id"}
 BAD_ID = f"the schedule id is not an integer in 1..{MAX_ID}"
 BAD_SCHEDULE = ("the body is not JSON or not a valid schedule: a bad cron expression or time zone (named), a template "
-                "that is not a valid study spec or whose name is too long for a prefix, a policy out of range, an "
-                "unknown field; `problems` lists every problem")
+                "that is not a valid study spec or whose name is too long for a prefix, a policy out of range, a "
+                "webhook URL that is not http(s) or whose host is not public (loopback, private, link-local...: "
+                "allowed only if CONVERGE_WEBHOOK_ALLOW lists it), an unknown field; `problems` lists every problem")
 
 
 def _list_example(example: list[Any]) -> dict[int | str, dict[str, Any]]:
@@ -38,14 +39,17 @@ def _list_example(example: list[Any]) -> dict[int | str, dict[str, Any]]:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ScheduleOut, dependencies=ADMIN,
              responses=error_responses("admin", body=True, invalid=BAD_SCHEDULE))
-def create_schedule(data: NewSchedule, session: SessionDep) -> ScheduleOut:
+def create_schedule(data: NewSchedule, settings: SettingsDep, session: SessionDep) -> ScheduleOut:
     """Create a schedule: a study template launched at each fire time of a cron expression in a time zone.
 
     Each run's study is named `{template name}-{YYYYMMDD-HHMM}` (the fire time in the schedule's zone).
     The scheduler (in `converge serve`, or `converge scheduler`) fires each fire time once, even with
     several replicas on one database. Fire times before the schedule was created are not missed ones.
+    A webhook URL must reach a public address (its host name resolved), unless `CONVERGE_WEBHOOK_ALLOW`
+    lists its host or a network holding its address; each delivery checks it again, and never follows
+    a redirect.
     """
-    return schedules.create_schedule(session, data)
+    return schedules.create_schedule(session, data, allow=outbound.Allow.from_setting(settings.webhook_allow))
 
 
 @router.get("", response_model=list[ScheduleOut], dependencies=ADMIN,
@@ -64,10 +68,13 @@ def get_schedule(schedule_id: ScheduleId, session: SessionDep) -> ScheduleOut:
 
 @router.patch("/{schedule_id}", response_model=ScheduleOut, dependencies=ADMIN,
               responses=error_responses("admin", NO_SCHEDULE, body=True, invalid=f"{BAD_ID}, or {BAD_SCHEDULE}"))
-def update_schedule(schedule_id: ScheduleId, changes: Changes, session: SessionDep) -> ScheduleOut:
+def update_schedule(schedule_id: ScheduleId, changes: Changes, settings: SettingsDep,
+                    session: SessionDep) -> ScheduleOut:
     """Change a schedule. A new cron or time zone, or enabling a disabled schedule, counts fire times from now
-    on (the ones in between are not missed ones); `webhook_url: null` removes the webhook."""
-    return schedules.update_schedule(session, schedule_id, changes)
+    on (the ones in between are not missed ones); `webhook_url: null` removes the webhook, and a new one is
+    checked as at creation."""
+    return schedules.update_schedule(session, schedule_id, changes,
+                                     allow=outbound.Allow.from_setting(settings.webhook_allow))
 
 
 @router.delete("/{schedule_id}", response_model=ScheduleOut, dependencies=ADMIN,
