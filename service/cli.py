@@ -782,7 +782,7 @@ def _study_diagnosis_text(d: Any) -> str:
     lines = [f"study diagnosis: {d.trials} trials, {d.healthy} healthy, {d.undiagnosed} undiagnosed, "
              f"{d.provisional} still running{left_out}",
              "  verdicts: " + (", ".join(f"{verdict} {n}" for verdict, n in d.verdicts.items()) or "none yet"),
-             "  regions: " + ("" if d.regions else "none explains an unhealthy verdict")]
+             "  regions: " + ("" if d.regions else "none explains the unhealthy trials")]
     lines += [f"    {region.text}" for region in d.regions]
     imp = d.importance
     if imp.importances is None:

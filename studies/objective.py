@@ -27,6 +27,7 @@ from service.db.engine import describe_cause, is_transient, retry_unit_of_work
 from service.settings import Settings
 from studies import checkpoints
 from studies.diagnosis import MAX_EPOCHS, HistoryError, diagnose
+from studies.peers import peers_context
 from studies.plots.dashboard import write_trial_note
 from studies.pruning import (
     PRUNED_BY_ATTR,
@@ -41,6 +42,7 @@ from studies.pruning import (
 from studies.retries import INTERRUPTED, rerun
 from studies.search_space import suggest
 from studies.spec import StudySpec
+from studies.trial_context import trial_context
 
 EpochListener = Callable[[optuna.Trial, dict[str, Any]], None]
 
@@ -120,7 +122,8 @@ class Objective:
             raise
 
     def _train(self, trial: optuna.Trial, params: dict[str, Any]) -> float:
-        diagnoser = TrialDiagnoser(self.spec, trial.number, max_epochs=int(params["epochs"]))
+        diagnoser = TrialDiagnoser(self.spec, trial.number, max_epochs=int(params["epochs"]),
+                                   context=self._context(trial, params))
         try:
             value = self._fit(trial, params, diagnoser)
         except BaseException as exc:
@@ -252,6 +255,19 @@ class Objective:
         self.uploaded_checkpoint = True
 
 
+    def _context(self, trial: optuna.Trial, params: dict[str, Any]) -> dict[str, Any]:
+        """The trial's diagnosis context, built once at its start (`studies.trial_context`): its peers are
+        the study's ended trials as this process has them (`studies.peers`), never read again per epoch.
+        Peers that cannot be summarised are left out (logged); the database being away is not hidden."""
+        try:
+            peers = peers_context(trial.study, self.spec.objective.direction, trial._trial_id)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.exception("trial %d: no peers in its diagnosis context", trial.number)
+            peers = None
+        return trial_context(self.spec, params, peers)
+
     def _behind_peers(self, trial: optuna.Trial, epoch: int, value: float | None) -> bool:
         """The trial's best objective so far against the ended trials' best by this epoch (from the study's
         cached read): like for like, and an oscillating trial is judged by what it has reached, not by
@@ -294,22 +310,43 @@ class TrialDiagnoser:
     A diagnosis that fails (bad history, a bug in a detector) is logged and skipped: it never
     fails the trial. `last` is the latest diagnosis that succeeded, with the epoch it saw.
     A run longer than the diagnosis accepts (`MAX_EPOCHS`) is diagnosed on its latest epochs.
+
+    `context` (`studies.trial_context`, built once at the trial's start) goes into every epoch's
+    history as it is. Should the diagnosis refuse it (a context the history contradicts), it is
+    dropped for the rest of the trial, and the history diagnosed without it.
     """
 
-    def __init__(self, spec: StudySpec, trial_number: int, max_epochs: int):
+    def __init__(self, spec: StudySpec, trial_number: int, max_epochs: int,
+                 context: dict[str, Any] | None = None):
         self.trial_number = trial_number
         self.objective = {"metric": spec.objective.metric, "direction": spec.objective.direction}
         self.max_epochs = max_epochs
+        self.context = context
         self.epochs: deque[dict[str, Any]] = deque(maxlen=MAX_EPOCHS)
         self.last: tuple[int, dict[str, Any]] | None = None
+
+    def history(self) -> dict[str, Any]:
+        """The diagnosis input of the epochs so far (the contract's history), with the trial's context."""
+        history: dict[str, Any] = {"objective": self.objective, "max_epochs": self.max_epochs,
+                                   "epochs": list(self.epochs)}
+        if self.context is not None:
+            history["context"] = self.context
+        return history
 
     def add_epoch(self, metrics: dict[str, Any]) -> dict[str, Any] | None:
         """Append one epoch and diagnose the history so far; None when the diagnosis failed."""
         epoch = int(metrics["epoch"])
         self.epochs.append({key: metrics.get(key) for key in HISTORY_KEYS})
-        history = {"objective": self.objective, "max_epochs": self.max_epochs, "epochs": list(self.epochs)}
         try:
-            result = diagnose(history).to_dict()
+            try:
+                result = diagnose(self.history()).to_dict()
+            except HistoryError as exc:
+                if self.context is None or not any(p.startswith("context") for p in exc.problems):
+                    raise
+                log.warning("trial %d: its diagnosis context is refused, diagnosed without it: %s",
+                            self.trial_number, exc)
+                self.context = None
+                result = diagnose(self.history()).to_dict()
         except HistoryError as exc:
             log.warning("trial %d: no diagnosis at epoch %d: %s", self.trial_number, epoch, exc)
             return None

@@ -5,28 +5,40 @@ Pure: plain trial records in, plain data out (no database, no web layer, no torc
 the CLI and unit tests share it. Optuna serves for parameter importance only.
 
 Regions (`find_regions`). Only ended trials with a diagnosis count (a running trial's verdict
-may still change). For each unhealthy verdict and each swept hyperparameter, every threshold
-between two neighbouring observed values splits those trials in two, and each side is a
-candidate region ("lr > 0.21", "batch_size <= 32"). A region qualifies when at least
-`MIN_REGION_TRIALS` of its trials have the verdict, and their share (its precision) is at least
-`MIN_REGION_PRECISION` and at least the verdict's share among all the trials plus `MIN_LIFT`.
-Each (verdict, hyperparameter) takes the qualifying region with the best F1, i.e. precision
-balanced with the share of the verdict's trials it covers: 2·with_verdict / (matching + trials
-with the verdict), and keeps it if chance alone would put that many of the verdict's trials in
-a region that size less than `MAX_CHANCE` of the time (the hypergeometric tail times the number
-of regions tried, as Bonferroni would): without this, a few trials at the edge of a small study
-"explain" anything (a third of random studies without any effect got a region). A float
-threshold is the roundest number between the two neighbours (0.21, not 0.2134), so a log or a
-linear scale splits alike; integers (batch_size choices too) read ">= 128" or "<= 32" on an
-observed value.
+may still change). The unhealthy trials are sought as one group, whatever their unhealthy
+verdict (`UNHEALTHY_VERDICTS`): bad trials above lr 1 split among diverged, oscillating and
+underfitting make one region, where each verdict apart would be too few. For each swept
+hyperparameter, every threshold between two neighbouring observed values splits those trials in
+two, and each side is a candidate region ("lr > 0.21", "batch_size <= 32"). A region qualifies
+when at least `MIN_REGION_TRIALS` of its trials are unhealthy, and their share (its precision) is
+at least `MIN_REGION_PRECISION` and at least the unhealthy share among all the trials plus
+`MIN_LIFT`. Each side of each hyperparameter takes the qualifying region with the best F1, i.e.
+precision balanced with the share of the unhealthy trials it covers: 2·unhealthy inside /
+(matching + unhealthy trials), and keeps it if chance alone would put that many unhealthy trials
+in a region that size less than `MAX_CHANCE` of the time (the hypergeometric tail times the
+number of regions tried on that hyperparameter, both sides, as Bonferroni would): without this,
+a few trials at the edge of a small study "explain" anything (a third of random studies without
+any effect got a region). Both sides are kept only when they share no trial (low learning
+rates underfit, high ones diverge), else the better one. The same search then runs for each
+unhealthy verdict with `MIN_REGION_TRIALS` trials alone, its chance also multiplied by the
+number of verdicts searched (random studies of 20 to 100 trials without any effect: 1-5% get a
+region, all searches together), and keeps a region only on a side of a hyperparameter where the
+group found none, the best of the verdicts' there: a verdict concentrated on that side whose
+share the others hide (trials that oscillate everywhere, but diverge only above lr 0.3). The
+group's best `MAX_REGIONS_PER_SEARCH` regions come first, then up to as many of each verdict's.
+Whichever search found it, a region reads the same, all its unhealthy trials by verdict, most
+frequent first: "lr > 0.3: 6 of 6 trials unhealthy: diverged 3, oscillating 2, underfitting 1"
+("... unhealthy: diverged 5" when they share one). A float threshold is the roundest number
+between the two neighbours (0.21, not 0.2134), so a log or a linear scale splits alike; integers
+(batch_size choices too) read ">= 128" or "<= 32" on an observed value.
 
 Recommendation (`recommend`). With at least `MIN_RECOMMEND_TRIALS` completed trials, each swept
 range becomes the span of the best quarter of them, widened on each side by `MARGIN` of the
 original width (log width on a log scale), rounded outward (two significant digits, or whole
-numbers) and clipped to the original range. Then each region of an unhealthy verdict on that
-hyperparameter is cut away at its threshold, unless the cut would leave nothing. An integer
-range keeps two values at least; a range that would lose less than `MIN_NARROWING` of its width
-and avoids no region stays as it was. Choices keep those the best trials used plus one
+numbers) and clipped to the original range. Then each unhealthy region on that hyperparameter
+is cut away at its threshold, unless the cut would leave nothing. An integer range keeps two
+values at least; a range that would lose less than `MIN_NARROWING` of its width and avoids no
+region stays as it was. Choices keep those the best trials used plus one
 neighbour each side, less unhealthy ones, never fewer than two. Fixed values stay fixed. A
 parameter the spec's validators would refuse keeps its original range, and the whole spec is
 checked by `parse_spec`.
@@ -54,17 +66,12 @@ from studies.spec import FloatRange, IntChoices, IntRange, SearchSpace, SpecErro
 Swept = Union[FloatRange, IntRange, IntChoices]
 
 ENDED_STATES = ("complete", "pruned", "failed")
-VERDICT_PHRASES = {
-    "diverged": "diverged", "exploding_gradients": "had exploding gradients",
-    "vanishing_gradients": "had vanishing gradients", "oscillating": "oscillated",
-    "slow_convergence": "converged slowly", "overfitting": "overfit", "underfitting": "underfit",
-}
 
-MIN_REGION_TRIALS = 2  # trials with the verdict inside a region
+MIN_REGION_TRIALS = 2  # trials counted (unhealthy, or with the one verdict searched) inside a region
 MIN_REGION_PRECISION = 0.6
-MIN_LIFT = 0.2  # a region's share of the verdict must beat the whole study's by this much
-MAX_CHANCE = 0.05  # how often chance alone may produce a region, all thresholds tried together
-MAX_REGIONS_PER_VERDICT = 3
+MIN_LIFT = 0.2  # a region's share of those trials must beat the whole study's by this much
+MAX_CHANCE = 0.05  # how often chance alone may produce a region, all thresholds of one parameter tried together
+MAX_REGIONS_PER_SEARCH = 3  # regions kept from the unhealthy group's search, and from each verdict's
 
 IMPORTANCE_EVALUATOR = "PedAnovaImportanceEvaluator"
 MIN_IMPORTANCE_TRIALS = 10
@@ -91,24 +98,31 @@ class TrialRecord:
 
 @dataclass(frozen=True)
 class Region:
-    """A hyperparameter region where trials mostly got one unhealthy verdict."""
+    """A hyperparameter region where trials were mostly unhealthy, whatever their unhealthy verdicts.
 
-    verdict: str
+    `with_verdict` and `precision` count every unhealthy trial inside; `verdicts` splits them by
+    verdict, most frequent first, and `verdict` is that first one (so a region reads as before to
+    a client that knows one verdict per region).
+    """
+
+    verdict: str  # the most frequent unhealthy verdict inside
     param: str
     op: str  # ">" or "<" for floats, ">=" or "<=" for integers
     threshold: float | int
     matching: int  # ended, diagnosed trials inside the region
-    with_verdict: int  # of those, the trials with the verdict
-    precision: float
-    text: str
-    score: float = field(default=0.0, compare=False)  # F1: how well the region explains the verdict
+    with_verdict: int  # of those, the trials with an unhealthy verdict
+    precision: float  # with_verdict / matching
+    text: str  # e.g. "lr > 0.3: 6 of 6 trials unhealthy: diverged 3, oscillating 2, underfitting 1"
+    verdicts: dict[str, int] = field(default_factory=dict, hash=False)  # unhealthy trials inside, per verdict
+    score: float = field(default=0.0, compare=False)  # F1: how well the region explains what its search sought
 
     def contains(self, value: float) -> bool:
         return {">": value > self.threshold, "<": value < self.threshold,
                 ">=": value >= self.threshold, "<=": value <= self.threshold}[self.op]
 
     def label(self) -> str:
-        return f"{self.param} {self.op} {_fmt(self.threshold)} ({self.verdict})"
+        """E.g. "lr > 0.3 (diverged, oscillating, underfitting)"."""
+        return f"{self.param} {self.op} {_fmt(self.threshold)} ({', '.join(self.verdicts or [self.verdict])})"
 
 
 @dataclass(frozen=True)
@@ -203,37 +217,62 @@ def _fmt(value: float) -> str:
 
 
 def find_regions(space: SearchSpace, trials: Sequence[TrialRecord]) -> list[Region]:
-    """The regions that explain each unhealthy verdict (rule in the module docstring), best first per verdict."""
+    """The regions that explain the unhealthy trials (rule in the module docstring): the unhealthy
+    group's, best first, then those that only one verdict's own search finds, best first per verdict."""
     ended = [t for t in trials if t.verdict is not None and t.state in ENDED_STATES]
-    by_verdict: dict[str, list[Region]] = {verdict: [] for verdict in UNHEALTHY_VERDICTS}
+    grouped: list[Region] = []
+    single: list[tuple[str, Region]] = []  # (the verdict searched, its region)
     for name, p in swept_params(space).items():
         observed = [(t.params[name], t.verdict) for t in ended if _within(p, t.params.get(name))]
         if len(observed) < 2:
             continue
         observed.sort(key=lambda pair: pair[0])
         values = np.array([value for value, _ in observed], dtype=float)
-        verdicts = np.array([verdict for _, verdict in observed], dtype=object)
-        for verdict in UNHEALTHY_VERDICTS:
-            region = _best_split(verdict, name, isinstance(p, FloatRange), values, verdicts == verdict)
-            if region is not None:
-                by_verdict[verdict].append(region)
-    best_first = [sorted(found, key=lambda r: (-r.score, -r.precision, r.param)) for found in by_verdict.values()]
-    return [region for found in best_first for region in found[:MAX_REGIONS_PER_VERDICT]]
+        verdicts = [verdict for _, verdict in observed]
+        is_float = isinstance(p, FloatRange)
+        found = _best_splits(name, is_float, values, verdicts, np.array([v in UNHEALTHY_VERDICTS for v in verdicts]))
+        grouped += found
+        sides = {_side(r.op) for r in found}
+        extra: dict[str, tuple[str, Region]] = {}  # a side the group left empty: one verdict's best region there
+        each = np.array(verdicts, dtype=object)
+        searched = [v for v in UNHEALTHY_VERDICTS if int((each == v).sum()) >= MIN_REGION_TRIALS]
+        for verdict in searched:
+            for region in _best_splits(name, is_float, values, verdicts, each == verdict, searches=len(searched)):
+                side = _side(region.op)
+                if side not in sides and (side not in extra or _rank(region) < _rank(extra[side][1])):
+                    extra[side] = (verdict, region)
+        single += extra.values()
+    kept = sorted(grouped, key=_rank)[:MAX_REGIONS_PER_SEARCH]
+    for verdict in UNHEALTHY_VERDICTS:
+        kept += sorted((r for found_for, r in single if found_for == verdict), key=_rank)[:MAX_REGIONS_PER_SEARCH]
+    return kept
 
 
-def _best_split(verdict: str, param: str, is_float: bool, values: np.ndarray, hits: np.ndarray) -> Region | None:
-    """The best region on one side of one threshold for one verdict, if any passes the rule.
+def _rank(region: Region) -> tuple[float, float, str]:
+    return -region.score, -region.precision, region.param
 
-    `values` are sorted; `hits[i]` says whether the trial at `values[i]` got the verdict.
+
+def _side(op: str) -> str:
+    return "above" if op in (">", ">=") else "below"
+
+
+def _best_splits(param: str, is_float: bool, values: np.ndarray, verdicts: Sequence[str],
+                 hits: np.ndarray, searches: int = 1) -> list[Region]:
+    """The best region below a threshold and the best above one, of those that pass the rule for the
+    trials `hits` marks (the unhealthy ones, or those with one verdict); both only when they share
+    no trial, else the better one.
+
+    `values` are sorted; `hits[i]` says whether the trial at `values[i]` counts, `verdicts[i]` is its verdict;
+    `searches`: how many such searches the chance of a region is shared between (Bonferroni).
     """
     total, with_verdict = len(values), int(hits.sum())
     if with_verdict < MIN_REGION_TRIALS:
-        return None
+        return []
     needed = max(MIN_REGION_PRECISION, with_verdict / total + MIN_LIFT)
     splits = np.flatnonzero(values[:-1] != values[1:])  # a threshold between values[i] and values[i + 1]
     below = splits + 1
     below_hits = np.cumsum(hits)[splits]
-    best: Region | None = None
+    best: dict[str, tuple[int, float, float, int]] = {}  # side: (index into splits, score, precision, hits)
     for side, matching, inside in (("below", below, below_hits), ("above", total - below, with_verdict - below_hits)):
         precision = inside / matching
         passes = (inside >= MIN_REGION_TRIALS) & (precision >= needed)
@@ -241,17 +280,30 @@ def _best_split(verdict: str, param: str, is_float: bool, values: np.ndarray, hi
             continue
         score = np.where(passes, 2 * inside / (matching + with_verdict), -1.0)
         i = int(np.lexsort((inside, precision, score))[-1])  # best score, then precision, then trials
-        if best is not None and (score[i], precision[i], inside[i]) <= (best.score, best.precision, best.with_verdict):
+        tried = 2 * len(splits) * searches
+        if chance_of_region(total, with_verdict, int(matching[i]), int(inside[i])) * tried >= MAX_CHANCE:
             continue
+        best[side] = (i, float(score[i]), float(precision[i]), int(inside[i]))
+    if len(best) == 2 and best["below"][0] > best["above"][0]:  # they overlap: keep the better (below on a tie)
+        del best["above" if best["above"][1:] <= best["below"][1:] else "below"]
+    regions = []
+    for side, (i, score, _, _) in best.items():
         op, threshold = _threshold(side, values[splits[i]], values[splits[i] + 1], is_float)
-        hits_in, matching_in = int(inside[i]), int(matching[i])
-        if chance_of_region(total, with_verdict, matching_in, hits_in) * 2 * len(splits) >= MAX_CHANCE:
-            continue
-        best = Region(verdict=verdict, param=param, op=op, threshold=threshold, matching=matching_in,
-                      with_verdict=hits_in, precision=round(hits_in / matching_in, 4), score=float(score[i]),
-                      text=f"{param} {op} {_fmt(threshold)}: {hits_in} of {matching_in} trials "
-                           f"{VERDICT_PHRASES.get(verdict, verdict)}")
-    return best
+        inside_verdicts = verdicts[:splits[i] + 1] if side == "below" else verdicts[splits[i] + 1:]
+        regions.append(_region(param, op, threshold, inside_verdicts, score))
+    return regions
+
+
+def _region(param: str, op: str, threshold: float | int, inside: Sequence[str], score: float) -> Region:
+    """A region described by all its unhealthy trials, e.g. "lr > 0.3: 6 of 6 trials unhealthy:
+    diverged 3, oscillating 2, underfitting 1" (most frequent first, ties in `UNHEALTHY_VERDICTS` order)."""
+    counts = Counter(verdict for verdict in inside if verdict in UNHEALTHY_VERDICTS)
+    breakdown = dict(sorted(counts.items(), key=lambda item: (-item[1], UNHEALTHY_VERDICTS.index(item[0]))))
+    unhealthy, matching = sum(counts.values()), len(inside)
+    return Region(verdict=next(iter(breakdown)), param=param, op=op, threshold=threshold, matching=matching,
+                  with_verdict=unhealthy, precision=round(unhealthy / matching, 4), verdicts=breakdown, score=score,
+                  text=f"{param} {op} {_fmt(threshold)}: {unhealthy} of {matching} trials unhealthy: "
+                       + ", ".join(f"{verdict} {n}" for verdict, n in breakdown.items()))
 
 
 def chance_of_region(total: int, with_verdict: int, matching: int, hits: int) -> float:

@@ -124,6 +124,29 @@ def test_the_dashboard_note_holds_verdict_evidence_and_remedies() -> None:
     assert "No diagnosis" in diagnosis_note(3, None)
 
 
+def test_the_dashboard_note_never_shows_python_values() -> None:
+    """A finding without an epoch (a trend over the run), computed floats, a remedy without its value."""
+    still_improving = {
+        "verdict": "still_improving", "onset_epoch": None, "confidence": 0.6,
+        "findings": [{"kind": "still_improving", "epoch": None, "evidence": "val_loss fell 4% over the last 5 epochs"},
+                     {"kind": "too_early", "epoch": 2.0, "evidence": None}],
+        "remedies": [{"param": "epochs", "action": "increase", "factor": 2.0, "reason": "the loss was still falling"},
+                     {"param": "lr", "action": "set", "value": 0.00031622776601683794, "reason": None},
+                     {"param": "dropout", "action": "decrease", "factor": 0.30000000000000004, "reason": "r"},
+                     {"param": "gradient_clip", "action": "set", "value": None, "reason": "clip"},
+                     {"param": "model", "action": "set", "value": {"layers": 2, "width": 64.0}, "reason": "smaller"}],
+        "summary": "still improving"}  # no "healthy": the verdict says it
+    note = diagnosis_note(4, still_improving, epoch=9)
+    assert "**Verdict:** `still_improving` (healthy, confidence 0.60); last epoch seen 9." in note
+    assert "- **still_improving**: val_loss fell 4% over the last 5 epochs\n" in note
+    assert "- **too_early** (epoch 2)\n" in note
+    assert "1. increase `epochs` ×2: the loss was still falling" in note
+    assert "2. set `lr` to 0.000316\n" in note and "3. decrease `dropout` ×0.3: r" in note
+    assert "4. set `gradient_clip`: clip" in note and "5. set `model` to layers 2, width 64: smaller" in note
+    for python in ("None", "(epoch None)", "{", "0.0003162", "0.3000", "2.0", "True", "False"):
+        assert python not in note, python
+
+
 # ---------------------------------------------------------------- drawing
 
 

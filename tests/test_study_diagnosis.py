@@ -66,7 +66,71 @@ def test_a_study_where_high_learning_rates_diverge_gets_that_region_with_its_cou
     assert [(r.verdict, r.param, r.op, r.threshold) for r in regions] == [("diverged", "lr", ">", 0.2)]
     (region,) = regions
     assert (region.matching, region.with_verdict, region.precision) == (10, 9, 0.9)
-    assert region.text == "lr > 0.2: 9 of 10 trials diverged"
+    assert region.text == "lr > 0.2: 9 of 10 trials unhealthy: diverged 9"
+    assert region.verdicts == {"diverged": 9}
+
+
+def _unhealthy_above(lrs_bad: list[tuple[float, str]], safe: int = 18, safe_verdicts: tuple[str, ...] = ("converged",),
+                     ) -> list[TrialRecord]:
+    """`safe` trials at lr 1e-05..0.25 (their verdicts in turn from `safe_verdicts`), then the given
+    (lr, verdict) ones; the other params cycle so that none of them sorts the verdicts."""
+    lrs = [(10 ** (-5 + k * (math.log10(0.25) + 5) / (safe - 1)), safe_verdicts[k % len(safe_verdicts)])
+           for k in range(safe)] + lrs_bad
+    trials = []
+    for n, (lr, verdict) in enumerate(lrs):
+        params = {"lr": lr, "batch_size": [16, 32, 64, 128, 256][n % 5], "epochs": 5 + 7 * n % 46,
+                  "weight_decay": 10 ** (-6 + 5 * (5 * n % 24) / 24), "dropout": 0.7 * (11 * n % 24) / 24}
+        if verdict == "diverged":
+            trials.append(TrialRecord(n, "failed", params, None, verdict))
+        else:
+            trials.append(TrialRecord(n, "complete", params, (math.log10(lr) + 2.5) ** 2, verdict))
+    return trials
+
+
+SPLIT_ABOVE = [(0.35, "diverged"), (0.42, "oscillating"), (0.5, "diverged"), (0.61, "underfitting"),
+               (0.75, "oscillating"), (0.9, "diverged")]
+
+
+def test_unhealthy_trials_split_among_verdicts_make_one_region_that_names_each_with_its_count() -> None:
+    """Each verdict apart is too few above lr 0.3 (3, 2 and 1 of 6): only the group explains them."""
+    trials = _unhealthy_above(SPLIT_ABOVE)
+    regions = find_regions(SPEC.search_space, trials)
+    assert [r.text for r in regions] == ["lr > 0.3: 6 of 6 trials unhealthy: diverged 3, oscillating 2, underfitting 1"]
+    (region,) = regions
+    assert (region.verdict, region.param, region.op, region.threshold) == ("diverged", "lr", ">", 0.3)
+    assert (region.matching, region.with_verdict, region.precision) == (6, 6, 1.0)
+    assert region.verdicts == {"diverged": 3, "oscillating": 2, "underfitting": 1}
+
+    recommendation = recommend(SPEC, trials, regions)  # the next sweep stays below the grouped region
+    assert recommendation.changes[0].startswith("lr: 1e-05..1 → ")
+    assert recommendation.changes[0].endswith(", avoiding lr > 0.3 (diverged, oscillating, underfitting)")
+    assert parse_spec(recommendation.spec).search_space.lr.high <= 0.3
+
+    served = StudyDiagnosisOut.model_validate({**diagnose_study(SPEC, trials).to_dict(), "rerun_attempts": 0})
+    assert [(r.verdict, r.with_verdict, r.text) for r in served.regions] == [("diverged", 6, region.text)]
+
+
+def test_a_verdict_the_other_unhealthy_ones_hide_still_gets_its_region() -> None:
+    """Half the trials below lr 0.25 oscillate, so the unhealthy share above 0.3 hardly stands out
+    (chance could make it); the diverged share there does."""
+    trials = _unhealthy_above([(lr, "diverged") for lr in (0.35, 0.42, 0.5, 0.61, 0.75, 0.9)], safe=24,
+                              safe_verdicts=("converged", "oscillating"))
+    regions = find_regions(SPEC.search_space, trials)
+    assert [r.text for r in regions] == ["lr > 0.3: 6 of 6 trials unhealthy: diverged 6"]
+
+
+def test_unhealthy_trials_at_both_ends_of_a_range_get_a_region_each() -> None:
+    """Low learning rates underfit (or converge slowly), high ones diverge (or oscillate)."""
+    low = ("underfitting", "slow_convergence", "underfitting", "underfitting", "slow_convergence", "underfitting")
+    high = SPLIT_ABOVE[:3] + [(0.61, "diverged"), (0.75, "diverged"), (0.9, "oscillating")]
+    trials = [t if t.number >= len(low) else TrialRecord(t.number, t.state, t.params, t.value, low[t.number])
+              for t in _unhealthy_above(high, safe=30)]
+    regions = find_regions(SPEC.search_space, trials)
+    assert [r.text for r in regions] == [  # as good as each other: below first
+        "lr < 6e-05: 6 of 6 trials unhealthy: underfitting 4, slow_convergence 2",
+        "lr > 0.3: 6 of 6 trials unhealthy: diverged 4, oscillating 2"]
+    lr = parse_spec(recommend(SPEC, trials, regions).spec).search_space.lr
+    assert 6e-5 <= lr.low < lr.high <= 0.3
 
 
 def test_integer_params_read_on_an_observed_value_and_running_trials_do_not_count() -> None:
@@ -79,7 +143,7 @@ def test_integer_params_read_on_an_observed_value_and_running_trials_do_not_coun
     running = [TrialRecord(100 + n, "running", {**trials[0].params, "batch_size": 16}, None, "underfitting")
                for n in range(5)]  # provisional: would make a "batch_size <= 16" region if they counted
     regions = find_regions(SPEC.search_space, trials + running)
-    assert [r.text for r in regions] == ["batch_size >= 256: 6 of 6 trials underfit"]
+    assert [r.text for r in regions] == ["batch_size >= 256: 6 of 6 trials unhealthy: underfitting 6"]
     assert diagnose_study(SPEC, trials + running).provisional == 5
 
 
@@ -270,7 +334,7 @@ def test_the_diagnosis_of_stored_trials_counts_verdicts_and_finds_the_region(
     assert body["verdicts"] == {"converged": 15, "diverged": 5}
     assert (body["trials"], body["healthy"], body["undiagnosed"], body["provisional"], body["rerun_attempts"]) == \
         (21, 15, 1, 0, 0)
-    assert [r["text"] for r in body["regions"]] == ["lr > 0.03: 5 of 5 trials diverged"]
+    assert [r["text"] for r in body["regions"]] == ["lr > 0.03: 5 of 5 trials unhealthy: diverged 5"]
     assert body["importance"]["importances"] is not None and body["importance"]["trials_used"] == 15
     assert body["recommendation"]["spec"]["search_space"]["lr"]["high"] <= 0.03
 
@@ -312,7 +376,7 @@ def test_study_show_prints_the_study_diagnosis_after_the_verdict_table(settings:
     out = shown.stdout
     assert out.index("verdicts: ") < out.index("study diagnosis: 20 trials, 15 healthy, 0 undiagnosed")
     assert "  verdicts: converged 15, diverged 5" in out
-    assert "    lr > 0.03: 5 of 5 trials diverged" in out
+    assert "    lr > 0.03: 5 of 5 trials unhealthy: diverged 5" in out
     assert "  importance (PedAnovaImportanceEvaluator, 15 trials): lr " in out
     assert "  next sweep:\n    lr: 0.001..0.1 → " in out and "avoiding lr > 0.03 (diverged)" in out
     assert "  recommended spec (`converge study create --spec FILE` takes it as it is):\n    name: shown-next\n" in out

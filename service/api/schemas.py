@@ -216,17 +216,20 @@ class TrialDiagnosisOut(DiagnosisOut):
 
 
 class VerdictRegionOut(BaseModel):
-    """A hyperparameter region where ended trials mostly got one unhealthy verdict."""
+    """A hyperparameter region where ended trials were mostly unhealthy, whatever their unhealthy verdicts."""
 
-    verdict: Verdict
+    verdict: Verdict = Field(description="the most frequent unhealthy verdict inside")
     param: str = Field(description="the hyperparameter")
     op: Literal[">", "<", ">=", "<="] = Field(description="> and < for floats (a round number between two "
                                               "observed values), >= and <= for integers (an observed value)")
     threshold: float | int
     matching: int = Field(description="ended, diagnosed trials inside the region")
-    with_verdict: int = Field(description="of those, the trials with the verdict")
+    with_verdict: int = Field(description="of those, the trials with an unhealthy verdict")
     precision: float = Field(description="with_verdict / matching")
-    text: str = Field(description='the region in words, e.g. "lr > 0.21: 9 of 10 trials diverged"')
+    text: str = Field(description='the region in words, e.g. "lr > 0.3: 6 of 6 trials unhealthy: diverged 3, '
+                                  'oscillating 2, underfitting 1"')
+    verdicts: dict[Verdict, int] = Field(default_factory=dict, description="the unhealthy trials inside, per "
+                                         "verdict, most frequent first")
 
 
 class ParamImportanceOut(BaseModel):
@@ -249,7 +252,8 @@ STUDY_DIAGNOSIS_EXAMPLE: dict[str, Any] = {
                                                       "underfitting": 2},
     "healthy": 28, "undiagnosed": 0, "provisional": 0, "rerun_attempts": 0,
     "regions": [{"verdict": "diverged", "param": "lr", "op": ">", "threshold": 0.21, "matching": 10,
-                 "with_verdict": 9, "precision": 0.9, "text": "lr > 0.21: 9 of 10 trials diverged"}],
+                 "with_verdict": 9, "precision": 0.9, "text": "lr > 0.21: 9 of 10 trials unhealthy: diverged 9",
+                 "verdicts": {"diverged": 9}}],
     "importance": {"importances": {"lr": 0.81, "dropout": 0.1, "batch_size": 0.05, "epochs": 0.03,
                                    "weight_decay": 0.01},
                    "reason": None, "evaluator": "PedAnovaImportanceEvaluator", "trials_used": 28},
@@ -280,8 +284,9 @@ class StudyDiagnosisOut(BaseModel):
                              "are left out of `regions`")
     rerun_attempts: int = Field(description="failed attempts rerun as another trial (their process died or "
                                 "their worker stopped): left out of everything")
-    regions: list[VerdictRegionOut] = Field(description="for each unhealthy verdict, the hyperparameter regions "
-                                            "that explain it, best first (at most three per verdict)")
+    regions: list[VerdictRegionOut] = Field(description="the hyperparameter regions that explain the unhealthy "
+                                            "trials, all unhealthy verdicts together, best first (at most three per "
+                                            "search), then a verdict's own where the group shows none")
     importance: ParamImportanceOut
     recommendation: RecommendationOut
 

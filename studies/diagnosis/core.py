@@ -19,6 +19,7 @@ from studies.diagnosis.result import Diagnosis
 
 DETECTORS: tuple[Callable[[History], rules.Candidate | None], ...] = (
     rules.diverged,
+    rules.lr_too_high,  # reads the context: nothing without one
     rules.exploding_gradients,
     rules.vanishing_gradients,
     rules.oscillating,  # before overfitting: a val loss swinging without trend is not a rise
@@ -31,7 +32,9 @@ def diagnose(history: History | Any) -> Diagnosis:
     h = history if isinstance(history, History) else parse_history(history)
     with np.errstate(all="ignore"):  # NaN and infinities are data here; the rules handle them
         fired = [c for c in (detect(h) for detect in DETECTORS) if c is not None and c.score >= 0.5]
-        primary = fired[0] if fired else rules.trend(h)
+        # The first verdict in severity order; of two detectors agreeing on it, the surer one speaks.
+        primary = max((c for c in fired if c.verdict == fired[0].verdict), key=lambda c: c.score) if fired \
+            else rules.trend(h)
     findings = list(primary.findings) + [f for c in fired[1:] for f in c.findings]
     return Diagnosis(verdict=primary.verdict, onset_epoch=primary.onset, confidence=primary.score,
                      findings=findings, remedies=remedies_for(primary, h), summary=_summary(primary, h))

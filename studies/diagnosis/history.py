@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from studies.diagnosis.context import Context, parse_context
+
 MAX_EPOCHS = 10_000
 OPTIONAL_METRICS = ("val_loss", "val_acc", "grad_norm", "param_norm", "lr")
 _NON_FINITE = {"nan": math.nan, "infinity": math.inf, "+infinity": math.inf, "-infinity": -math.inf,
@@ -54,6 +56,7 @@ class History:
     metric: str
     direction: str
     max_epochs: int | None
+    context: Context | None = None  # what the curve alone cannot tell (`studies.diagnosis.context`)
 
     def __len__(self) -> int:
         return len(self.epochs)
@@ -93,11 +96,13 @@ def parse_history(data: Any) -> History:
         for name in OPTIONAL_METRICS:
             columns[name].append(_number(row.get(name), f"epochs[{index}].{name}", problems, required=False))
     _check_order(columns["epoch"], problems)
+    has_val_acc = any(math.isfinite(v) for v in columns["val_acc"])
+    context = parse_context(data.get("context"), problems, len(rows), has_val_acc)
     if problems:
         raise HistoryError(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
     arrays = {name: np.asarray(values, dtype=float) for name, values in columns.items()}
     return History(epochs=arrays.pop("epoch").astype(int), metric=metric, direction=direction,
-                   max_epochs=max_epochs, **arrays)
+                   max_epochs=max_epochs, context=context, **arrays)
 
 
 def _objective(value: Any, problems: list[str]) -> tuple[str, str]:

@@ -12,10 +12,17 @@ from typing import Any
 
 from studies.diagnosis.history import History
 from studies.diagnosis.result import Remedy
-from studies.diagnosis.rules import Candidate
+from studies.diagnosis.rules import PEER_POOR, Candidate, peer_gap
 
 
 def remedies_for(candidate: Candidate, h: History) -> list[Remedy]:
+    """The verdict's remedies, most likely fix first; with a context, sized toward the study's good
+    trials and kept inside the search space (`fit_to_context`)."""
+    remedies = _by_verdict(candidate, h)
+    return fit_to_context(remedies, candidate, h) if h.context is not None else remedies
+
+
+def _by_verdict(candidate: Candidate, h: History) -> list[Remedy]:
     verdict, facts = candidate.verdict, candidate.facts
     if verdict == "diverged":
         if facts.get("collapsed"):
@@ -95,3 +102,119 @@ def _scaled(param: str, current: float, factor: float) -> float | int:
     if param == "weight_decay" and current == 0 and factor > 1:
         return 1e-4  # scaling zero changes nothing; start from a common small value
     return current * factor if math.isfinite(current) else current
+
+
+# ---------------------------------------------------------------- with a context
+
+LOG_PARAMS = ("lr", "weight_decay", "batch_size")  # compared on a log scale (ratios, not differences)
+LR_MOVES = ("diverged", "exploding_gradients", "oscillating")  # verdicts whose first remedy lowers lr
+
+
+def fit_to_context(remedies: list[Remedy], candidate: Candidate, h: History) -> list[Remedy]:
+    """The remedies as the trial's parameters, the study's bounds and its good trials allow.
+
+    - A too-large learning rate is lowered toward the good trials' lr (their geometric mean), not by a
+      fixed decade, when they trained at a lower one.
+    - A run flat or slow at a level far worse than its peers' with nothing in its own curve to blame
+      (underfitting, slow_convergence) first moves the hyperparameter that most separates it from
+      the good trials, toward their value.
+    - Never `lr increase` for a trial whose lr is at or above the good trials' or at the top of its range.
+    - Every change stays inside the bounds; one the bounds forbid says so ("widen the lr range below 1e-05").
+    """
+    ctx = h.context
+    assert ctx is not None
+    out = list(remedies)
+    good_lr = ctx.peers.typical("lr") if ctx.peers is not None else None
+    lr = ctx.params.get("lr")
+    if candidate.verdict in LR_MOVES and lr and good_lr and good_lr < lr:
+        out = [_toward(r, "lr", lr, good_lr, f"the study's good trials trained at lr near {good_lr:.3g}")
+               if r.param == "lr" and r.action == "decrease" else r for r in out]
+    if candidate.verdict in ("underfitting", "slow_convergence") and _behind_peers(h):
+        separating = _separating_param(ctx)
+        if separating is not None:
+            out = [separating, *(r for r in out if r.param != separating.param)]
+    if lr and _lr_high_enough(ctx, lr):
+        out = [r for r in out if not (r.param == "lr" and r.action == "increase")]
+        if candidate.verdict == "slow_convergence" and not any(r.param == "epochs" for r in out):
+            out.append(Remedy("epochs", "increase", "more epochs let the slow descent finish", factor=2))
+    elif lr and good_lr and good_lr > lr:  # an increase goes as far as the good trials' lr, not a fixed decade
+        out = [_toward(r, "lr", lr, good_lr, f"the study's good trials trained at lr near {good_lr:.3g}")
+               if r.param == "lr" and r.action == "increase" and r.factor and lr * r.factor > good_lr else r
+               for r in out]
+    return [_inside_bounds(r, ctx) for r in out]
+
+
+def _behind_peers(h: History) -> bool:
+    gap = peer_gap(h)
+    return gap is not None and gap > PEER_POOR
+
+
+def _lr_high_enough(ctx: Any, lr: float) -> bool:
+    """At or above the lr of one of the good trials, or at the top of the lr range: a larger one is no remedy."""
+    good = [float(p.params["lr"]) for p in ctx.peers.good() if p.params.get("lr")] if ctx.peers is not None else []
+    bound = ctx.bounds.get("lr")
+    return (bool(good) and lr >= min(good) * 0.999) or (bound is not None and lr >= bound.high * 0.999)
+
+
+def _toward(remedy: Remedy, param: str, current: float, target: float, why: str) -> Remedy:
+    factor = float(f"{target / current:.2g}")
+    return Remedy(param, remedy.action, f"{remedy.reason}; {why}", factor=factor)
+
+
+def _separating_param(ctx: Any) -> Remedy | None:
+    """The swept hyperparameter by which the trial differs most from the good trials (in units of its
+    search range, on a log scale where the range is), as a remedy moving it to their value."""
+    best: tuple[float, str, float, float] | None = None
+    for name in ("lr", "weight_decay", "dropout", "batch_size"):
+        mine, theirs = ctx.params.get(name), ctx.peers.typical(name) if ctx.peers is not None else None
+        if mine is None or theirs is None or mine == theirs:
+            continue
+        bound = ctx.bounds.get(name)
+        logs = name in LOG_PARAMS and mine > 0 and theirs > 0
+        distance = abs(math.log10(mine / theirs)) if logs else abs(mine - theirs)
+        if bound is not None and bound.high > bound.low:
+            span = (math.log10(bound.high / bound.low) if logs and bound.low > 0 else bound.high - bound.low)
+            distance /= max(span, 1e-12)
+        elif logs:
+            distance /= 3.0  # three decades: a common range
+        if best is None or distance > best[0]:
+            best = (distance, name, mine, theirs)
+    if best is None or best[0] < 0.2:
+        return None  # no parameter stands out: the curve's own remedies apply
+    _, name, mine, theirs = best
+    action = "increase" if theirs > mine else "decrease"
+    why = (f"the run sits far behind the study's good trials, and {name} is what sets it apart most: "
+           f"{mine:.3g} here against {theirs:.3g} there")
+    if mine == 0:
+        return Remedy(name, "set", why, value=float(f"{theirs:.2g}"))
+    return Remedy(name, action, why, factor=float(f"{theirs / mine:.2g}"))
+
+
+def _inside_bounds(remedy: Remedy, ctx: Any) -> Remedy:
+    """The remedy clipped into the study's search space, or saying that the bounds forbid it."""
+    bound = ctx.bounds.get(remedy.param)
+    current = ctx.params.get(remedy.param)
+    if bound is None or current is None or remedy.param not in ("lr", "batch_size", "epochs", "weight_decay",
+                                                                  "dropout"):
+        return remedy
+    if remedy.value is not None and isinstance(remedy.value, int | float):
+        wanted = float(remedy.value)
+    elif remedy.factor is not None:
+        wanted = float(_scaled(remedy.param, current, remedy.factor))
+    else:
+        return remedy
+    fitted = bound.clip(wanted)
+    if fitted == wanted:
+        return remedy
+    if fitted == current or (wanted - current) * (fitted - current) <= 0:
+        below = wanted < current
+        edge = bound.low if below else bound.high
+        return Remedy(remedy.param, remedy.action, f"{remedy.reason}; but {remedy.param} {current:.3g} is already at "
+                                                   f"the {'bottom' if below else 'top'} of the search space: widen the "
+                                                   f"{remedy.param} range {'below' if below else 'above'} {edge:g}",
+                      factor=remedy.factor, value=remedy.value)
+    reason = f"{remedy.reason} (as far as the search space allows: {fitted:g})"
+    if remedy.param in ("batch_size", "epochs"):
+        return Remedy(remedy.param, "set", reason, value=int(fitted))
+    return Remedy(remedy.param, remedy.action, reason, factor=float(f"{fitted / current:.3g}") if current else None,
+                  value=None if current else fitted)

@@ -32,6 +32,11 @@ IMPROVING_DROP = 0.05       # > 5% fall over the last fifth: still improving
 FLAT_DROP = 0.02            # < 2% over the last fifth: flat
 NEAR_MINIMUM = 0.10         # converged: within 10% of the minimum
 GOOD_QUALITY = 0.6          # `quality` at or above which a level counts as good
+# With a context (`studies.diagnosis.context`):
+BLOWN_START = 3.0           # a first-epochs loss above 3x an untrained network's (ln k): the first steps overshot
+JUMP_FACTOR = 3.0           # a loss that jumps to 3x the epoch before's, back above where it started
+PEER_GOOD = 0.10            # a best objective within 10% of the study's best is a good level...
+PEER_POOR = 0.50            # ...and one worse than it by more than half its magnitude a poor one
 
 
 @dataclass
@@ -266,11 +271,19 @@ def quality(h: History) -> tuple[float, str]:
     """
     loss = h.loss
     first = float(h.train_loss[0])
+    untrained = h.context.untrained_loss if h.context is not None else None
     best = float(np.nanmin(loss))
-    progress = max(0.0, min(1.0, (first - best) / sig.level(loss, first))) if math.isfinite(best) else 0.0
-    why = f"the loss went from {first:.4g} to a best of {best:.4g} ({_pct(progress)} of the way to zero)"
+    if untrained is not None and first > untrained:  # a blown-up first epoch says nothing of the task
+        start, where = untrained, f"an untrained network's {untrained:.3g} (ln {h.context.n_classes})"
+    else:
+        start, where = first, f"{first:.4g}"
+    progress = max(0.0, min(1.0, (start - best) / sig.level(loss, start))) if math.isfinite(best) else 0.0
+    why = f"the loss went from {where} to a best of {best:.4g} ({_pct(progress)} of the way to zero)"
     if h.has("val_acc"):
-        classes = math.exp(first) if 0 < first < math.log(100) else 10.0
+        if h.context is not None and h.context.n_classes:
+            classes = float(h.context.n_classes)
+        else:
+            classes = math.exp(first) if 0 < first < math.log(100) else 10.0
         chance = 1.0 / max(classes, 2.0)
         acc = float(np.nanmax(h.val_acc))
         skill = max(0.0, (acc - chance) / (1 - chance))
@@ -298,10 +311,17 @@ def good_level(h: History, q: float, why: str) -> tuple[bool, str]:
     weighs in: classification needs skill without a training loss far above validation's; a
     regression (no accuracy to go by) needs a model that fits its training data better than new data.
     """
+    behind = peer_gap(h)
+    if behind is not None:
+        best = h.context.peers.best.value  # type: ignore[union-attr]
+        if behind <= PEER_GOOD:
+            return True, why + f"; its best {h.metric} is within {_pct(PEER_GOOD)} of the study's best {best:.4g}"
+        if behind > PEER_POOR:
+            return False, why + f"; its best {h.metric} is {_pct(behind)} worse than the study's best {best:.4g}"
     gap = generalisation_gap(h)
     if gap is None:
         return q >= GOOD_QUALITY, why
-    why += f"; train_loss is {_pct(gap)} below val_loss"
+    why += f"; train_loss is {_pct(gap)} below val_loss" if gap >= 0 else f"; train_loss is {_pct(-gap)} above val_loss"
     if h.has("val_acc"):
         return q >= GOOD_QUALITY and (gap > -0.1 or q >= 0.85), why
     return (gap >= 0.05 and q >= 0.3) or q >= 0.95, why
@@ -355,3 +375,84 @@ def trend(h: History) -> Candidate:
                  f"{np.median(h.val_loss[-3:]):.4g}: regularisation holds the model back")
     return Candidate("underfitting", 1 - quality_margin, _epoch(h, 0),
                      [Finding("underfitting", _epoch(h, 0), text)], facts)
+
+
+def objective_values(h: History) -> np.ndarray | None:
+    """The objective metric per epoch, where the history carries it (a plug-in's own metric it does not)."""
+    return getattr(h, h.metric) if h.metric in ("val_loss", "val_acc", "train_loss") else None
+
+
+def peer_gap(h: History) -> float | None:
+    """How much worse the trial's best objective so far is than the study's best, as a share of the best's
+    magnitude (0: as good; 0.5: half again worse; negative: better); None without peers or the objective."""
+    peers = h.context.peers if h.context is not None else None
+    values = objective_values(h)
+    if peers is None or peers.best is None or values is None or not np.isfinite(values).any():
+        return None
+    mine = float(np.nanmin(values) if h.direction == "minimize" else np.nanmax(values))
+    scale = max(abs(peers.best.value), 1e-12)
+    worse = mine - peers.best.value if h.direction == "minimize" else peers.best.value - mine
+    return worse / scale
+
+
+def lr_too_high(h: History) -> Candidate | None:
+    """A learning rate far too high, which the context makes readable (nothing without one).
+
+    Two signs: a loss in the first epochs far above what an untrained network scores (ln k for a
+    k-class cross-entropy), which ends the run `diverged` when it never gets back below that
+    level or to skill above chance (dead units: the network at chance); and a loss that jumps to
+    3x the epoch before, back above where it started, which is `oscillating` (the steps overshoot).
+    Either way the first remedy lowers the learning rate (`remedies`).
+    """
+    ctx = h.context
+    if ctx is None or len(h) < 3:  # a high lr that recovers takes an epoch or two: read it after three
+        return None
+    untrained = ctx.untrained_loss
+    if untrained is not None:
+        early = sig.finite(np.concatenate([h.train_loss[:3], h.val_loss[:3]]))
+        peak = float(np.max(early)) if len(early) else math.nan
+        ratio = peak / untrained
+        end = float(np.median(sig.finite(h.train_loss[-3:]))) if len(sig.finite(h.train_loss[-3:])) else math.nan
+        if ratio > BLOWN_START:
+            q, why = quality(h)
+            if q < 0.3 or end > untrained:
+                score = max(margin_confidence(ratio, BLOWN_START, scale=0.5, log=True),
+                            margin_confidence(0.3, q, scale=0.1))
+                state = (f"the run never got back to skill ({why})" if q < 0.3 else
+                         f"its train_loss still ends at {end:.4g}, above that untrained level")
+                return Candidate("diverged", max(score, 0.6), _epoch(h, 0), [Finding(
+                    "diverged", _epoch(h, 0), f"in the first epochs the loss reached {peak:.4g}, {ratio:.3g}x the "
+                                             f"{untrained:.3g} of an untrained {ctx.n_classes}-class network "
+                                             f"(ln {ctx.n_classes}), and {state}: steps far too large")],
+                    {"collapsed": 1.0, "blown_ratio": ratio})
+    jump = _worst_jump(h, untrained)
+    if jump is None:
+        return None
+    name, index, factor, count = jump
+    values = getattr(h, name)
+    e = _epoch(h, index)
+    score = min(0.95, margin_confidence(factor, JUMP_FACTOR, scale=0.3, log=True) + 0.1 * (count - 1))
+    return Candidate("oscillating", max(score, 0.6), e, [Finding(
+        "oscillating", e, f"{name} jumped from {values[index - 1]:.4g} at epoch {h.epochs[index - 1]} to "
+                          f"{values[index]:.4g} at epoch {e} ({factor:.3g}x)"
+                          + (f", and {count - 1} more time(s)" if count > 1 else "")
+                          + ": the steps overshoot")], {"jump": factor})
+
+
+def _worst_jump(h: History, untrained: float | None) -> tuple[str, int, float, int] | None:
+    """The largest epoch-to-epoch jump of 3x or more that lands back above where the curve started (or
+    above an untrained network's loss): (metric, index, factor, how many such jumps), or None."""
+    found: tuple[str, int, float, int] | None = None
+    for name in ("val_loss", "train_loss"):
+        values = getattr(h, name)
+        ok = np.isfinite(values[1:]) & np.isfinite(values[:-1]) & (values[:-1] > 0)
+        if not ok.any():
+            continue
+        start = float(sig.finite(values)[0])
+        floor = min(start, untrained) if untrained is not None else start
+        ratio = np.where(ok, values[1:] / np.where(values[:-1] > 0, values[:-1], 1.0), 0.0)
+        jumps = np.flatnonzero((ratio >= JUMP_FACTOR) & (values[1:] >= floor))
+        if len(jumps) and (found is None or ratio[jumps].max() > found[2]):
+            worst = int(jumps[np.argmax(ratio[jumps])])
+            found = (name, worst + 1, float(ratio[worst]), len(jumps))
+    return found

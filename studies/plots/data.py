@@ -245,37 +245,64 @@ def loss_curve(rows: Sequence[Mapping[str, Any]]) -> tuple[str, list[tuple[int, 
 # ---------------------------------------------------------------- notes
 
 
+def _plain(value: Any) -> str:
+    """A value as people read it, not as Python prints it: 3 significant digits for a float
+    (0.000316, not 0.00031622776601683794), a whole float without ".0", true/false, and a mapping
+    or a list as "key value, ..." rather than their Python form."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return f"{value:.3g}" if math.isfinite(value) else str(value).lower()  # nan, inf, -inf
+    if isinstance(value, Mapping):
+        return ", ".join(f"{key} {_plain(v)}" for key, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value)
+    return str(value)
+
+
 def _remedy_text(remedy: Mapping[str, Any]) -> str:
-    param, action = remedy.get("param"), remedy.get("action")
-    if action == "set":
-        change = f"set `{param}` to {remedy.get('value')}"
+    param, action = remedy.get("param"), remedy.get("action") or "change"
+    target = f" `{param}`" if param else ""
+    if action == "set" and remedy.get("value") is not None:
+        change = f"set{target} to {_plain(remedy['value'])}"
     elif remedy.get("factor") is not None:
-        change = f"{action} `{param}` ×{remedy.get('factor')}"
+        change = f"{action}{target} ×{_plain(remedy['factor'])}"
     else:
-        change = f"{action} `{param}`"
+        change = f"{action}{target}"
     reason = remedy.get("reason")
-    return f"{change}: {reason}" if reason else change
+    return f"{change}: {_plain(reason)}" if reason else change
+
+
+def _finding_text(finding: Mapping[str, Any]) -> str:
+    """E.g. "- **overfitting** (epoch 3): val_loss rose 34% above its minimum"; no epoch part for a
+    finding without one (a trend over the whole run)."""
+    epoch, evidence = finding.get("epoch"), finding.get("evidence")
+    return (f"- **{finding.get('kind') or 'finding'}**" + (f" (epoch {_plain(epoch)})" if epoch is not None else "")
+            + (f": {_plain(evidence)}" if evidence else ""))
 
 
 def diagnosis_note(trial: int, diagnosis: Mapping[str, Any] | None, epoch: int | None = None) -> str:
     """A trial's diagnosis as the Markdown of its optuna-dashboard note: verdict, evidence, remedies."""
     if not diagnosis:
         return f"## Converge: trial {trial}\n\nNo diagnosis: no epoch was recorded.\n"
-    verdict = diagnosis.get("verdict")
+    verdict = diagnosis.get("verdict") or "no verdict"
     confidence = finite(diagnosis.get("confidence"))
-    health = "healthy" if diagnosis.get("healthy") else "unhealthy"
+    health = "healthy" if diagnosis.get("healthy", verdict in HEALTHY_VERDICTS) else "unhealthy"
+    onset = diagnosis.get("onset_epoch")
     lines = [f"## Converge: {verdict}", "",
              f"**Verdict:** `{verdict}` ({health}" + (f", confidence {confidence:.2f}" if confidence is not None
                                                       else "") + ")"
-             + (f", from epoch {diagnosis['onset_epoch']}" if diagnosis.get("onset_epoch") is not None else "")
+             + (f", from epoch {_plain(onset)}" if onset is not None else "")
              + (f"; last epoch seen {epoch}" if epoch is not None else "") + "."]
     if diagnosis.get("summary"):
-        lines += ["", str(diagnosis["summary"])]
-    findings = diagnosis.get("findings") or []
+        lines += ["", _plain(diagnosis["summary"])]
+    findings = [f for f in diagnosis.get("findings") or [] if isinstance(f, Mapping)]
     if findings:
         lines += ["", "### Evidence", ""]
-        lines += [f"- **{f.get('kind')}** (epoch {f.get('epoch')}): {f.get('evidence')}" for f in findings]
-    remedies = diagnosis.get("remedies") or []
+        lines += [_finding_text(f) for f in findings]
+    remedies = [r for r in diagnosis.get("remedies") or [] if isinstance(r, Mapping)]
     if remedies:
         lines += ["", "### Remedies", ""]
         lines += [f"{i}. {_remedy_text(r)}" for i, r in enumerate(remedies, 1)]

@@ -102,10 +102,11 @@ def get_study_diagnosis(name: StudyName, session: SessionDep) -> StudyDiagnosisO
 
     - `verdicts`: trials per verdict of their latest diagnosis (final once the trial ended);
       `undiagnosed` trials are counted apart, and failed attempts that were rerun not at all.
-    - `regions`: for each unhealthy verdict, the hyperparameter thresholds that explain it, e.g.
-      "lr > 0.21: 9 of 10 trials diverged" (ended trials only; at least 2 trials with the verdict,
-      60% of the region's trials and 20 points above the verdict's share in the study, and
-      unlikely by chance).
+    - `regions`: the hyperparameter thresholds that explain the unhealthy trials, all unhealthy
+      verdicts together, e.g. "lr > 0.3: 6 of 6 trials unhealthy: diverged 3, oscillating 2,
+      underfitting 1" (ended trials only; at least 2 unhealthy trials, 60% of the region's trials
+      and 20 points above the unhealthy share in the study, and unlikely by chance); a single
+      verdict's region where the group shows none on that side.
     - `importance`: Optuna's PED-ANOVA parameter importance over the completed trials (up to
       5,000, evenly subsampled); null with a `reason` under 10 of them.
     - `recommendation`: a complete spec named NAME-next that `POST /v1/studies` accepts as it is:
