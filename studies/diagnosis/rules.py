@@ -34,6 +34,7 @@ NEAR_MINIMUM = 0.10         # converged: within 10% of the minimum
 GOOD_QUALITY = 0.6          # `quality` at or above which a level counts as good
 # With a context (`studies.diagnosis.context`):
 BLOWN_START = 3.0           # a first-epochs loss above 3x an untrained network's (ln k): the first steps overshot
+OVERSHOT_START = 1.3        # ... above 1.3x it, with the network dead at chance since
 JUMP_FACTOR = 3.0           # a loss that jumps to 3x the epoch before's, back above where it started
 PEER_GOOD = 0.10            # a best objective within 10% of the study's best is a good level...
 PEER_POOR = 0.50            # ...and one worse than it by more than half its magnitude a poor one
@@ -413,13 +414,19 @@ def lr_too_high(h: History) -> Candidate | None:
         peak = float(np.max(early)) if len(early) else math.nan
         ratio = peak / untrained
         end = float(np.median(sig.finite(h.train_loss[-3:]))) if len(sig.finite(h.train_loss[-3:])) else math.nan
-        if ratio > BLOWN_START:
-            q, why = quality(h)
+        q, why = quality(h)
+        # Above an untrained network's loss at first, then a network at chance (its validation loss at ln k,
+        # no skill): the first steps threw the weights far off and killed its units. A too-small lr starts
+        # at ln k and stays near it; heavy regularisation pulls the outputs to uniform, also at ln k.
+        dead = q < 0.1 and h.has("val_loss") and float(np.nanmin(h.val_loss[-3:])) >= 0.95 * untrained
+        if ratio > BLOWN_START or (ratio > OVERSHOT_START and dead):
             if q < 0.3 or end > untrained:
                 score = max(margin_confidence(ratio, BLOWN_START, scale=0.5, log=True),
                             margin_confidence(0.3, q, scale=0.1))
-                state = (f"the run never got back to skill ({why})" if q < 0.3 else
-                         f"its train_loss still ends at {end:.4g}, above that untrained level")
+                if ratio <= BLOWN_START:
+                    score = min(score, 0.8)  # a milder overshoot: the dead network is most of the evidence
+                state = (f"its train_loss still ends at {end:.4g}, above that untrained level" if end > untrained
+                         else f"the run never got back to skill ({why})")
                 return Candidate("diverged", max(score, 0.6), _epoch(h, 0), [Finding(
                     "diverged", _epoch(h, 0), f"in the first epochs the loss reached {peak:.4g}, {ratio:.3g}x the "
                                              f"{untrained:.3g} of an untrained {ctx.n_classes}-class network "
