@@ -425,8 +425,8 @@ def lr_too_high(h: History) -> Candidate | None:
                             margin_confidence(0.3, q, scale=0.1))
                 if ratio <= BLOWN_START:
                     score = min(score, 0.8)  # a milder overshoot: the dead network is most of the evidence
-                state = (f"its train_loss still ends at {end:.4g}, above that untrained level" if end > untrained
-                         else f"the run never got back to skill ({why})")
+                state = (f"its train_loss still ends at {end:.4g}, above that untrained level ({why})"
+                         if end > untrained else f"the run never got back to skill ({why})")
                 return Candidate("diverged", max(score, 0.6), _epoch(h, 0), [Finding(
                     "diverged", _epoch(h, 0), f"in the first epochs the loss reached {peak:.4g}, {ratio:.3g}x the "
                                              f"{untrained:.3g} of an untrained {ctx.n_classes}-class network "
