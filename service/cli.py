@@ -592,8 +592,7 @@ def study_create(spec_path: Path, check: bool) -> None:
 
 def _dry_run(spec: Any) -> None:
     """`study create --check`: the same dry run a worker makes (`studies.plugin_check.check_task`)."""
-    from studies.plugin_check import PluginCheckError, check_task
-    from studies.policy import check_before_running
+    from studies.plugin_check import PluginCheckError, check_before_running, check_task
 
     check_before_running(spec, get_settings())  # nothing is imported from a module the settings do not allow
     if not spec.task.is_plugin:

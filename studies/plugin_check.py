@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from service.settings import Settings
+from studies import policy
 from studies.search_space import PARAM_NAMES
 from studies.spec import FloatRange, IntChoices, IntRange, StudySpec
 
@@ -39,6 +40,34 @@ def dry_run_params(spec: StudySpec) -> dict[str, Any]:
             params[name] = p.values()[0]
     params["epochs"] = 1
     return params
+
+
+def check_before_running(spec: StudySpec, settings: Settings) -> None:
+    """The worker's check before anything of a study runs (and `study create --check`'s): the operator's
+    policy (`studies.policy.check_spec`), then, for the user's own factories, that each is defined in an
+    allowed module. Only allowed modules are imported (`trainers.plugins.load_factory`), so a name an
+    allowed module merely re-exports (`os.system`) is refused unrun. PolicyError if not allowed."""
+    policy.check_spec(spec, settings)
+    if not spec.task.is_plugin:
+        return
+    from trainers.plugins import PluginError, load_factory
+
+    prefixes = settings.split(settings.plugin_modules)
+    problems = []
+    for role in ("model", "data"):
+        path: str = getattr(spec.task, role)
+        try:
+            factory = load_factory(path, role)
+        except PluginError as exc:
+            problems.append(str(exc))
+            continue
+        defined_in = getattr(factory, "__module__", None)
+        if not (isinstance(defined_in, str) and policy.module_allowed(defined_in, prefixes)):
+            problems.append(f"task.{role} {path!r} is defined in {defined_in!r}, not in an allowed module "
+                            "(CONVERGE_PLUGIN_MODULES): a name an allowed module merely imports from elsewhere "
+                            "is refused")
+    if problems:
+        raise policy.PolicyError(problems)
 
 
 def check_task(spec: StudySpec, settings: Settings | None = None) -> dict[str, Any]:

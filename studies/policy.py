@@ -4,20 +4,17 @@ CSV files it may read.
 A `write` token must not be able to run code or read files the operator did not allow, so a
 spec is checked where it enters (`studies.lifecycle.submit_study`, used by the API, the CLI and
 the scheduler; schedules when they are saved) and again by the worker before it imports or
-opens anything (`check_before_running`), since a spec can reach the database by other routes.
-The API side never imports the user's code: it checks the module path only. The worker also
-checks that the factory is defined in an allowed module, so a name an allowed package merely
-re-exports (`os.system` under `mypkg`) is refused. trainers/data.py checks a CSV path again
-on the real path, just before it opens the file.
+opens anything (`studies.plugin_check.check_before_running`), since a spec can reach the
+database by other routes. The API side never imports the user's code: it checks the module path
+only. The worker also checks that the factory is defined in an allowed module, so a name an
+allowed package merely re-exports (`os.system` under `mypkg`) is refused. trainers/data.py
+checks a CSV path again on the real path, just before it opens the file.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from service.settings import Settings
 from studies.spec import SpecError, StudySpec
@@ -94,33 +91,3 @@ def check_spec(spec: StudySpec, settings: Settings) -> None:
     problems = policy_problems(spec, settings)
     if problems:
         raise PolicyError(problems)
-
-
-def _defined_in_allowed_module(role: str, path: str, prefixes: list[str]) -> str | None:
-    """Import the (allowed) module and check the factory was defined under an allowed prefix; the problem or None."""
-    module_name, _, attribute = path.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())  # where the worker was started, as trainers.plugins.load_factory does
-    try:
-        found: Any = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            found = getattr(found, part)
-    except Exception as exc:
-        return f"task.{role} {path!r} does not import: {type(exc).__name__}: {exc}"
-    defined_in = getattr(found, "__module__", None)
-    if isinstance(defined_in, str) and module_allowed(defined_in, prefixes):
-        return None
-    return (f"task.{role} {path!r} is defined in {defined_in!r}, not in an allowed module (CONVERGE_PLUGIN_MODULES): "
-            "a name an allowed module merely imports from elsewhere is refused")
-
-
-def check_before_running(spec: StudySpec, settings: Settings) -> None:
-    """The worker's check before it runs anything of a study: the spec's modules and paths, then
-    (importing only allowed modules) where its factories are really defined. PolicyError if not allowed."""
-    check_spec(spec, settings)
-    if spec.task.is_plugin:
-        prefixes = settings.split(settings.plugin_modules)
-        problems = [problem for role in ("model", "data")
-                    if (problem := _defined_in_allowed_module(role, getattr(spec.task, role), prefixes))]
-        if problems:
-            raise PolicyError(problems)

@@ -99,7 +99,7 @@ def run_slot(settings: Settings, slot: ClaimedSlot, *, device: str = "auto",
             raise  # the database, not the study: the worker gives the slot back and tries again
         raise StudySetupError(f"{type(exc).__name__}: {exc}") from exc
     try:
-        policy.check_before_running(spec, settings)  # before anything of the study is imported or opened
+        plugin_check.check_before_running(spec, settings)  # before anything of the study is imported or opened
     except policy.PolicyError as exc:
         raise StudySetupError(f"refused by this worker's settings: {exc}") from exc
     _check_plugin_once(settings, spec, slot, study)

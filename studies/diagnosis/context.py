@@ -135,8 +135,8 @@ def _params(value: Any, where: str, problems: list[str]) -> dict[str, float]:
         if v is None:
             continue
         if not _finite(v) or v < 0 or (name in ("lr", "batch_size", "epochs") and v <= 0):
-            problems.append(f"{where}.{name} must be a finite {'positive' if name != 'dropout' else 'non-negative'} "
-                            f"number, got {str(v)[:40]}")
+            sign = "non-negative" if name in ("weight_decay", "dropout") else "positive"
+            problems.append(f"{where}.{name} must be a finite {sign} number, got {str(v)[:40]}")
             continue
         out[name] = float(v)
     return out

@@ -414,7 +414,7 @@ def lr_too_high(h: History) -> Candidate | None:
         peak = float(np.max(early)) if len(early) else math.nan
         ratio = peak / untrained
         end = float(np.median(sig.finite(h.train_loss[-3:]))) if len(sig.finite(h.train_loss[-3:])) else math.nan
-        q, why = quality(h)
+        q, why = quality(h) if ratio > OVERSHOT_START else (1.0, "")  # read per epoch: only when it can matter
         # Above an untrained network's loss at first, then a network at chance (its validation loss at ln k,
         # no skill): the first steps threw the weights far off and killed its units. A too-small lr starts
         # at ln k and stays near it; heavy regularisation pulls the outputs to uniform, also at ln k.
