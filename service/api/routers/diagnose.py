@@ -32,5 +32,12 @@ def diagnose_history(history: HistoryBody) -> DiagnosisOut:
     `GET /v1/studies/{name}/trials/{number}/metrics?layout=history` is one). Only `epoch` and `train_loss` are
     required per epoch; NaN and infinities may be the strings "NaN", "Infinity", "-Infinity" or
     bare NaN/Infinity tokens. At most 10,000 epochs. Nothing is stored.
+
+    An optional `context` (every key optional, unknown keys ignored) tells what the curve cannot:
+    `task`, `n_classes` (the chance level and an untrained network's loss, ln k), the trial's
+    `params`, the search space's `bounds` (remedies stay inside them) and `peers`, the study's ended
+    trials (`ended`, `best` and `top` with `value` and `params`: a level far behind the best is not
+    converged, lr moves go toward the good trials'). A malformed context, or one that contradicts the
+    history (`n_classes: 1`), is a 422 listing each problem.
     """
     return views.diagnose_history(history)
