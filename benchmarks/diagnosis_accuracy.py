@@ -35,21 +35,30 @@ from studies.diagnosis import HEALTHY_VERDICTS, VERDICTS, diagnose
 
 CURVES = Path(__file__).resolve().parent.parent / "tests" / "data" / "curves.jsonl"
 HOLDOUT = CURVES.with_name("curves_holdout.jsonl")
+# Trials of random sweeps labelled by outcome (`benchmarks/sweep_trials.py --curves tests/data`), one file per set.
+SWEEPS = {CURVES: CURVES.with_name("curves_sweeps.jsonl"), HOLDOUT: CURVES.with_name("curves_sweeps_holdout.jsonl")}
+HEALTHY_BY_OUTCOME = "healthy"
 LATENCY_VERDICTS = ("diverged", "exploding_gradients", "overfitting")
 TARGETS = {"accuracy": 0.95, "healthy_called_unhealthy": 0.05, "latency_diverged": 2.0,
            "latency_exploding_gradients": 2.0, "ms_per_diagnosis": 5.0, "collection_overhead": 0.03}
 
 
-def load_records(path: Path = CURVES) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def load_records(path: Path = CURVES, *, with_sweeps: bool = True) -> list[dict[str, Any]]:
+    """The runs in `path`, and for the two sets, their sweep trials (`SWEEPS`) after them."""
+    paths = [path] + ([SWEEPS[path]] if with_sweeps and path in SWEEPS and SWEEPS[path].exists() else [])
+    return [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
 
 
 def predictions(records: list[dict[str, Any]]) -> list[tuple[str, str, float]]:
-    """(label, verdict, confidence) for each record's full history."""
+    """(label, verdict, confidence) for each record's full history. A sweep trial labelled `healthy` (by its
+    outcome, which cannot tell converged from still improving) counts as right with either healthy verdict."""
     out = []
     for record in records:
         result = diagnose(record["history"])
-        out.append((record["label"], result.verdict, result.confidence))
+        label = record["label"]
+        if label == HEALTHY_BY_OUTCOME and result.verdict in HEALTHY_VERDICTS:
+            label = result.verdict
+        out.append((label, result.verdict, result.confidence))
     return out
 
 
@@ -62,7 +71,7 @@ def scores(pairs: list[tuple[str, str, float]]) -> dict[str, Any]:
         called = sum(n for (_, verdict), n in confusion.items() if verdict == v)
         per_verdict[v] = {"n": labelled, "precision": tp / called if called else float("nan"),
                           "recall": tp / labelled if labelled else float("nan")}
-    healthy = [(label, verdict) for label, verdict, _ in pairs if label in HEALTHY_VERDICTS]
+    healthy = [(label, verdict) for label, verdict, _ in pairs if label in (*HEALTHY_VERDICTS, HEALTHY_BY_OUTCOME)]
     false_alarms = sum(verdict not in HEALTHY_VERDICTS for _, verdict in healthy)
     return {
         "n": len(pairs),
@@ -228,7 +237,7 @@ def print_details(records: list[dict[str, Any]], path: Path) -> None:
         print(f"{v:<22}{row['n']:>6}{row['precision']:>11.3f}{row['recall']:>8.3f}")
     print("\nconfusion (rows: label, columns: verdict)")
     print(f"{'':<22}" + "".join(f"{v[:6]:>8}" for v in VERDICTS))
-    for label in VERDICTS:
+    for label in (*VERDICTS, HEALTHY_BY_OUTCOME):
         print(f"{label:<22}" + "".join(f"{s['confusion'][(label, v)]:>8}" for v in VERDICTS))
     print("\nconfidence band        runs  mean conf  accuracy")
     for band, n, conf, acc in calibration(pairs):

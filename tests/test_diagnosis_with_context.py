@@ -118,6 +118,75 @@ def test_a_poor_flat_level_is_not_converged_with_peers() -> None:
     assert "worse than the study's best 0.2" in d["findings"][0]["evidence"]
 
 
+def test_a_weight_decay_too_small_to_act_is_not_what_sets_a_run_apart() -> None:
+    """Sweep trials (benchmarks/sweep_trials.py): wd 1e-6 against the good trials' 1e-4 acts alike; its lr
+    1e-5 against their 0.003 is the difference. Nor is more regularisation a remedy for a run that fits too little."""
+    stuck = [2.30, 2.29, 2.29, 2.28, 2.28, 2.28, 2.28, 2.28]
+    for changed in ({"lr": 1e-5, "weight_decay": 1e-6}, {"lr": 1e-5, "weight_decay": 1e-6, "dropout": 0.0}):
+        d = diagnose(history(stuck, stuck, [0.1] * 8, n_classes=10, params=params(**changed, epochs=8),
+                             bounds=BOUNDS, peers=PEERS)).to_dict()
+        assert not d["healthy"]
+        first = d["remedies"][0]
+        assert first["param"] == "lr" and first["action"] == "increase", d["remedies"]
+        assert not any(r["param"] in ("weight_decay", "dropout") and r["action"] == "increase"
+                       for r in d["remedies"]), d["remedies"]
+        assert not any(r["param"] == "weight_decay" and r["action"] == "decrease" for r in d["remedies"])
+
+
+def test_an_lr_move_toward_the_peers_is_a_decade_at_most_for_a_run_that_learns() -> None:
+    """A run that made progress risks more in a long lr move (the good trials' lr may go with more epochs);
+    one whose loss has not moved does not."""
+    learning = [2.0, 1.2, 1.0, 0.95, 0.92, 0.90, 0.89, 0.88, 0.87, 0.86]
+    d = diagnose(history(learning, learning, params=params(lr=1e-5, epochs=10), bounds=BOUNDS,
+                         peers=PEERS)).to_dict()
+    first = d["remedies"][0]
+    assert first["param"] == "lr" and first["action"] == "increase", d
+    assert 1e-5 * first["factor"] == pytest.approx(1e-4, rel=0.05)
+    stuck = [1.00, 1.00, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99]
+    d = diagnose(history(stuck, stuck, params=params(lr=1e-5, epochs=10), bounds=BOUNDS, peers=PEERS)).to_dict()
+    first = d["remedies"][0]
+    assert first["param"] == "lr" and 1e-5 * first["factor"] == pytest.approx(0.003, rel=0.35), d["remedies"]
+
+
+def test_peers_no_better_than_chance_do_not_make_a_run_at_chance_converged() -> None:
+    """Early in a sweep of a hard task every trial so far may sit at chance: level with them is not good."""
+    flat = [3.27, 3.266, 3.266, 3.266, 3.266, 3.266, 3.266, 3.266]
+    d = diagnose(history(flat, flat, [0.04] * 8, n_classes=26, params=params(epochs=8),
+                         peers={"ended": 4, "best": {"value": 3.25}})).to_dict()
+    assert d["verdict"] != "converged" and not d["healthy"], d
+
+
+def test_a_slow_start_from_unscaled_inputs_is_not_a_blow_up() -> None:
+    """26 classes, unscaled features, heavy dropout: the first epoch's loss is huge at any lr and falls over many
+    epochs; a blow-up is over within an epoch (many-classes in benchmarks/sweep_trials.py)."""
+    slow_start = [24.1, 14.9, 10.3, 7.46, 5.74, 4.87, 4.25, 4.01, 3.83, 3.67]
+    d = diagnose(history(slow_start, [4.75, 3.36, 3.09, 3.17, 3.22, 3.23, 3.24, 3.25, 3.25, 3.25],
+                         [0.06, 0.09, 0.12, 0.09, 0.07, 0.06, 0.06, 0.06, 0.05, 0.05])).to_dict()
+    assert d["verdict"] != "diverged", d
+    blown = [22.7, 3.3, 3.29, 3.29, 3.51, 3.29, 3.3, 3.29, 3.28]
+    d = diagnose(history(blown, [3.28, 3.29, 3.3, 3.29, 3.27, 3.32, 3.28, 3.27, 3.31], [0.04] * 9)).to_dict()
+    assert d["verdict"] == "diverged", d
+
+
+def test_a_regularised_slow_run_lowers_dropout_first() -> None:
+    """Training loss far above validation loss (dropout 0.77): the regularisation, not the lr, holds it back."""
+    train = [2.08, 1.73, 1.56, 1.59, 1.47, 1.41, 1.44, 1.37, 1.4, 1.38, 1.36, 1.33, 1.38, 1.32, 1.37, 1.34, 1.25,
+             1.24, 1.2, 1.28]
+    val = [1.16, 0.875, 0.757, 0.745, 0.581, 0.609, 0.578, 0.54, 0.518, 0.545, 0.523, 0.506, 0.507, 0.479, 0.529,
+           0.491, 0.462, 0.452, 0.379, 0.466]
+    d = diagnose(history(train, val)).to_dict()
+    if d["verdict"] in ("slow_convergence", "underfitting"):
+        assert d["remedies"][0]["param"] == "dropout" and d["remedies"][0]["action"] == "decrease", d["remedies"]
+    else:
+        assert d["healthy"], d
+
+
+def test_a_short_descent_with_noisy_validation_is_not_oscillating() -> None:
+    val = [0.228, 0.173, 0.177, 0.172, 0.125, 0.181, 0.115]
+    d = diagnose(history([0.518, 0.308, 0.281, 0.245, 0.227, 0.243, 0.22], val)).to_dict()
+    assert d["verdict"] != "oscillating", d
+
+
 def test_remedies_stay_inside_the_bounds_or_say_the_bounds_forbid_them() -> None:
     train, val, acc = DIGITS_DEAD
     at_bottom = {**BOUNDS, "lr": {"low": 0.37, "high": 1.0, "log": True}}

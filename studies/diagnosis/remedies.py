@@ -47,6 +47,11 @@ def _by_verdict(candidate: Candidate, h: History) -> list[Remedy]:
                                          "a third of the rate often still overshoots", factor=0.1),
                 Remedy("batch_size", "increase", "averages out the gradient noise behind the swings", factor=2)]
     if verdict == "slow_convergence":
+        if facts.get("regularised"):
+            return [Remedy("dropout", "decrease", "training loss stays above validation loss: dropout is holding "
+                                                  "the descent back", factor=0.3),
+                    Remedy("weight_decay", "decrease", "less regularisation lets the model fit faster", factor=0.1),
+                    Remedy("epochs", "increase", "more epochs let the slow descent finish", factor=2)]
         return [Remedy("lr", "increase", "the loss falls steadily but slowly: steps are too small", factor=10),
                 Remedy("epochs", "increase", "more epochs let the slow descent finish", factor=2)]
     if verdict == "overfitting":
@@ -108,6 +113,9 @@ def _scaled(param: str, current: float, factor: float) -> float | int:
 
 LOG_PARAMS = ("lr", "weight_decay", "batch_size")  # compared on a log scale (ratios, not differences)
 LR_MOVES = ("diverged", "exploding_gradients", "oscillating")  # verdicts whose first remedy lowers lr
+MAX_LR_STEP = 10.0  # the most a run that still learns has its lr moved toward the good trials' in one repair
+LR_WEIGHT = 2.0  # the learning rate matters most (Bengio 2012): its distance from the good trials' counts double
+NEGLIGIBLE_DECAY = 1e-4  # weight decays below this all act alike within a sweep's epochs: compared as equal
 
 
 def fit_to_context(remedies: list[Remedy], candidate: Candidate, h: History) -> list[Remedy]:
@@ -127,12 +135,22 @@ def fit_to_context(remedies: list[Remedy], candidate: Candidate, h: History) -> 
     good_lr = ctx.peers.typical("lr") if ctx.peers is not None else None
     lr = ctx.params.get("lr")
     if candidate.verdict in LR_MOVES and lr and good_lr and good_lr < lr:
-        out = [_toward(r, "lr", lr, good_lr, f"the study's good trials trained at lr near {good_lr:.3g}")
+        # Toward the good trials' lr where the evidence says the steps are far too large (a blow-up, a loss
+        # jumping 3x back above its start); a run that merely swings, a decade at most: the good trials may
+        # have taken many more steps than it has.
+        far_too_high = candidate.verdict == "diverged" or "jump" in candidate.facts
+        target = good_lr if far_too_high else max(good_lr, lr / MAX_LR_STEP)
+        out = [_toward(r, "lr", lr, target, f"the study's good trials trained at lr near {good_lr:.3g}")
                if r.param == "lr" and r.action == "decrease" else r for r in out]
     if candidate.verdict in ("underfitting", "slow_convergence") and _behind_peers(h):
-        separating = _separating_param(ctx)
+        # A run whose loss has hardly moved risks little in a long move; one that learns, a decade at most.
+        stuck = candidate.facts.get("progress", 1.0) < 0.2
+        separating = _separating_param(ctx, max_lr_step=math.inf if stuck else MAX_LR_STEP)
         if separating is not None:
             out = [separating, *(r for r in out if r.param != separating.param)]
+    decay = ctx.params.get("weight_decay")
+    if decay is not None and decay <= NEGLIGIBLE_DECAY:  # lowering a decay that does nothing changes nothing
+        out = [r for r in out if not (r.param == "weight_decay" and r.action == "decrease")]
     if lr and _lr_high_enough(ctx, lr):
         out = [r for r in out if not (r.param == "lr" and r.action == "increase")]
         if candidate.verdict == "slow_convergence" and not any(r.param == "epochs" for r in out):
@@ -161,7 +179,7 @@ def _toward(remedy: Remedy, param: str, current: float, target: float, why: str)
     return Remedy(param, remedy.action, f"{remedy.reason}; {why}", factor=factor)
 
 
-def _separating_param(ctx: Any) -> Remedy | None:
+def _separating_param(ctx: Any, max_lr_step: float = MAX_LR_STEP) -> Remedy | None:
     """The swept hyperparameter by which the trial differs most from the good trials (in units of its
     search range, on a log scale where the range is), as a remedy moving it to their value."""
     best: tuple[float, str, float, float] | None = None
@@ -169,20 +187,31 @@ def _separating_param(ctx: Any) -> Remedy | None:
         mine, theirs = ctx.params.get(name), ctx.peers.typical(name) if ctx.peers is not None else None
         if mine is None or theirs is None or mine == theirs:
             continue
+        if name in ("weight_decay", "dropout") and theirs > mine:
+            continue  # more regularisation does not help a run that fits too little
+        if name == "weight_decay" and max(mine, theirs) <= NEGLIGIBLE_DECAY:
+            continue
         bound = ctx.bounds.get(name)
         logs = name in LOG_PARAMS and mine > 0 and theirs > 0
-        distance = abs(math.log10(mine / theirs)) if logs else abs(mine - theirs)
+        if name == "weight_decay" and logs:
+            distance = abs(math.log10(max(mine, NEGLIGIBLE_DECAY) / max(theirs, NEGLIGIBLE_DECAY)))
+        else:
+            distance = abs(math.log10(mine / theirs)) if logs else abs(mine - theirs)
         if bound is not None and bound.high > bound.low:
             span = (math.log10(bound.high / bound.low) if logs and bound.low > 0 else bound.high - bound.low)
             distance /= max(span, 1e-12)
         elif logs:
             distance /= 3.0  # three decades: a common range
+        if name == "lr":
+            distance *= LR_WEIGHT
         if best is None or distance > best[0]:
             best = (distance, name, mine, theirs)
     if best is None or best[0] < 0.2:
         return None  # no parameter stands out: the curve's own remedies apply
     _, name, mine, theirs = best
     action = "increase" if theirs > mine else "decrease"
+    if name == "lr":  # the good trials' lr may go with more epochs or other settings: `max_lr_step` at most
+        theirs = min(max(theirs, mine / max_lr_step), mine * max_lr_step)
     why = (f"the run sits far behind the study's good trials, and {name} is what sets it apart most: "
            f"{mine:.3g} here against {theirs:.3g} there")
     if mine == 0:

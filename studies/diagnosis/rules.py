@@ -38,6 +38,7 @@ OVERSHOT_START = 1.3        # ... above 1.3x it, with the network dead at chance
 JUMP_FACTOR = 3.0           # a loss that jumps to 3x the epoch before's, back above where it started
 PEER_GOOD = 0.10            # a best objective within 10% of the study's best is a good level...
 PEER_POOR = 0.50            # ...and one worse than it by more than half its magnitude a poor one
+NO_SKILL = 0.10             # `quality` under which a run has learnt next to nothing, whatever its peers did
 
 
 @dataclass
@@ -120,6 +121,10 @@ def _blown_up_and_dead(h: History) -> Candidate | None:
     # A falling curve also peaks at its start: only a peak above its own first epoch, or a
     # cross-entropy above any untrained network's (ln of 1000 classes ≈ 7), is a blow-up.
     if not (t[peak] > DIVERGE_FACTOR * t[0] or (h.has("val_acc") and t[peak] > DIVERGE_FACTOR * math.log(1000))):
+        return None
+    # A first epoch that high and a loss that then falls over many epochs is a slow start (unscaled inputs,
+    # heavy dropout), not a blow-up: a blow-up is over within an epoch.
+    if peak == 0 and t[1] > t[0] / DIVERGE_FACTOR:
         return None
     q, why = quality(h)
     if q >= 0.3:
@@ -238,6 +243,8 @@ def oscillating(h: History) -> Candidate | None:
             part = values[offset:]
             if len(part) < 5:
                 continue
+            if offset == 0 and len(part) < 10 and part[-1] <= np.min(part) and part[-1] < 0.7 * part[0]:
+                continue  # a short run making new lows at its end, well below its start: noise on a descent
             rate, swing, of_span, onset = sig.flip_rate(part, sig.robust_span(values))
             trend = sig.trend_strength(part)
             score = min(margin_confidence(rate, 0.45, scale=0.15),
@@ -315,7 +322,7 @@ def good_level(h: History, q: float, why: str) -> tuple[bool, str]:
     behind = peer_gap(h)
     if behind is not None:
         best = h.context.peers.best.value  # type: ignore[union-attr]
-        if behind <= PEER_GOOD:
+        if behind <= PEER_GOOD and q >= NO_SKILL:  # as good as the best of a study that learnt nothing is not good
             return True, why + f"; its best {h.metric} is within {_pct(PEER_GOOD)} of the study's best {best:.4g}"
         if behind > PEER_POOR:
             return False, why + f"; its best {h.metric} is {_pct(behind)} worse than the study's best {best:.4g}"
@@ -418,7 +425,7 @@ def lr_too_high(h: History) -> Candidate | None:
         # Above an untrained network's loss at first, then a network at chance (its validation loss at ln k,
         # no skill): the first steps threw the weights far off and killed its units. A too-small lr starts
         # at ln k and stays near it; heavy regularisation pulls the outputs to uniform, also at ln k.
-        dead = q < 0.1 and h.has("val_loss") and float(np.nanmin(h.val_loss[-3:])) >= 0.95 * untrained
+        dead = q < NO_SKILL and h.has("val_loss") and float(np.nanmin(h.val_loss[-3:])) >= 0.95 * untrained
         if ratio > BLOWN_START or (ratio > OVERSHOT_START and dead):
             if q < 0.3 or end > untrained:
                 score = max(margin_confidence(ratio, BLOWN_START, scale=0.5, log=True),
