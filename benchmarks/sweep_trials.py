@@ -24,10 +24,11 @@ Figures, per task and overall, with the issue's targets:
 - healthy trials (within 10% of the best, no better by 2% with twice the epochs, nor with the
   first remedy where one was given) called unhealthy (<= 5%).
 
-Two parts: `tune` (sampler seed 0, data split and init seed 0) is what the rules may be looked at
-against; `held-out` (sampler seed 1000, task seed 1) is never used for tuning and is the part the
-targets are judged on. Fits are cached by (task, seed, params) in `--cache`, so a rerun after a
-change to the rules trains only the remedies it has not seen.
+Two parts (`PARTS`): `tune`, two sweeps per task (sampler seeds 0 and 1000, data split and init
+seeds 0 and 1), is what the rules were looked at against; `held-out`, one sweep of 48 trials per
+task (sampler seed 2000, task seed 2) generated after the last rule change, is never used for
+tuning and is the part the targets are judged on. Fits are cached by (study, params) in `--cache`,
+so a rerun after a change to the rules trains only the remedies it has not seen.
 
     .venv/bin/python benchmarks/sweep_trials.py [--trials 24] [--tasks ...] [--parts tune,held-out] [--jobs 2]
 """
@@ -75,18 +76,29 @@ TASKS: dict[str, dict[str, Any]] = {  # the spec's task and objective metric
     "houses-plugin": {"task": {"model": "converge_examples.tabular:build_model",
                                "data": "converge_examples.tabular:build_data"}, "metric": "val_mae"},
 }
-PARTS = {"tune": {"sampler_seed": 0, "task_seed": 0}, "held-out": {"sampler_seed": 1000, "task_seed": 1}}
+@dataclass(frozen=True)
+class Sweep:
+    """One random sweep per task: its sampler's seed, the data split and init seed, and its trials."""
+
+    sampler_seed: int
+    task_seed: int
+    n_trials: int
+
+
+# `tune` is what the rules were looked at against: sampler seed 0, and seed 1000, which was the held-out
+# part until the rules were mended after its figures were seen. `held-out` was generated after the last change.
+PARTS = {"tune": (Sweep(0, 0, 24), Sweep(1000, 1, 24)), "held-out": (Sweep(2000, 2, 48),)}
 TARGETS = {"efficacy": 0.8, "harm": 0.05, "poor_called_converged": 0.05, "healthy_called_unhealthy": 0.05}
 BETTER, WORSE, NEAR_BEST, POOR = 0.02, 0.05, 0.10, 0.5
 
 
-def study_spec(task: str, part: str, n_trials: int) -> StudySpec:
-    fixed, seeds = TASKS[task], PARTS[part]
+def study_spec(task: str, sweep: Sweep, n_trials: int | None = None) -> StudySpec:
+    fixed = TASKS[task]
     return parse_spec({
-        "name": f"{task}-{part}", "task": {**fixed["task"], "seed": seeds["task_seed"]},
+        "name": f"{task}-seed{sweep.sampler_seed}", "task": {**fixed["task"], "seed": sweep.task_seed},
         "objective": {"metric": fixed.get("metric", "val_loss"), "direction": "minimize"},
-        "search_space": SPACE, "n_trials": n_trials, "sampler": {"name": "random", "seed": seeds["sampler_seed"]},
-        "pruner": {"name": "none"}})
+        "search_space": SPACE, "n_trials": n_trials or sweep.n_trials,
+        "sampler": {"name": "random", "seed": sweep.sampler_seed}, "pruner": {"name": "none"}})
 
 
 # ---------------------------------------------------------------- fits, cached
@@ -149,6 +161,7 @@ class Fits:
 @dataclass
 class Trial:
     task: str
+    study: str
     number: int
     params: dict[str, Any]
     value: float | None
@@ -185,7 +198,7 @@ def replay(task: str, spec: StudySpec, fits: Fits) -> list[Trial]:
                    "max_epochs": int(params["epochs"]), "epochs": epochs, "context": context}
         result = diagnose(history).to_dict()
         value = fits.value(spec, params)
-        trial = Trial(task, number, params, value, result["verdict"], result["healthy"], history=history)
+        trial = Trial(task, spec.name, number, params, value, result["verdict"], result["healthy"], history=history)
         trial.remedy, repaired = first_applicable_remedy(result["remedies"], params, spec.search_space)
         trial.repaired_params = repaired if trial.remedy is not None else None
         trials.append(trial)
@@ -257,7 +270,7 @@ def outcome_label(t: Trial, best: float) -> str | None:
     return None
 
 
-def curve_records(part: str, spec: StudySpec, trials: list[Trial]) -> list[dict[str, Any]]:
+def curve_records(spec: StudySpec, trials: list[Trial]) -> list[dict[str, Any]]:
     """The trials whose outcome settles a verdict, as records of the labelled sets (tests/data/curves*.jsonl)."""
     best = best_of(trials)
     out = []
@@ -270,7 +283,7 @@ def curve_records(part: str, spec: StudySpec, trials: list[Trial]) -> list[dict[
             onset = next(e["epoch"] for e in t.history["epochs"]
                          if any(e.get(k) is not None and not math.isfinite(e[k])
                                 for k in ("train_loss", "val_loss", spec.objective.metric)))
-        out.append({"id": f"sweep-{t.task}-{part}-t{t.number}", "label": label_, "onset_epoch": onset,
+        out.append({"id": f"sweep-{t.study}-t{t.number}", "label": label_, "onset_epoch": onset,
                     "cause": f"random sweep trial, labelled by outcome ({_outcome_text(t)})",
                     "dataset": t.task, "task": t.history["context"].get("task", "plug-in"), "optimizer": "adamw",
                     "config": t.params, "history": t.history})
@@ -314,11 +327,12 @@ def _met(name: str, value: float) -> str:
     return "" if ok else " !"
 
 
-def print_table(part: str, by_task: dict[str, list[Trial]]) -> dict[str, Any]:
+def print_table(part: str, by_task: dict[str, list[list[Trial]]]) -> dict[str, Any]:
     rows = [["task", "trials", "unhealthy", "efficacy", "harm", "poor", "poor->converged", "healthy",
              "healthy->unhealthy"]]
     out = {}
-    for name, studies in [*((task, [trials]) for task, trials in by_task.items()), ("overall", list(by_task.values()))]:
+    everything = [trials for studies in by_task.values() for trials in studies]
+    for name, studies in [*by_task.items(), ("overall", everything)]:
         f = figures(studies)
         out[name] = f
         rows.append([name, str(f["trials"]), str(f["unhealthy"]),
@@ -337,10 +351,10 @@ def print_table(part: str, by_task: dict[str, list[Trial]]) -> dict[str, Any]:
     return out
 
 
-def print_misses(part: str, by_task: dict[str, list[Trial]]) -> None:
+def print_misses(part: str, by_task: dict[str, list[list[Trial]]]) -> None:
     """Each trial that counts against a target, with what the diagnosis said: what to look at (tune part only)."""
     print(f"\n{part}: the trials that count against a target")
-    for task, trials in by_task.items():
+    for trials in (trials for studies in by_task.values() for trials in studies):
         best = best_of(trials)
         for t in trials:
             why = []
@@ -352,7 +366,7 @@ def print_misses(part: str, by_task: dict[str, list[Trial]]) -> None:
                 why.append(f"healthy (x2 epochs {_fmt(t.longer)}) called {t.verdict}")
             if why:
                 p = t.params
-                print(f"  {task} #{t.number} lr {p['lr']:.3g} wd {p['weight_decay']:.2g} do {p['dropout']:.2f} "
+                print(f"  {t.study} #{t.number} lr {p['lr']:.3g} wd {p['weight_decay']:.2g} do {p['dropout']:.2f} "
                       f"bs {p['batch_size']} ep {p['epochs']}: {t.verdict}; " + "; ".join(why))
 
 
@@ -369,7 +383,7 @@ def _fmt(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=24, help="trials per task and part")
+    parser.add_argument("--trials", type=int, help="trials per sweep (default: 24 per tune sweep, 48 held-out)")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"of {','.join(TASKS)}")
     parser.add_argument("--parts", default=",".join(PARTS), help="tune, held-out")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="training processes (one thread each)")
@@ -388,15 +402,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     fits = Fits(args.cache, args.jobs)
-    specs = {(task, part): study_spec(task, part, args.trials) for part in parts for task in tasks}
-    fits.run((spec, params) for spec in specs.values() for params in sweep_params(spec))
-    swept = {key: replay(key[0], spec, fits) for key, spec in specs.items()}
-    fits.run(run for key, spec in specs.items() for run in outcome_runs(spec, swept[key]))
+    specs = {(part, task): [study_spec(task, sweep, args.trials) for sweep in PARTS[part]]
+             for part in parts for task in tasks}
+    every = [spec for group in specs.values() for spec in group]
+    fits.run((spec, params) for spec in every for params in sweep_params(spec))
+    swept = {spec.name: replay(spec.name.rsplit("-seed", 1)[0], spec, fits) for spec in every}
+    fits.run(run for spec in every for run in outcome_runs(spec, swept[spec.name]))
+    for spec in every:
+        label(spec, swept[spec.name], fits)
     results = {}
     for part in parts:
-        by_task = {task: swept[(task, part)] for task in tasks}
-        for task in tasks:
-            label(specs[(task, part)], by_task[task], fits)
+        by_task = {task: [swept[spec.name] for spec in specs[(part, task)]] for task in tasks}
         results[part] = print_table(part, by_task)
         if args.misses and part == "tune":
             print_misses(part, by_task)
@@ -404,11 +420,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             name = "curves_sweeps.jsonl" if part == "tune" else "curves_sweeps_holdout.jsonl"
             with (args.curves / name).open("w") as out:
                 for task in tasks:
-                    for record in curve_records(part, specs[(task, part)], by_task[task]):
-                        out.write(json.dumps(record) + "\n")
+                    for spec in specs[(part, task)]:
+                        for record in curve_records(spec, swept[spec.name]):
+                            out.write(json.dumps(record) + "\n")
         if args.dump:
             with args.dump.open("a") as out:
-                for trials in by_task.values():
+                for trials in (trials for studies in by_task.values() for trials in studies):
                     for t in trials:
                         out.write(json.dumps({"part": part, **t.__dict__}) + "\n")
     return results

@@ -322,6 +322,8 @@ class TrialDiagnoser:
         self.objective = {"metric": spec.objective.metric, "direction": spec.objective.direction}
         self.max_epochs = max_epochs
         self.context = context
+        # A plug-in's own objective (`val_mae`) rides along, so its level can be read against the peers'.
+        self._keys = HISTORY_KEYS + (() if spec.objective.metric in HISTORY_KEYS else (spec.objective.metric,))
         self.epochs: deque[dict[str, Any]] = deque(maxlen=MAX_EPOCHS)
         self.last: tuple[int, dict[str, Any]] | None = None
 
@@ -336,7 +338,7 @@ class TrialDiagnoser:
     def add_epoch(self, metrics: dict[str, Any]) -> dict[str, Any] | None:
         """Append one epoch and diagnose the history so far; None when the diagnosis failed."""
         epoch = int(metrics["epoch"])
-        self.epochs.append({key: metrics.get(key) for key in HISTORY_KEYS})
+        self.epochs.append({key: metrics.get(key) for key in self._keys})
         try:
             try:
                 result = diagnose(self.history()).to_dict()

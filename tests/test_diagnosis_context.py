@@ -289,6 +289,20 @@ def test_every_epochs_history_carries_the_same_context_and_the_diagnosis_takes_i
     assert "context" not in objective.TrialDiagnoser(spec, 0, max_epochs=3).history()
 
 
+def test_a_plug_in_objective_rides_along_in_the_history_rows() -> None:
+    """A user's objective outside the standard metrics (`val_mae`) goes into each epoch's row, so the diagnosis
+    can read its level against the peers'; a standard one adds nothing."""
+    spec = parse_spec(tiny_spec("plug", task={"model": "converge_test_plugins:build_model",
+                                              "data": "converge_test_plugins:build_datamodule"},
+                                objective={"metric": "val_mae", "direction": "minimize"}))
+    diagnoser = objective.TrialDiagnoser(spec, 0, max_epochs=3)
+    diagnoser.add_epoch({"epoch": 0, "train_loss": 1.0, "val_loss": 1.1, "val_mae": 0.8, "other": 5.0})
+    assert diagnoser.history()["epochs"][-1]["val_mae"] == 0.8 and "other" not in diagnoser.history()["epochs"][-1]
+    plain = objective.TrialDiagnoser(parse_spec(tiny_spec("plain")), 0, max_epochs=3)
+    plain.add_epoch({"epoch": 0, "train_loss": 1.0, "val_loss": 1.1, "val_mae": 0.8})
+    assert set(plain.history()["epochs"][-1]) == set(objective.HISTORY_KEYS)
+
+
 def test_a_refused_context_is_dropped_and_the_history_diagnosed_without_it(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     def refusing(history: dict[str, Any]) -> Any:

@@ -187,6 +187,78 @@ def test_a_short_descent_with_noisy_validation_is_not_oscillating() -> None:
     assert d["verdict"] != "oscillating", d
 
 
+def test_a_plug_in_objective_in_the_rows_is_read_against_the_peers() -> None:
+    """A plug-in's objective (`val_mae`) is none of the standard metrics: carried in the rows under its own
+    name, its level is compared with the study's best; absent, the peers cannot be read."""
+    flat = [1.0, 0.8, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75]
+    h = history(flat, flat, params=params(epochs=10), peers={"ended": 5, "best": {"value": 0.12}})
+    h["objective"] = {"metric": "val_mae", "direction": "minimize"}
+    without = diagnose(h).to_dict()
+    for row in h["epochs"]:
+        row["val_mae"] = 1.9
+    d = diagnose(h).to_dict()
+    assert d["verdict"] != "converged" and not d["healthy"], d
+    assert "val_mae is" in json.dumps(d) and "val_mae is" not in json.dumps(without)
+
+
+def test_the_good_peers_leave_out_the_poor_ones_among_the_best_few() -> None:
+    from studies.diagnosis.context import Peer, Peers
+
+    best = Peer(0.8, {"lr": 5e-4})
+    peers = Peers(ended=5, best=best, top=(best, Peer(1.1, {"lr": 1e-3}), Peer(3.26, {"lr": 0.2})))
+    assert [p.value for p in peers.good()] == [0.8, 1.1]  # 3.26 is worse than the best by more than half
+    assert peers.typical("lr") == pytest.approx((5e-4 * 1e-3) ** 0.5)
+
+
+def test_a_plug_in_classifier_dead_at_chance_is_read_without_its_class_count() -> None:
+    """26 classes, no n_classes in the context (a plug-in): outputs uniform over the classes end at
+    val_loss ln 26 and val_acc 1/26; a first epoch far above that, back at it one epoch later, is a blow-up."""
+    from studies.diagnosis.history import parse_history
+    from studies.diagnosis.rules import uniform_classes
+
+    train = [11.4, 3.28, 3.26, 3.26, 3.26, 3.26, 3.26]
+    val = [3.24, 3.27, 3.28, 3.29, 3.27, 3.27, 3.27]
+    acc = [0.063, 0.033, 0.028, 0.035, 0.032, 0.028, 0.032]
+    assert uniform_classes(parse_history(history(train, val, acc))) == 26
+    d = diagnose(history(train, val, acc, params=params(lr=0.03, epochs=7), bounds=BOUNDS, peers=PEERS)).to_dict()
+    assert d["verdict"] == "diverged" and d["remedies"][0]["param"] == "lr", d
+    assert d["remedies"][0]["action"] == "decrease"
+    learning = [2.3, 1.2, 0.8, 0.6, 0.5, 0.45, 0.42]  # an accuracy above what the loss implies: no chance level
+    assert uniform_classes(parse_history(history(learning, learning, [0.2, 0.6, 0.7, 0.8, 0.85, 0.86, 0.87]))) is None
+
+
+def test_a_slow_start_is_not_read_as_a_blow_up_from_an_inferred_class_count() -> None:
+    """Heavy dropout on unscaled inputs: the first loss is far above ln 26 and falls over epochs; lowering the lr
+    a hundredfold made that trial worse (many-classes in benchmarks/sweep_trials.py)."""
+    train = [22.6, 11.3, 6.61, 4.81, 4.02, 3.71, 3.53, 3.44]
+    val = [3.91, 3.09, 3.2, 3.24, 3.25, 3.26, 3.26, 3.25]
+    acc = [0.077, 0.097, 0.083, 0.064, 0.056, 0.053, 0.049, 0.061]
+    d = diagnose(history(train, val, acc, params=params(lr=1e-3, dropout=0.67, epochs=8), bounds=BOUNDS,
+                         peers=PEERS)).to_dict()
+    assert d["verdict"] != "diverged", d
+
+
+def test_validation_noise_at_the_good_trials_lr_is_not_oscillation() -> None:
+    """val_loss swinging 25% around a training loss that falls steadily, at the good trials' lr:
+    a small validation set's noise. Lowering the lr made the trial worse (friedman1 in the sweep benchmark)."""
+    train = [0.587, 0.345, 0.315, 0.3, 0.252, 0.226, 0.238, 0.213, 0.228, 0.21, 0.212, 0.214, 0.191, 0.181, 0.191,
+             0.164]
+    val = [0.319, 0.207, 0.215, 0.173, 0.154, 0.192, 0.118, 0.15, 0.136, 0.17, 0.21, 0.151, 0.107, 0.111, 0.128, 0.157]
+    alone = diagnose(history(train, val)).to_dict()
+    assert alone["verdict"] == "oscillating"  # the curve alone cannot tell
+    d = diagnose(history(train, val, params=params(lr=0.003, epochs=16), bounds=BOUNDS, peers=PEERS)).to_dict()
+    assert d["verdict"] != "oscillating", d
+    high = diagnose(history(train, val, params=params(lr=0.05, epochs=16), bounds=BOUNDS, peers=PEERS)).to_dict()
+    assert high["verdict"] == "oscillating" and high["remedies"][0]["param"] == "lr"
+
+
+def test_a_small_dropout_is_not_lowered_as_a_remedy() -> None:
+    train = [0.794, 0.532, 0.658, 0.385, 0.308, 0.378]
+    val = [0.356, 0.305, 0.278, 0.208, 0.292, 0.185]
+    d = diagnose(history(train, val, params=params(lr=0.029, dropout=0.19, epochs=6), bounds=BOUNDS)).to_dict()
+    assert not any(r["param"] == "dropout" and r["action"] == "decrease" for r in d["remedies"]), d["remedies"]
+
+
 def test_remedies_stay_inside_the_bounds_or_say_the_bounds_forbid_them() -> None:
     train, val, acc = DIGITS_DEAD
     at_bottom = {**BOUNDS, "lr": {"low": 0.37, "high": 1.0, "log": True}}

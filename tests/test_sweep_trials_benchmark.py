@@ -17,8 +17,8 @@ from sweep_trials import Trial, figures, gain  # noqa: E402
 
 def trial(value: float | None, *, healthy: bool, verdict: str = "", remedy: bool = True,
           repaired: float | None = None, longer: float | None = None) -> Trial:
-    t = Trial("t", 0, {"lr": 0.1, "epochs": 10}, value, verdict or ("converged" if healthy else "underfitting"),
-              healthy)
+    t = Trial("t", "t-seed0", 0, {"lr": 0.1, "epochs": 10}, value,
+              verdict or ("converged" if healthy else "underfitting"), healthy)
     t.remedy = {"param": "lr", "action": "decrease"} if remedy else None
     t.repaired, t.longer = repaired, longer
     return t
@@ -53,9 +53,9 @@ def test_a_tiny_sweep_runs_end_to_end(tmp_path, capsys: pytest.CaptureFixture[st
                                 "--cache", str(cache), "--dump", str(tmp_path / "trials.jsonl")])
     out = capsys.readouterr().out
     assert "cancer-mlp" in out and "overall" in out
-    assert result["tune"]["overall"]["trials"] == 3
+    assert result["tune"]["overall"]["trials"] == 3 * len(sweep_trials.PARTS["tune"])
     trained = len(cache.read_text().splitlines())
     assert trained >= 3  # the sweep's trials, then the reruns that label them
     sweep_trials.main(["--trials", "3", "--tasks", "cancer-mlp", "--parts", "tune", "--cache", str(cache)])
     assert len(cache.read_text().splitlines()) == trained  # a second run trains nothing new
-    assert len((tmp_path / "trials.jsonl").read_text().splitlines()) == 3
+    assert len((tmp_path / "trials.jsonl").read_text().splitlines()) == 3 * len(sweep_trials.PARTS["tune"])

@@ -19,6 +19,7 @@ PARAMS = ("lr", "batch_size", "epochs", "weight_decay", "dropout")
 TASKS = ("classification", "regression")
 MAX_CLASSES = 1_000_000
 MAX_TOP = 100
+GOOD_PEER_SPREAD = 0.5  # a trial worse than the study's best by more than half its magnitude is not a good one
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,13 @@ class Peers:
     top: tuple[Peer, ...] = ()
 
     def good(self) -> tuple[Peer, ...]:
-        """The trials to move toward: the best few, or the best alone."""
-        return self.top or ((self.best,) if self.best is not None else ())
+        """The trials to move toward: those of the best few that are not poor beside the best (no worse than
+        it by half its magnitude: early in a sweep the best few may include trials that learnt nothing), or
+        the best alone."""
+        if self.best is None:
+            return self.top
+        spread = GOOD_PEER_SPREAD * abs(self.best.value)
+        return tuple(p for p in self.top if abs(p.value - self.best.value) <= spread) or (self.best,)
 
     def typical(self, param: str) -> float | None:
         """The good trials' value of `param` (their geometric mean for positive values, else the mean)."""

@@ -57,6 +57,8 @@ class History:
     direction: str
     max_epochs: int | None
     context: Context | None = None  # what the curve alone cannot tell (`studies.diagnosis.context`)
+    # The objective metric per epoch when it is none of the above (a plug-in's `val_mae`), where the rows carry it.
+    other_objective: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.epochs)
@@ -85,24 +87,35 @@ def parse_history(data: Any) -> History:
     if len(rows) > MAX_EPOCHS:
         problems.append(f"the history has {len(rows)} epochs; at most {MAX_EPOCHS} are diagnosed")
         raise HistoryError(problems)
-    columns: dict[str, list[float]] = {name: [] for name in ("epoch", "train_loss", *OPTIONAL_METRICS)}
     for index, row in enumerate(rows):
         if not isinstance(row, Mapping):
             problems.append(f"epochs[{index}] is not an object")
-            continue
-        columns["epoch"].append(_epoch_number(row.get("epoch"), index, problems))
-        columns["train_loss"].append(_number(row.get("train_loss"), f"epochs[{index}].train_loss", problems,
-                                             required=True))
-        for name in OPTIONAL_METRICS:
-            columns[name].append(_number(row.get(name), f"epochs[{index}].{name}", problems, required=False))
-    _check_order(columns["epoch"], problems)
-    has_val_acc = any(math.isfinite(v) for v in columns["val_acc"])
-    context = parse_context(data.get("context"), problems, len(rows), has_val_acc)
+    rows = [row if isinstance(row, Mapping) else {} for row in rows]
+    epochs = [_epoch_number(row.get("epoch"), index, problems) for index, row in enumerate(rows)]
+    _check_order(epochs, problems)
+    arrays = {name: _column(rows, name, problems, required=name == "train_loss")
+              for name in ("train_loss", *OPTIONAL_METRICS)}
+    other = _column(rows, metric, problems, required=False) if metric not in arrays else None
+    context = parse_context(data.get("context"), problems, len(rows), bool(np.isfinite(arrays["val_acc"]).any()))
     if problems:
         raise HistoryError(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
-    arrays = {name: np.asarray(values, dtype=float) for name, values in columns.items()}
-    return History(epochs=arrays.pop("epoch").astype(int), metric=metric, direction=direction,
-                   max_epochs=max_epochs, context=context, **arrays)
+    return History(epochs=np.asarray(epochs, dtype=float).astype(int), metric=metric, direction=direction,
+                   max_epochs=max_epochs, context=context,
+                   other_objective=other if other is not None and np.isfinite(other).any() else None, **arrays)
+
+
+def _column(rows: list[Mapping[str, Any]], name: str, problems: list[str], *, required: bool) -> np.ndarray:
+    """One metric over the epochs as floats (absent or null: NaN), every bad value listed in `problems`."""
+    values = [row.get(name) for row in rows]
+    # The common case in one conversion: plain floats and ints (None where optional). A bool is an int to
+    # Python but no metric; an integer past a float's range overflows and takes the slow path's message.
+    if all(type(v) is float or type(v) is int or (v is None and not required) for v in values):
+        try:
+            return np.asarray(values, dtype=float)
+        except OverflowError:
+            pass
+    return np.asarray([_number(v, f"epochs[{i}].{name}", problems, required=required) for i, v in enumerate(values)],
+                      dtype=float)
 
 
 def _objective(value: Any, problems: list[str]) -> tuple[str, str]:

@@ -116,6 +116,7 @@ LR_MOVES = ("diverged", "exploding_gradients", "oscillating")  # verdicts whose 
 MAX_LR_STEP = 10.0  # the most a run that still learns has its lr moved toward the good trials' in one repair
 LR_WEIGHT = 2.0  # the learning rate matters most (Bengio 2012): its distance from the good trials' counts double
 NEGLIGIBLE_DECAY = 1e-4  # weight decays below this all act alike within a sweep's epochs: compared as equal
+SMALL_DROPOUT = 0.2  # a dropout below this is not what keeps a run's training loss above its validation loss
 
 
 def fit_to_context(remedies: list[Remedy], candidate: Candidate, h: History) -> list[Remedy]:
@@ -148,9 +149,14 @@ def fit_to_context(remedies: list[Remedy], candidate: Candidate, h: History) -> 
         separating = _separating_param(ctx, max_lr_step=math.inf if stuck else MAX_LR_STEP)
         if separating is not None:
             out = [separating, *(r for r in out if r.param != separating.param)]
-    decay = ctx.params.get("weight_decay")
+    decay, dropout = ctx.params.get("weight_decay"), ctx.params.get("dropout")
     if decay is not None and decay <= NEGLIGIBLE_DECAY:  # lowering a decay that does nothing changes nothing
         out = [r for r in out if not (r.param == "weight_decay" and r.action == "decrease")]
+    if dropout is not None and dropout < SMALL_DROPOUT:  # nor is a small dropout what holds a run back
+        out = [r for r in out if not (r.param == "dropout" and r.action == "decrease")]
+    if candidate.verdict == "oscillating" and "jump" not in candidate.facts and lr and good_lr and lr <= good_lr:
+        # Swings at an lr no higher than the good trials': gradient noise, which a larger batch averages out.
+        out = [r for r in out if not (r.param == "lr" and r.action == "decrease")]
     if lr and _lr_high_enough(ctx, lr):
         out = [r for r in out if not (r.param == "lr" and r.action == "increase")]
         if candidate.verdict == "slow_convergence" and not any(r.param == "epochs" for r in out):

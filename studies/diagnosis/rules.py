@@ -38,6 +38,7 @@ OVERSHOT_START = 1.3        # ... above 1.3x it, with the network dead at chance
 JUMP_FACTOR = 3.0           # a loss that jumps to 3x the epoch before's, back above where it started
 PEER_GOOD = 0.10            # a best objective within 10% of the study's best is a good level...
 PEER_POOR = 0.50            # ...and one worse than it by more than half its magnitude a poor one
+UNIFORM_TOLERANCE = 0.15    # a val_loss within 15% of ln(1/val_acc): outputs uniform over the classes
 NO_SKILL = 0.10             # `quality` under which a run has learnt next to nothing, whatever its peers did
 
 
@@ -235,17 +236,21 @@ def oscillating(h: History) -> Candidate | None:
     if len(h) < 5:
         return None
     best: Candidate | None = None
+    calm = _lr_no_higher_than_peers(h) and sig.trend_strength(sig.finite(h.train_loss)) >= 0.5
     for name in ("val_loss", "train_loss"):
         values = getattr(h, name)
         if not np.isfinite(values).all():
             continue
-        for offset in (0, len(values) // 2):
+        span = sig.robust_span(values)
+        # A validation loss swinging around a training loss that falls steadily, at an lr no higher than the
+        # study's good trials used: the noise of a small validation set or batch, not steps that overshoot.
+        for offset in () if calm and name == "val_loss" else (0, len(values) // 2):
             part = values[offset:]
             if len(part) < 5:
                 continue
             if offset == 0 and len(part) < 10 and part[-1] <= np.min(part) and part[-1] < 0.7 * part[0]:
                 continue  # a short run making new lows at its end, well below its start: noise on a descent
-            rate, swing, of_span, onset = sig.flip_rate(part, sig.robust_span(values))
+            rate, swing, of_span, onset = sig.flip_rate(part, span)
             trend = sig.trend_strength(part)
             score = min(margin_confidence(rate, 0.45, scale=0.15),
                         margin_confidence(swing, OSCILLATE_SWING, scale=0.1),
@@ -258,7 +263,7 @@ def oscillating(h: History) -> Candidate | None:
                 "oscillating", e, f"{name} changes flip sign on {_pct(rate)} of consecutive epochs from epoch "
                                   f"{h.epochs[offset]} with a median swing of {_pct(swing)} of its level, and its "
                                   f"net trend is {_pct(trend)} of the distance travelled")])
-        jumps = sig.spikes(values, min_jump=OSCILLATE_SWING * sig.robust_span(values)) if np.all(values > 0) else []
+        jumps = sig.spikes(values, min_jump=OSCILLATE_SWING * span) if np.all(values > 0) else []
         if len(jumps) >= 2 and (best is None or best.score < 0.8):
             worst = max(float(values[i] / np.median(values[i - 3:i])) for i in jumps)
             score = min(0.95, 0.5 + 0.15 * (len(jumps) - 1) + 0.05 * math.log2(worst))
@@ -268,6 +273,29 @@ def oscillating(h: History) -> Candidate | None:
                                   f"{', '.join(str(h.epochs[i]) for i in jumps[:5])}), up to {worst:.3g}x the median "
                                   "of the three epochs before, and fell back each time: the steps overshoot")])
     return best
+
+
+def uniform_classes(h: History) -> int | None:
+    """The class count of a classifier whose outputs ended uniform, where the context does not give it.
+
+    A network at chance predicts every class alike: its cross-entropy is ln k and its accuracy 1/k, so
+    exp(val_loss) and 1/val_acc agree (within 15% on the log scale). A network that learnt anything has an
+    accuracy far above what its loss implies. None when the history shows no such end.
+    """
+    if len(h) < 3 or not (h.has("val_acc") and h.has("val_loss")):
+        return None
+    loss, acc = float(np.nanmedian(h.val_loss[-5:])), float(np.nanmedian(h.val_acc[-5:]))
+    if not (0 < acc < 0.5 and math.isfinite(loss) and loss > 0):
+        return None
+    return round(math.exp(loss)) if abs(loss - math.log(1 / acc)) <= UNIFORM_TOLERANCE * math.log(1 / acc) else None
+
+
+def _lr_no_higher_than_peers(h: History) -> bool:
+    ctx = h.context
+    if ctx is None or ctx.peers is None or not ctx.params.get("lr"):
+        return False
+    good_lr = ctx.peers.typical("lr")
+    return good_lr is not None and ctx.params["lr"] <= good_lr
 
 
 def quality(h: History) -> tuple[float, str]:
@@ -386,8 +414,8 @@ def trend(h: History) -> Candidate:
 
 
 def objective_values(h: History) -> np.ndarray | None:
-    """The objective metric per epoch, where the history carries it (a plug-in's own metric it does not)."""
-    return getattr(h, h.metric) if h.metric in ("val_loss", "val_acc", "train_loss") else None
+    """The objective metric per epoch, where the history carries it (a plug-in's own metric where its rows do)."""
+    return getattr(h, h.metric) if h.metric in ("val_loss", "val_acc", "train_loss") else h.other_objective
 
 
 def peer_gap(h: History) -> float | None:
@@ -415,8 +443,13 @@ def lr_too_high(h: History) -> Candidate | None:
     ctx = h.context
     if ctx is None or len(h) < 3:  # a high lr that recovers takes an epoch or two: read it after three
         return None
-    untrained = ctx.untrained_loss
-    if untrained is not None:
+    n_classes = ctx.n_classes or uniform_classes(h)  # a plug-in's class count, read off a network at chance
+    untrained = math.log(n_classes) if n_classes else None
+    # Read off the run's end, ln k says nothing of the data's scale: a first loss far above it that falls over
+    # many epochs is a slow start (unscaled inputs, heavy dropout); a blow-up is back near ln k in an epoch.
+    inferred_slow_start = (not ctx.n_classes and untrained is not None and len(h) > 1
+                           and float(h.train_loss[1]) > OVERSHOT_START * untrained)
+    if untrained is not None and not inferred_slow_start:
         early = sig.finite(np.concatenate([h.train_loss[:3], h.val_loss[:3]]))
         peak = float(np.max(early)) if len(early) else math.nan
         ratio = peak / untrained
@@ -436,8 +469,8 @@ def lr_too_high(h: History) -> Candidate | None:
                          if end > untrained else f"the run never got back to skill ({why})")
                 return Candidate("diverged", max(score, 0.6), _epoch(h, 0), [Finding(
                     "diverged", _epoch(h, 0), f"in the first epochs the loss reached {peak:.4g}, {ratio:.3g}x the "
-                                             f"{untrained:.3g} of an untrained {ctx.n_classes}-class network "
-                                             f"(ln {ctx.n_classes}), and {state}: steps far too large")],
+                                             f"{untrained:.3g} of an untrained {n_classes}-class network "
+                                             f"(ln {n_classes}), and {state}: steps far too large")],
                     {"collapsed": 1.0, "blown_ratio": ratio})
     jump = _worst_jump(h, untrained)
     if jump is None:

@@ -84,7 +84,10 @@ def total_drop(values: np.ndarray) -> float:
 def robust_span(values: np.ndarray) -> float:
     """The range a curve covers, ignoring its most extreme 5% at either end."""
     values = finite(values)
-    return float(np.percentile(values, 95) - np.percentile(values, 5)) if len(values) else 0.0
+    if not len(values):
+        return 0.0
+    high, low = np.percentile(values, (95, 5))  # one sort for both
+    return float(high - low)
 
 
 def flip_rate(values: np.ndarray, span: float = 0.0) -> tuple[float, float, float, int | None]:
