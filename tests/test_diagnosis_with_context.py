@@ -239,7 +239,7 @@ def test_a_slow_start_is_not_read_as_a_blow_up_from_an_inferred_class_count() ->
 
 
 def test_validation_noise_at_the_good_trials_lr_is_not_oscillation() -> None:
-    """val_loss swinging 25% around a training loss that falls steadily, at the good trials' lr:
+    """val_loss swinging 25% around a training loss that falls steadily, at the good trials' lr or level:
     a small validation set's noise. Lowering the lr made the trial worse (friedman1 in the sweep benchmark)."""
     train = [0.587, 0.345, 0.315, 0.3, 0.252, 0.226, 0.238, 0.213, 0.228, 0.21, 0.212, 0.214, 0.191, 0.181, 0.191,
              0.164]
@@ -248,8 +248,11 @@ def test_validation_noise_at_the_good_trials_lr_is_not_oscillation() -> None:
     assert alone["verdict"] == "oscillating"  # the curve alone cannot tell
     d = diagnose(history(train, val, params=params(lr=0.003, epochs=16), bounds=BOUNDS, peers=PEERS)).to_dict()
     assert d["verdict"] != "oscillating", d
-    high = diagnose(history(train, val, params=params(lr=0.05, epochs=16), bounds=BOUNDS, peers=PEERS)).to_dict()
+    ahead = {**PEERS, "best": {"value": 0.05, "params": GOOD}}  # the good trials reached far lower
+    high = diagnose(history(train, val, params=params(lr=0.05, epochs=16), bounds=BOUNDS, peers=ahead)).to_dict()
     assert high["verdict"] == "oscillating" and high["remedies"][0]["param"] == "lr"
+    level = diagnose(history(train, val, params=params(lr=0.05, epochs=16), bounds=BOUNDS, peers=PEERS)).to_dict()
+    assert level["verdict"] != "oscillating", level  # as good as the study's best: swinging at that level is noise
 
 
 def test_a_small_dropout_is_not_lowered_as_a_remedy() -> None:
@@ -257,6 +260,33 @@ def test_a_small_dropout_is_not_lowered_as_a_remedy() -> None:
     val = [0.356, 0.305, 0.278, 0.208, 0.292, 0.185]
     d = diagnose(history(train, val, params=params(lr=0.029, dropout=0.19, epochs=6), bounds=BOUNDS)).to_dict()
     assert not any(r["param"] == "dropout" and r["action"] == "decrease" for r in d["remedies"]), d["remedies"]
+
+
+def test_a_run_that_climbs_away_from_its_minimum_is_not_converged() -> None:
+    """digits, lr 0.066: learnt to val_loss 0.22, then train_loss climbed 4x and val_loss 10x. Below 3x its first
+    value the contract's divergence missed it, and it was called converged at 864% above its minimum."""
+    train = [0.999, 0.39, 0.274, 0.29, 0.193, 0.231, 0.291, 0.239, 0.254, 0.165, 0.176, 0.243, 0.243, 0.655, 0.478,
+             0.639, 0.714]
+    val = [0.425, 0.41, 0.397, 0.501, 0.512, 0.334, 0.415, 0.403, 0.368, 0.218, 0.282, 0.419, 0.512, 0.821, 1.65,
+           1.46, 2.1]
+    d = diagnose(history(train, val, [0.9] * 17)).to_dict()
+    assert d["verdict"] == "diverged", d
+    assert (d["remedies"][0]["param"], d["remedies"][0]["action"]) == ("lr", "decrease")
+    assert "climbed from its minimum 0.165" in d["summary"]
+    near_zero = [2.3, 0.5, 0.1, 0.01, 0.002, 0.001, 0.003, 0.004]  # doubling near zero is noise, not a climb
+    assert diagnose(history(near_zero)).to_dict()["verdict"] != "diverged"
+
+
+def test_batch_size_sets_a_poor_run_apart_only_when_nothing_else_does() -> None:
+    """lr 0.1 at batch 128 against good trials at lr 0.003, batch 32: moving to batch 32 at lr 0.1 made the
+    runs worse (digits in the sweep benchmark); the lr is the difference that matters."""
+    flat = [2.0, 1.6, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5]
+    d = diagnose(history(flat, flat, n_classes=10, params=params(lr=0.1, batch_size=256, epochs=8), bounds=BOUNDS,
+                         peers=PEERS)).to_dict()
+    assert d["remedies"][0]["param"] == "lr" and d["remedies"][0]["action"] == "decrease", d["remedies"]
+    d = diagnose(history(flat, flat, n_classes=10, params=params(batch_size=256, epochs=8), bounds=BOUNDS,
+                         peers=PEERS)).to_dict()
+    assert d["remedies"][0]["param"] == "batch_size", d["remedies"]  # nothing else differs
 
 
 def test_remedies_stay_inside_the_bounds_or_say_the_bounds_forbid_them() -> None:

@@ -120,52 +120,87 @@ SMALL_DROPOUT = 0.2  # a dropout below this is not what keeps a run's training l
 
 
 def fit_to_context(remedies: list[Remedy], candidate: Candidate, h: History) -> list[Remedy]:
-    """The remedies as the trial's parameters, the study's bounds and its good trials allow.
+    """The remedies as the trial's parameters, the study's bounds and its good trials allow, step by step:
 
-    - A too-large learning rate is lowered toward the good trials' lr (their geometric mean), not by a
-      fixed decade, when they trained at a lower one.
-    - A run flat or slow at a level far worse than its peers' with nothing in its own curve to blame
-      (underfitting, slow_convergence) first moves the hyperparameter that most separates it from
-      the good trials, toward their value.
-    - Never `lr increase` for a trial whose lr is at or above the good trials' or at the top of its range.
-    - Every change stays inside the bounds; one the bounds forbid says so ("widen the lr range below 1e-05").
+    - `_size_lr_cut`: a too-large learning rate is lowered toward the good trials' lr;
+    - `_separating_first`: a run far behind its peers with nothing in its own curve to blame first moves
+      the hyperparameter that most separates it from the good trials;
+    - `_drop_no_ops`: no change that cannot act (a negligible weight decay or small dropout lowered; an
+      lr lowered for swings at an lr the good trials also used);
+    - `_cap_lr_increase`: never `lr increase` at or above a good trial's lr or at the top of the range;
+    - every change inside the bounds, or saying that the bounds forbid it ("widen the lr range below 1e-05").
     """
     ctx = h.context
     assert ctx is not None
     out = list(remedies)
-    good_lr = ctx.peers.typical("lr") if ctx.peers is not None else None
-    lr = ctx.params.get("lr")
-    if candidate.verdict in LR_MOVES and lr and good_lr and good_lr < lr:
-        # Toward the good trials' lr where the evidence says the steps are far too large (a blow-up, a loss
-        # jumping 3x back above its start); a run that merely swings, a decade at most: the good trials may
-        # have taken many more steps than it has.
-        far_too_high = candidate.verdict == "diverged" or "jump" in candidate.facts
-        target = good_lr if far_too_high else max(good_lr, lr / MAX_LR_STEP)
-        out = [_toward(r, "lr", lr, target, f"the study's good trials trained at lr near {good_lr:.3g}")
-               if r.param == "lr" and r.action == "decrease" else r for r in out]
-    if candidate.verdict in ("underfitting", "slow_convergence") and _behind_peers(h):
-        # A run whose loss has hardly moved risks little in a long move; one that learns, a decade at most.
-        stuck = candidate.facts.get("progress", 1.0) < 0.2
-        separating = _separating_param(ctx, max_lr_step=math.inf if stuck else MAX_LR_STEP)
-        if separating is not None:
-            out = [separating, *(r for r in out if r.param != separating.param)]
-    decay, dropout = ctx.params.get("weight_decay"), ctx.params.get("dropout")
-    if decay is not None and decay <= NEGLIGIBLE_DECAY:  # lowering a decay that does nothing changes nothing
-        out = [r for r in out if not (r.param == "weight_decay" and r.action == "decrease")]
-    if dropout is not None and dropout < SMALL_DROPOUT:  # nor is a small dropout what holds a run back
-        out = [r for r in out if not (r.param == "dropout" and r.action == "decrease")]
-    if candidate.verdict == "oscillating" and "jump" not in candidate.facts and lr and good_lr and lr <= good_lr:
-        # Swings at an lr no higher than the good trials': gradient noise, which a larger batch averages out.
-        out = [r for r in out if not (r.param == "lr" and r.action == "decrease")]
-    if lr and _lr_high_enough(ctx, lr):
+    for step in (_size_lr_cut, _separating_first, _drop_no_ops, _cap_lr_increase):
+        out = step(out, candidate, h)
+    return [_inside_bounds(r, ctx) for r in out]
+
+
+def _good_lr(h: History) -> float | None:
+    peers = h.context.peers if h.context is not None else None
+    return peers.typical("lr") if peers is not None else None
+
+
+def _size_lr_cut(out: list[Remedy], candidate: Candidate, h: History) -> list[Remedy]:
+    """An lr decrease sized toward the good trials' lr (their geometric mean), where theirs is lower: all the
+    way where the evidence says the steps are far too large (a blow-up, a loss jumping 3x back above its
+    start), a decade at most for a run that merely swings (the good trials may have taken more steps)."""
+    lr, good_lr = h.context.params.get("lr"), _good_lr(h)  # type: ignore[union-attr]
+    if candidate.verdict not in LR_MOVES or not lr or not good_lr or good_lr >= lr:
+        return out
+    far_too_high = candidate.verdict == "diverged" or "jump" in candidate.facts
+    target = good_lr if far_too_high else max(good_lr, lr / MAX_LR_STEP)
+    return [_toward(r, "lr", lr, target, f"the study's good trials trained at lr near {good_lr:.3g}")
+            if r.param == "lr" and r.action == "decrease" else r for r in out]
+
+
+def _separating_first(out: list[Remedy], candidate: Candidate, h: History) -> list[Remedy]:
+    """A poor underfitting, slow or overfit run first moves what most sets it apart from the good trials. A run
+    whose loss has hardly moved risks little in a long lr move; one that learns, a decade at most."""
+    if candidate.verdict not in ("underfitting", "slow_convergence", "overfitting") or not _behind_peers(h):
+        return out  # (an overfit run far behind the best: stopping at its best epoch leaves it behind)
+    stuck = candidate.facts.get("progress", 1.0) < 0.2
+    separating = _separating_param(h.context, max_lr_step=math.inf if stuck else MAX_LR_STEP)
+    return out if separating is None else [separating, *(r for r in out if r.param != separating.param)]
+
+
+def _drop_no_ops(out: list[Remedy], candidate: Candidate, h: History) -> list[Remedy]:
+    """Leave out what cannot act: lowering a weight decay that does nothing or a dropout too small to hold a
+    run back, and lowering the lr of a run that swings (no 3x jump) at an lr no higher than the good trials':
+    gradient noise, which a larger batch averages out."""
+    params, good_lr = h.context.params, _good_lr(h)  # type: ignore[union-attr]
+    decay, dropout, lr = params.get("weight_decay"), params.get("dropout"), params.get("lr")
+    noisy = candidate.verdict == "oscillating" and "jump" not in candidate.facts and lr and good_lr and lr <= good_lr
+
+    def no_op(r: Remedy) -> bool:
+        if r.action != "decrease":
+            return False
+        return ((r.param == "weight_decay" and decay is not None and decay <= NEGLIGIBLE_DECAY)
+                or (r.param == "dropout" and dropout is not None and dropout < SMALL_DROPOUT)
+                or (r.param == "lr" and bool(noisy)))
+
+    return [r for r in out if not no_op(r)]
+
+
+def _cap_lr_increase(out: list[Remedy], candidate: Candidate, h: History) -> list[Remedy]:
+    """No lr increase at or above a good trial's lr or at the range's top (a slow run gets more epochs
+    instead); below the good trials', an increase goes as far as their lr, not a fixed decade."""
+    ctx, good_lr = h.context, _good_lr(h)
+    lr = ctx.params.get("lr")  # type: ignore[union-attr]
+    if not lr:
+        return out
+    if _lr_high_enough(ctx, lr):
         out = [r for r in out if not (r.param == "lr" and r.action == "increase")]
         if candidate.verdict == "slow_convergence" and not any(r.param == "epochs" for r in out):
             out.append(Remedy("epochs", "increase", "more epochs let the slow descent finish", factor=2))
-    elif lr and good_lr and good_lr > lr:  # an increase goes as far as the good trials' lr, not a fixed decade
-        out = [_toward(r, "lr", lr, good_lr, f"the study's good trials trained at lr near {good_lr:.3g}")
-               if r.param == "lr" and r.action == "increase" and r.factor and lr * r.factor > good_lr else r
-               for r in out]
-    return [_inside_bounds(r, ctx) for r in out]
+        return out
+    if good_lr and good_lr > lr:
+        return [_toward(r, "lr", lr, good_lr, f"the study's good trials trained at lr near {good_lr:.3g}")
+                if r.param == "lr" and r.action == "increase" and r.factor and lr * r.factor > good_lr else r
+                for r in out]
+    return out
 
 
 def _behind_peers(h: History) -> bool:
@@ -188,7 +223,7 @@ def _toward(remedy: Remedy, param: str, current: float, target: float, why: str)
 def _separating_param(ctx: Any, max_lr_step: float = MAX_LR_STEP) -> Remedy | None:
     """The swept hyperparameter by which the trial differs most from the good trials (in units of its
     search range, on a log scale where the range is), as a remedy moving it to their value."""
-    best: tuple[float, str, float, float] | None = None
+    apart: list[tuple[float, str, float, float]] = []  # (distance, name, mine, theirs)
     for name in ("lr", "weight_decay", "dropout", "batch_size"):
         mine, theirs = ctx.params.get(name), ctx.peers.typical(name) if ctx.peers is not None else None
         if mine is None or theirs is None or mine == theirs:
@@ -210,11 +245,13 @@ def _separating_param(ctx: Any, max_lr_step: float = MAX_LR_STEP) -> Remedy | No
             distance /= 3.0  # three decades: a common range
         if name == "lr":
             distance *= LR_WEIGHT
-        if best is None or distance > best[0]:
-            best = (distance, name, mine, theirs)
-    if best is None or best[0] < 0.2:
-        return None  # no parameter stands out: the curve's own remedies apply
-    _, name, mine, theirs = best
+        if distance >= 0.2:  # below that no parameter stands out: the curve's own remedies apply
+            apart.append((distance, name, mine, theirs))
+    # Batch size trades speed for gradient noise: rarely what keeps a run poor, so only when nothing else differs.
+    ranked = [a for a in apart if a[1] != "batch_size"] or apart
+    if not ranked:
+        return None
+    _, name, mine, theirs = max(ranked)
     action = "increase" if theirs > mine else "decrease"
     if name == "lr":  # the good trials' lr may go with more epochs or other settings: `max_lr_step` at most
         theirs = min(max(theirs, mine / max_lr_step), mine * max_lr_step)

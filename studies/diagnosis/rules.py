@@ -90,6 +90,9 @@ def diverged(h: History) -> Candidate | None:
     collapse = _blown_up_and_dead(h)
     if collapse is not None:
         return collapse
+    late = _left_its_minimum(h)
+    if late is not None:
+        return late
     t = h.train_loss
     first = float(t[0])
     limit = first + (DIVERGE_FACTOR - 1) * abs(first)
@@ -103,6 +106,35 @@ def diverged(h: History) -> Candidate | None:
     return Candidate("diverged", max(score, 0.6), e, [Finding(
         "diverged", e, f"train_loss climbed from {first:.4g} at epoch {h.epochs[0]} to {t[-1]:.4g} "
                        f"({ratio:.1f}x) and has stayed above {DIVERGE_FACTOR:g}x since epoch {e}")])
+
+
+def _left_its_minimum(h: History) -> Candidate | None:
+    """A run that learnt, then climbed away: train_loss ends above 3x its minimum (a rise of at least a fifth
+    of what it had fallen), on the last two epochs, and val_loss half again above its own minimum.
+
+    Below 3x its first value the contract's divergence misses it, yet it does not come back either: steps
+    too large for the loss surface the run has reached (a user would not call it converged).
+    """
+    t = h.train_loss
+    if len(t) < 4 or not np.isfinite(t).all():
+        return None
+    low = int(np.argmin(t))
+    floor = float(t[low])
+    if low >= len(t) - 2 or floor <= 0 or not np.all(t[-2:] > 2 * floor) or t[-1] <= DIVERGE_FACTOR * floor:
+        return None
+    if t[-1] - floor < 0.2 * (float(t[0]) - floor):
+        return None  # a loss near zero doubling is noise, not a climb
+    if h.has("val_loss"):
+        v = h.val_loss
+        if not (np.isfinite(v).all() and v[-1] > 1.5 * float(np.min(v))):
+            return None
+    e = _epoch(h, low)
+    ratio = float(t[-1] / floor)
+    return Candidate("diverged", min(0.8, margin_confidence(ratio, DIVERGE_FACTOR, scale=0.5, log=True)), e,
+                     [Finding("diverged", e, f"train_loss climbed from its minimum {floor:.4g} at epoch {e} to "
+                                             f"{t[-1]:.4g} ({ratio:.3g}x) and has not come back"
+                                             + (f"; val_loss from {np.min(h.val_loss):.4g} to {h.val_loss[-1]:.4g}"
+                                                if h.has("val_loss") else ""))])
 
 
 def _blown_up_and_dead(h: History) -> Candidate | None:
@@ -236,14 +268,16 @@ def oscillating(h: History) -> Candidate | None:
     if len(h) < 5:
         return None
     best: Candidate | None = None
-    calm = _lr_no_higher_than_peers(h) and sig.trend_strength(sig.finite(h.train_loss)) >= 0.5
+    at_best = (gap := peer_gap(h)) is not None and gap <= PEER_GOOD
+    calm = (_lr_no_higher_than_peers(h) or at_best) and sig.trend_strength(sig.finite(h.train_loss)) >= 0.5
     for name in ("val_loss", "train_loss"):
         values = getattr(h, name)
         if not np.isfinite(values).all():
             continue
         span = sig.robust_span(values)
         # A validation loss swinging around a training loss that falls steadily, at an lr no higher than the
-        # study's good trials used: the noise of a small validation set or batch, not steps that overshoot.
+        # study's good trials used or at their level: the noise of a small validation set or batch, not steps
+        # that overshoot.
         for offset in () if calm and name == "val_loss" else (0, len(values) // 2):
             part = values[offset:]
             if len(part) < 5:
