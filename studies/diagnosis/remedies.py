@@ -12,7 +12,7 @@ from typing import Any
 
 from studies.diagnosis.history import History
 from studies.diagnosis.result import Remedy
-from studies.diagnosis.rules import PEER_POOR, Candidate, peer_gap
+from studies.diagnosis.rules import PEER_POOR, Candidate, lr_no_higher_than_peers, peer_gap
 
 
 def remedies_for(candidate: Candidate, h: History) -> list[Remedy]:
@@ -170,16 +170,16 @@ def _drop_no_ops(out: list[Remedy], candidate: Candidate, h: History) -> list[Re
     """Leave out what cannot act: lowering a weight decay that does nothing or a dropout too small to hold a
     run back, and lowering the lr of a run that swings (no 3x jump) at an lr no higher than the good trials':
     gradient noise, which a larger batch averages out."""
-    params, good_lr = h.context.params, _good_lr(h)  # type: ignore[union-attr]
-    decay, dropout, lr = params.get("weight_decay"), params.get("dropout"), params.get("lr")
-    noisy = candidate.verdict == "oscillating" and "jump" not in candidate.facts and lr and good_lr and lr <= good_lr
+    params = h.context.params  # type: ignore[union-attr]
+    decay, dropout = params.get("weight_decay"), params.get("dropout")
+    noisy = candidate.verdict == "oscillating" and "jump" not in candidate.facts and lr_no_higher_than_peers(h)
 
     def no_op(r: Remedy) -> bool:
         if r.action != "decrease":
             return False
         return ((r.param == "weight_decay" and decay is not None and decay <= NEGLIGIBLE_DECAY)
                 or (r.param == "dropout" and dropout is not None and dropout < SMALL_DROPOUT)
-                or (r.param == "lr" and bool(noisy)))
+                or (r.param == "lr" and noisy))
 
     return [r for r in out if not no_op(r)]
 

@@ -269,7 +269,7 @@ def oscillating(h: History) -> Candidate | None:
         return None
     best: Candidate | None = None
     at_best = (gap := peer_gap(h)) is not None and gap <= PEER_GOOD
-    calm = (_lr_no_higher_than_peers(h) or at_best) and sig.trend_strength(sig.finite(h.train_loss)) >= 0.5
+    calm = (lr_no_higher_than_peers(h) or at_best) and sig.trend_strength(sig.finite(h.train_loss)) >= 0.5
     for name in ("val_loss", "train_loss"):
         values = getattr(h, name)
         if not np.isfinite(values).all():
@@ -324,7 +324,8 @@ def uniform_classes(h: History) -> int | None:
     return round(math.exp(loss)) if abs(loss - math.log(1 / acc)) <= UNIFORM_TOLERANCE * math.log(1 / acc) else None
 
 
-def _lr_no_higher_than_peers(h: History) -> bool:
+def lr_no_higher_than_peers(h: History) -> bool:
+    """The trial's lr is at or below the good trials' typical lr (False without both)."""
     ctx = h.context
     if ctx is None or ctx.peers is None or not ctx.params.get("lr"):
         return False
