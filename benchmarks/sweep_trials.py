@@ -234,12 +234,17 @@ def longer_params(trial: Trial) -> dict[str, Any]:
     return {**trial.params, "epochs": 2 * int(trial.params["epochs"])}
 
 
+def wants_longer(trial: Trial, best: float) -> bool:
+    """Rerun with twice the epochs: a trial called healthy, or near its study's best."""
+    return trial.healthy or near_best(trial, best)
+
+
 def outcome_runs(spec: StudySpec, trials: list[Trial]) -> list[tuple[StudySpec, dict[str, Any]]]:
     """The reruns that label the trials: first remedies of those called unhealthy, twice the epochs of
-    those near the best or called healthy."""
+    those `wants_longer` picks."""
     best = best_of(trials)
     runs = [(spec, t.repaired_params) for t in trials if not t.healthy and t.repaired_params is not None]
-    runs += [(spec, longer_params(t)) for t in trials if t.healthy or near_best(t, best)]
+    runs += [(spec, longer_params(t)) for t in trials if wants_longer(t, best)]
     return runs
 
 
@@ -248,7 +253,7 @@ def label(spec: StudySpec, trials: list[Trial], fits: Fits) -> None:
     for t in trials:
         if not t.healthy:
             t.repaired = fits.value(spec, t.repaired_params) if t.repaired_params is not None else t.value
-        if t.healthy or near_best(t, best):
+        if wants_longer(t, best):
             t.longer = fits.value(spec, longer_params(t))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from studies.diagnosis.history import History
 from studies.diagnosis.result import Remedy
-from studies.diagnosis.rules import PEER_POOR, Candidate, lr_no_higher_than_peers, peer_gap
+from studies.diagnosis.rules import PEER_POOR, Candidate, good_lr, lr_no_higher_than_peers, peer_gap
 
 
 def remedies_for(candidate: Candidate, h: History) -> list[Remedy]:
@@ -138,21 +138,16 @@ def fit_to_context(remedies: list[Remedy], candidate: Candidate, h: History) -> 
     return [_inside_bounds(r, ctx) for r in out]
 
 
-def _good_lr(h: History) -> float | None:
-    peers = h.context.peers if h.context is not None else None
-    return peers.typical("lr") if peers is not None else None
-
-
 def _size_lr_cut(out: list[Remedy], candidate: Candidate, h: History) -> list[Remedy]:
     """An lr decrease sized toward the good trials' lr (their geometric mean), where theirs is lower: all the
     way where the evidence says the steps are far too large (a blow-up, a loss jumping 3x back above its
     start), a decade at most for a run that merely swings (the good trials may have taken more steps)."""
-    lr, good_lr = h.context.params.get("lr"), _good_lr(h)  # type: ignore[union-attr]
-    if candidate.verdict not in LR_MOVES or not lr or not good_lr or good_lr >= lr:
+    lr, typical = h.context.params.get("lr"), good_lr(h)  # type: ignore[union-attr]
+    if candidate.verdict not in LR_MOVES or not lr or not typical or typical >= lr:
         return out
     far_too_high = candidate.verdict == "diverged" or "jump" in candidate.facts
-    target = good_lr if far_too_high else max(good_lr, lr / MAX_LR_STEP)
-    return [_toward(r, "lr", lr, target, f"the study's good trials trained at lr near {good_lr:.3g}")
+    target = typical if far_too_high else max(typical, lr / MAX_LR_STEP)
+    return [_toward(r, "lr", lr, target, f"the study's good trials trained at lr near {typical:.3g}")
             if r.param == "lr" and r.action == "decrease" else r for r in out]
 
 
@@ -187,7 +182,7 @@ def _drop_no_ops(out: list[Remedy], candidate: Candidate, h: History) -> list[Re
 def _cap_lr_increase(out: list[Remedy], candidate: Candidate, h: History) -> list[Remedy]:
     """No lr increase at or above a good trial's lr or at the range's top (a slow run gets more epochs
     instead); below the good trials', an increase goes as far as their lr, not a fixed decade."""
-    ctx, good_lr = h.context, _good_lr(h)
+    ctx, typical = h.context, good_lr(h)
     lr = ctx.params.get("lr")  # type: ignore[union-attr]
     if not lr:
         return out
@@ -196,9 +191,9 @@ def _cap_lr_increase(out: list[Remedy], candidate: Candidate, h: History) -> lis
         if candidate.verdict == "slow_convergence" and not any(r.param == "epochs" for r in out):
             out.append(Remedy("epochs", "increase", "more epochs let the slow descent finish", factor=2))
         return out
-    if good_lr and good_lr > lr:
-        return [_toward(r, "lr", lr, good_lr, f"the study's good trials trained at lr near {good_lr:.3g}")
-                if r.param == "lr" and r.action == "increase" and r.factor and lr * r.factor > good_lr else r
+    if typical and typical > lr:
+        return [_toward(r, "lr", lr, typical, f"the study's good trials trained at lr near {typical:.3g}")
+                if r.param == "lr" and r.action == "increase" and r.factor and lr * r.factor > typical else r
                 for r in out]
     return out
 

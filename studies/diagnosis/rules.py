@@ -324,13 +324,16 @@ def uniform_classes(h: History) -> int | None:
     return round(math.exp(loss)) if abs(loss - math.log(1 / acc)) <= UNIFORM_TOLERANCE * math.log(1 / acc) else None
 
 
+def good_lr(h: History) -> float | None:
+    """The good trials' typical lr (`Peers.typical`); None without peers that have one."""
+    peers = h.context.peers if h.context is not None else None
+    return peers.typical("lr") if peers is not None else None
+
+
 def lr_no_higher_than_peers(h: History) -> bool:
     """The trial's lr is at or below the good trials' typical lr (False without both)."""
-    ctx = h.context
-    if ctx is None or ctx.peers is None or not ctx.params.get("lr"):
-        return False
-    good_lr = ctx.peers.typical("lr")
-    return good_lr is not None and ctx.params["lr"] <= good_lr
+    lr, typical = h.context.params.get("lr") if h.context is not None else None, good_lr(h)
+    return bool(lr) and typical is not None and lr <= typical
 
 
 def quality(h: History) -> tuple[float, str]:
