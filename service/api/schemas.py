@@ -458,7 +458,8 @@ class HistoryObjectiveIn(BaseModel):
 
 
 class HistoryEpochIn(BaseModel):
-    """One epoch. Only `epoch` and `train_loss` are required; other metrics may be absent or null."""
+    """One epoch. Only `epoch` and `train_loss` are required; other metrics may be absent or null, and the
+    objective may be given under its own name when it is none of these (a plug-in's `val_mae`)."""
 
     model_config = ConfigDict(extra="allow")
 

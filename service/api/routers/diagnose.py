@@ -30,8 +30,9 @@ def diagnose_history(history: HistoryBody) -> DiagnosisOut:
 
     The body is a history in the diagnosis contract's format (the body of
     `GET /v1/studies/{name}/trials/{number}/metrics?layout=history` is one). Only `epoch` and `train_loss` are
-    required per epoch; NaN and infinities may be the strings "NaN", "Infinity", "-Infinity" or
-    bare NaN/Infinity tokens. At most 10,000 epochs. Nothing is stored.
+    required per epoch; a row may also carry the objective under its own name when it is none of the standard
+    metrics (a plug-in's `val_mae`), read against `peers`; NaN and infinities may be the strings "NaN",
+    "Infinity", "-Infinity" or bare NaN/Infinity tokens. At most 10,000 epochs. Nothing is stored.
 
     An optional `context` (every key optional, unknown keys ignored) tells what the curve cannot:
     `task`, `n_classes` (the chance level and an untrained network's loss, ln k), the trial's
