@@ -12,6 +12,7 @@ RUN case "$VARIANT" in \
       *) echo "VARIANT must be cpu or cuda, not $VARIANT" >&2; exit 2 ;; \
     esac && pip install --no-cache-dir --index-url "$index" "$TORCH_SPEC"
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY service ./service
 COPY studies ./studies
 COPY trainers ./trainers

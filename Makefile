@@ -29,7 +29,7 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check service studies trainers migrations tests benchmarks
+	$(BIN)/ruff check core trainers studies service migrations tests benchmarks examples
 
 lint-imports: setup
 	$(BIN)/lint-imports

@@ -114,18 +114,18 @@ from optuna.distributions import distribution_to_json
 from optuna.storages._rdb import models as om
 from scratch_db import scratch_database  # benchmarks/, on the path of a script run from it
 
-from service import auth
-from service.db import repo
-from service.db.engine import get_engine
-from service.db.migrate import upgrade
-from service.db.models import METRIC_COLUMNS, Study, TrialDiagnosis, TrialMetric
-from service.db.optuna_tables import optuna_studies, optuna_trials
-from service.settings import Settings
-from studies.diagnosis import diagnose
-from studies.lifecycle import submit_study
-from studies.search_space import PARAM_NAMES, suggest
-from studies.spec import parse_spec
-from studies.storage import storage_for
+from converge.core.db import repo
+from converge.core.db.engine import get_engine
+from converge.core.db.migrate import upgrade
+from converge.core.db.models import METRIC_COLUMNS, Study, TrialDiagnosis, TrialMetric
+from converge.core.db.optuna_tables import optuna_studies, optuna_trials
+from converge.core.settings import Settings
+from converge.service import auth
+from converge.studies.diagnosis import diagnose
+from converge.studies.lifecycle import submit_study
+from converge.studies.search_space import PARAM_NAMES, suggest
+from converge.studies.spec import parse_spec
+from converge.studies.storage import storage_for
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = 100
@@ -529,7 +529,7 @@ def process(args: list[str], url: str, log: Path, stop_timeout_s: float = 45.0) 
     """A `converge` subprocess on this database, its output in `log`; SIGTERM at the end, waited for."""
     env = {**os.environ, "CONVERGE_DATABASE_URL": url, "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
-        p = subprocess.Popen([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env, stdout=out,
+        p = subprocess.Popen([sys.executable, "-m", "converge.service.cli", *args], cwd=REPO, env=env, stdout=out,
                              stderr=subprocess.STDOUT)
         try:
             yield p

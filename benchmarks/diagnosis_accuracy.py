@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from studies.diagnosis import HEALTHY_VERDICTS, VERDICTS, diagnose
+from converge.studies.diagnosis import HEALTHY_VERDICTS, VERDICTS, diagnose
 
 CURVES = Path(__file__).resolve().parent.parent / "tests" / "data" / "curves.jsonl"
 HOLDOUT = CURVES.with_name("curves_holdout.jsonl")
@@ -158,7 +158,7 @@ def collection_overhead(reps: int, epochs: int = 20) -> dict[str, float]:
     """
     import torch
 
-    from trainers import TrainConfig, fit, load_dataset
+    from converge.trainers import TrainConfig, fit, load_dataset
 
     torch.set_num_threads(1)
     config = TrainConfig(model="mlp", dataset="sklearn:digits", params={"width": 128, "depth": 2}, lr=1e-3,
@@ -186,7 +186,7 @@ def collection_share(reps: int = 5, epochs: int = 20) -> float:
     """
     import torch
 
-    from trainers import TrainConfig, callbacks, fit, load_dataset
+    from converge.trainers import TrainConfig, callbacks, fit, load_dataset
 
     torch.set_num_threads(1)
     config = TrainConfig(model="mlp", dataset="sklearn:digits", params={"width": 128, "depth": 2}, lr=1e-3,

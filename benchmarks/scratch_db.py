@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import sqlalchemy as sa
 
-from service.db.engine import get_engine
+from converge.core.db.engine import get_engine
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -43,16 +43,16 @@ from typing import Any
 
 import optuna
 
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.db.migrate import upgrade
-from service.settings import Settings
-from studies.diagnosis import diagnose
-from studies.lifecycle import submit_study
-from studies.objective import HISTORY_KEYS, train_config
-from studies.pruning import DIAGNOSIS_RULES, PRUNED_BY_ATTR, STOPPED_EARLY_ATTR
-from studies.runner import run_slot
-from studies.spec import MAX_TRIALS, StudySpec, parse_spec
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.db.migrate import upgrade
+from converge.core.settings import Settings
+from converge.studies.diagnosis import diagnose
+from converge.studies.lifecycle import submit_study
+from converge.studies.objective import HISTORY_KEYS, train_config
+from converge.studies.pruning import DIAGNOSIS_RULES, PRUNED_BY_ATTR, STOPPED_EARLY_ATTR
+from converge.studies.runner import run_slot
+from converge.studies.spec import MAX_TRIALS, StudySpec, parse_spec
 
 REFERENCE = "tpe"
 
@@ -172,14 +172,14 @@ def run_study(workdir: Path, spec: StudySpec, task: str, config: str, seed: int,
 
 def warm_up() -> None:
     """Import and run the trainer once, so the first timed run pays no import or first-call cost."""
-    from trainers import TrainConfig, fit
+    from converge.trainers import TrainConfig, fit
 
     fit(TrainConfig(epochs=1, device="cpu", params={"width": 8, "depth": 1}))
 
 
 def healthy_on_full_rerun(run: Run, trial: TrialOutcome) -> bool:
     """Train the pruned trial again to its last epoch, unpruned, and diagnose the whole history."""
-    from trainers import fit
+    from converge.trainers import fit
 
     spec = run.spec
     config = train_config(spec, trial.params, device="cpu")

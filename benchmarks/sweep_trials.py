@@ -49,13 +49,13 @@ from typing import Any
 
 import optuna
 
-from studies.diagnosis import diagnose
-from studies.objective import HISTORY_KEYS, train_config
-from studies.peers import peers_context
-from studies.repair import first_applicable_remedy
-from studies.search_space import suggest
-from studies.spec import StudySpec, parse_spec
-from studies.trial_context import trial_context
+from converge.studies.diagnosis import diagnose
+from converge.studies.objective import HISTORY_KEYS, train_config
+from converge.studies.peers import peers_context
+from converge.studies.repair import first_applicable_remedy
+from converge.studies.search_space import suggest
+from converge.studies.spec import StudySpec, parse_spec
+from converge.studies.trial_context import trial_context
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]  # the plug-in tasks, for this process and its workers
@@ -111,7 +111,7 @@ def _fit(job: tuple[dict[str, Any], dict[str, Any]]) -> list[dict[str, Any]]:
     """One trial's training, as a worker's slot runs it: stopped after the first non-finite objective."""
     import torch
 
-    from trainers import fit
+    from converge.trainers import fit
 
     torch.set_num_threads(1)
     spec, params = parse_spec(job[0]), job[1]

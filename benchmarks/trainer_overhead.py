@@ -19,10 +19,10 @@ import time
 import torch
 from torch.nn import functional as F
 
-from trainers import DataSplit, TrainConfig, fit, load_dataset
-from trainers.callbacks import global_norm, gradient_norm
-from trainers.fit import make_loaders
-from trainers.models import build_network
+from converge.trainers import DataSplit, TrainConfig, fit, load_dataset
+from converge.trainers.callbacks import global_norm, gradient_norm
+from converge.trainers.fit import make_loaders
+from converge.trainers.models import build_network
 
 MODELS = {  # the reference models: params, description
     "mlp": ({"width": 128, "depth": 2}, "MLP width 128 depth 2"),

@@ -34,15 +34,15 @@ import optuna
 import sqlalchemy as sa
 from scratch_db import scratch_database  # benchmarks/, on the path of a script run from it
 
-import studies.runner
-import trainers
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.db.migrate import upgrade
-from service.settings import Settings
-from studies.lifecycle import submit_study
-from studies.runner import TRIAL_ENDED, prepare_slot_process, run_claim, trial_recorder
-from studies.spec import StudySpec
+from converge import trainers
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.db.migrate import upgrade
+from converge.core.settings import Settings
+from converge.studies import runner as slot_runner
+from converge.studies.lifecycle import submit_study
+from converge.studies.runner import TRIAL_ENDED, prepare_slot_process, run_claim, trial_recorder
+from converge.studies.spec import StudySpec
 
 
 def spec(name: str, n_trials: int) -> StudySpec:
@@ -91,9 +91,9 @@ def run_trial(settings: Settings, name: str, timer: FitTimer, *, loaded_afresh: 
 
     `loaded_afresh`: the process's kept study objects are set aside for this one trial.
     """
-    kept = dict(studies.runner._STUDIES)
+    kept = dict(slot_runner._STUDIES)
     if loaded_afresh:
-        studies.runner._STUDIES.clear()
+        slot_runner._STUDIES.clear()
     engine = get_engine(settings.database_url)
     fit_before = timer.seconds
     started = time.perf_counter()
@@ -106,8 +106,8 @@ def run_trial(settings: Settings, name: str, timer: FitTimer, *, loaded_afresh: 
         repo.finish_study_if_complete(session, claim.study_id)
     seconds = time.perf_counter() - started
     if loaded_afresh:
-        studies.runner._STUDIES.clear()
-        studies.runner._STUDIES.update(kept)
+        slot_runner._STUDIES.clear()
+        slot_runner._STUDIES.update(kept)
     return seconds, timer.seconds - fit_before
 
 

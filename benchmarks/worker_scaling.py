@@ -24,11 +24,11 @@ from pathlib import Path
 
 import optuna
 
-from service.db.migrate import upgrade
-from service.settings import Settings
-from studies.lifecycle import submit_study
-from studies.spec import StudySpec
-from studies.storage import storage_for
+from converge.core.db.migrate import upgrade
+from converge.core.settings import Settings
+from converge.studies.lifecycle import submit_study
+from converge.studies.spec import StudySpec
+from converge.studies.storage import storage_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def run(slots: int, n_trials: int) -> tuple[float, float]:
         submit_study(settings, spec(n_trials))
         env = {**os.environ, "CONVERGE_DATABASE_URL": url, "CONVERGE_WORKER_POLL_S": "0.1"}
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "service.cli", "worker", "--devices", "cpu",
+        subprocess.run([sys.executable, "-m", "converge.service.cli", "worker", "--devices", "cpu",
                         "--slots-per-device", str(slots), "--exit-when-idle"],
                        cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - started

@@ -8,8 +8,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from migrations import VERSION_TABLE, include_object
-from service.db.models import Base
+from converge.core.db.migrate import VERSION_TABLE, include_object
+from converge.core.db.models import Base
 
 
 def run_migrations() -> None:

@@ -28,7 +28,7 @@ export CONVERGE_DATABASE_URL
 CONVERGE_DATABASE_URL=$("$PY" -c "import sqlalchemy as sa, sys
 print(sa.make_url(sys.argv[1]).set(database=sys.argv[2]).render_as_string(hide_password=False))" "$ADMIN_URL" "$DB")
 export CONVERGE_HEARTBEAT_INTERVAL_S=2 CONVERGE_WORKER_POLL_S=0.3 CONVERGE_DASHBOARD_FIGURES_EVERY_S=0
-CONVERGE=("$PY" -m service.cli)
+CONVERGE=("$PY" -m converge.service.cli)
 
 "${CONVERGE[@]}" db upgrade                                                   # the `migrate` service
 "${CONVERGE[@]}" serve --host 127.0.0.1 --port "$PORT" --workers 0 >"$LOG/api.log" 2>&1 &   # `api`

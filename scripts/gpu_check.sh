@@ -23,13 +23,13 @@ n_trials: $N_TRIALS
 sampler: {name: random, seed: 0}
 pruner: {name: none}
 SPEC
-"$PYTHON" -m service.cli db upgrade >/dev/null
-"$PYTHON" -m service.cli study create --spec "$work/spec.yaml" >/dev/null
+"$PYTHON" -m converge.service.cli db upgrade >/dev/null
+"$PYTHON" -m converge.service.cli study create --spec "$work/spec.yaml" >/dev/null
 
 echo "device:    $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader -i 0)"
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 200 >"$work/memory.log" &
 smi=$!
-"$PYTHON" -m service.cli worker --devices cuda:0 --slots-per-device 2 --exit-when-idle >"$work/worker.log" 2>&1 \
+"$PYTHON" -m converge.service.cli worker --devices cuda:0 --slots-per-device 2 --exit-when-idle >"$work/worker.log" 2>&1 \
     || { cat "$work/worker.log"; exit 1; }
 kill "$smi"
 
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import optuna
 
-from service.settings import get_settings
+from core.settings import get_settings
 from studies.storage import storage_for
 
 work = Path(sys.argv[1])

@@ -30,10 +30,10 @@ from datetime import datetime, timedelta
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.db import repo
-from service.db.engine import session_scope
-from service.db.errors import SchemaNotReady, ServiceError
-from service.db.models import API_SCOPES, ApiToken, utcnow
+from converge.core.db import repo
+from converge.core.db.engine import session_scope
+from converge.core.db.models import API_SCOPES, ApiToken, utcnow
+from converge.core.errors import SchemaNotReady, ServiceError
 
 log = logging.getLogger("converge.auth")
 

@@ -21,10 +21,10 @@ from typing import IO, Any
 
 import click
 
-from service.db.errors import ServiceError
-from service.settings import get_settings
-from service.version import VERSION
-from studies.spec import SpecError, load_spec_file
+from converge.core.errors import ServiceError
+from converge.core.settings import get_settings
+from converge.core.version import VERSION
+from converge.studies.spec import SpecError, load_spec_file
 
 
 class ConvergeGroup(click.Group):
@@ -32,7 +32,7 @@ class ConvergeGroup(click.Group):
 
     A database failure that reaches here as a driver error, or wrapped (Optuna's RDBStorage turns
     every driver error into its StorageInternalError), is reported as the service's own error too
-    (`service.db.engine.as_service_error`): unreachable, not upgraded, read-only or full.
+    (`core.db.engine.as_service_error`): unreachable, not upgraded, read-only or full.
     """
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -56,19 +56,19 @@ def _database_error(exc: Exception) -> ServiceError | None:
     """The service error a database failure amounts to, or None for anything else (click's own exits included)."""
     if isinstance(exc, (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort)):
         return None
-    from service.db.engine import as_service_error
+    from converge.core.db.engine import as_service_error
 
     return as_service_error(exc, get_settings().database_url)
 
 
-# Commands that run until stopped wait out a database outage (`service.db.engine.retry_transient`);
+# Commands that run until stopped wait out a database outage (`core.db.engine.retry_transient`);
 # every other command says at once what is wrong. `diagnose` uses no database.
 _PATIENT_COMMANDS = {"serve", "worker", "sweep", "scheduler", "diagnose"}
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    """Text logs, or JSON lines with CONVERGE_LOG_FORMAT=json (`service.logs`)."""
-    from service.logs import configure
+    """Text logs, or JSON lines with CONVERGE_LOG_FORMAT=json (`core.logs`)."""
+    from converge.core.logs import configure
 
     configure(get_settings().log_format, logging.DEBUG if verbose else logging.INFO)
 
@@ -83,7 +83,7 @@ def cli(ctx: click.Context) -> None:
     `converge db upgrade` once before anything else.
     """
     if ctx.invoked_subcommand not in _PATIENT_COMMANDS:
-        from service.db.engine import waiting_at_most
+        from converge.core.db.engine import waiting_at_most
 
         ctx.with_resource(waiting_at_most(0))
 
@@ -99,8 +99,8 @@ def db() -> None:
 @db.command("upgrade")
 def db_upgrade() -> None:
     """Create or upgrade Optuna's and Converge's schemas (idempotent)."""
-    from service.db.engine import safe_url
-    from service.db.migrate import upgrade
+    from converge.core.db.engine import safe_url
+    from converge.core.db.migrate import upgrade
 
     url = get_settings().database_url
     versions = upgrade(url)
@@ -136,12 +136,12 @@ def serve(host: str, port: int, workers: int, demo_spec: Path | None) -> None:
     """
     import uvicorn
 
-    from service import auth
-    from service.api.app import create_app
-    from service.db import repo
-    from service.db.engine import get_engine, session_scope
-    from service.db.migrate import check_schema
-    from service.heap import freeze_startup_heap
+    from converge.core.db import repo
+    from converge.core.db.engine import get_engine, session_scope
+    from converge.core.db.migrate import check_schema
+    from converge.core.heap import freeze_startup_heap
+    from converge.service import auth
+    from converge.service.api.app import create_app
 
     _setup_logging()
     settings = get_settings()
@@ -157,11 +157,11 @@ def serve(host: str, port: int, workers: int, demo_spec: Path | None) -> None:
         with session_scope(get_engine(settings.database_url)) as session:
             empty = repo.count_studies(session) == 0
         if empty:
-            from studies.lifecycle import submit_study
+            from converge.studies.lifecycle import submit_study
 
             submit_study(settings, spec)
             click.echo(f"submitted demo study {spec.name!r}")
-    from service.scheduler import Scheduler
+    from converge.service.scheduler import Scheduler
 
     children = [_start_local_worker() for _ in range(workers)]
     scheduler = Scheduler(settings)
@@ -179,7 +179,7 @@ def serve(host: str, port: int, workers: int, demo_spec: Path | None) -> None:
 
 def _start_local_worker() -> subprocess.Popen[bytes]:
     """A `converge worker` of its own: the API process never imports torch."""
-    return subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=os.environ.copy())
+    return subprocess.Popen([sys.executable, "-m", "converge.service.cli", "worker"], env=os.environ.copy())
 
 
 def _stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 30.0) -> None:
@@ -211,9 +211,9 @@ def worker(ctx: click.Context, devices: str, slots_per_device: int, exit_when_id
     """
     if ctx.invoked_subcommand is not None:
         return
-    from service.db.migrate import check_schema
-    from studies.devices import parse_devices, plan_slots
-    from studies.worker import Worker
+    from converge.core.db.migrate import check_schema
+    from converge.studies.devices import parse_devices, plan_slots
+    from converge.studies.worker import Worker
 
     _setup_logging()
     settings = get_settings()
@@ -228,8 +228,8 @@ def worker(ctx: click.Context, devices: str, slots_per_device: int, exit_when_id
 @worker.command("list")
 def worker_list() -> None:
     """The workers sharing this database: host, pid, devices, slots, state, current trials, last heartbeat."""
-    from service import views
-    from service.db.engine import get_engine, session_scope
+    from converge.core.db.engine import get_engine, session_scope
+    from converge.service import views
 
     settings = get_settings()
     with session_scope(get_engine(settings.database_url)) as session:
@@ -269,8 +269,8 @@ def token_create(scope: str, name: str | None) -> None:
     (`TOKEN=$(converge token create --scope read)` works); the note about it goes to stderr.
     Authentication is on from the first token on.
     """
-    from service import auth
-    from service.db.engine import get_engine
+    from converge.core.db.engine import get_engine
+    from converge.service import auth
 
     engine = get_engine(get_settings().database_url)
     first = not auth.auth_enabled(engine)
@@ -289,8 +289,8 @@ def token_list() -> None:
     The prefix is the token's first 12 characters (the token itself is not stored); `last used`
     is updated at most once a minute.
     """
-    from service import auth
-    from service.db.engine import get_engine
+    from converge.core.db.engine import get_engine
+    from converge.service import auth
 
     tokens = auth.list_tokens(get_engine(get_settings().database_url))
     rows = [["id", "name", "scope", "prefix", "created", "last used", "revoked"]]
@@ -308,8 +308,8 @@ def token_revoke(token_id: int) -> None:
     `converge token list` shows the ids. An unknown id is an error (exit status 1); revoking a
     revoked token changes nothing.
     """
-    from service import auth
-    from service.db.engine import get_engine
+    from converge.core.db.engine import get_engine
+    from converge.service import auth
 
     info, revoked_now, left = auth.revoke_token(get_engine(get_settings().database_url), token_id)
     click.echo(f"token {info.id} ({info.prefix}...) " + ("revoked" if revoked_now else
@@ -337,14 +337,14 @@ def sweep(spec_path: Path, quiet: bool) -> None:
     """
     import optuna
 
-    from service.db.migrate import check_schema
-    from studies.sweep import run_sweep
+    from converge.core.db.migrate import check_schema
+    from converge.studies.sweep import run_sweep
 
     spec = load_spec_file(spec_path)
     settings = get_settings()
     check_schema(settings.database_url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from studies.runner import StudySetupError
+    from converge.studies.runner import StudySetupError
 
     try:
         run_sweep(settings, spec, progress=not quiet)
@@ -521,8 +521,8 @@ class _LineReader:
 def _diagnose_text(text: str) -> dict[str, Any]:
     """The diagnosis of one JSON history. Raises `json.JSONDecodeError` for text that is not JSON, else a
     ValueError (`HistoryError` included) whose message says what is wrong with it."""
-    from service.json_input import TOO_DEEP, JSONInputError, loads
-    from studies.diagnosis import diagnose
+    from converge.service.json_input import TOO_DEEP, JSONInputError, loads
+    from converge.studies.diagnosis import diagnose
 
     try:
         return diagnose(loads(text)).to_dict()
@@ -581,7 +581,7 @@ def study_create(spec_path: Path, check: bool) -> None:
     "package.module:factory") must import here with --check: run from the directory that
     holds your package, or put it on PYTHONPATH.
     """
-    from studies.lifecycle import submit_study
+    from converge.studies.lifecycle import submit_study
 
     spec = load_spec_file(spec_path)
     if check:
@@ -592,7 +592,7 @@ def study_create(spec_path: Path, check: bool) -> None:
 
 def _dry_run(spec: Any) -> None:
     """`study create --check`: the same dry run a worker makes (`studies.plugin_check.check_task`)."""
-    from studies.plugin_check import PluginCheckError, check_before_running, check_task
+    from converge.studies.plugin_check import PluginCheckError, check_before_running, check_task
 
     check_before_running(spec, get_settings())  # nothing is imported from a module the settings do not allow
     if not spec.task.is_plugin:
@@ -623,10 +623,10 @@ def study_export_best(name: str, out_dir: Path) -> None:
     """
     import yaml
 
-    from service.db.errors import NotFound
-    from studies import checkpoints
-    from studies.spec import StudySpec
-    from studies.storage import storage_for
+    from converge.core.errors import NotFound
+    from converge.studies import checkpoints
+    from converge.studies.spec import StudySpec
+    from converge.studies.storage import storage_for
 
     settings = get_settings()
     store = checkpoints.artifact_store(settings)
@@ -661,9 +661,9 @@ def study_export_best(name: str, out_dir: Path) -> None:
 @study.command("list")
 def study_list() -> None:
     """Every study with its state and trial counts."""
-    from service import views
-    from service.db.engine import get_engine, session_scope
-    from studies.storage import storage_for
+    from converge.core.db.engine import get_engine, session_scope
+    from converge.service import views
+    from converge.studies.storage import storage_for
 
     settings = get_settings()
     with session_scope(get_engine(settings.database_url)) as session:
@@ -684,7 +684,7 @@ def study_cancel(name: str) -> None:
     No new trial of it starts; its running trials stop at their next epoch boundary and are
     failed with the reason. Cancelling a study that has ended is an error (exit status 1).
     """
-    from studies.lifecycle import cancel_study
+    from converge.studies.lifecycle import cancel_study
 
     cancel_study(get_settings(), name)
     click.echo(f"study {name!r} cancelled: running trials stop at their next epoch")
@@ -700,7 +700,7 @@ def repair(study_name: str, number: int) -> None:
     it. A running, healthy or already repaired trial, or one without a usable remedy, is an
     error (exit status 1) that says why.
     """
-    from studies.repair import repair_trial
+    from converge.studies.repair import repair_trial
 
     done = repair_trial(get_settings(), study_name, number)
     remedy = done.remedy
@@ -724,10 +724,10 @@ def study_show(name: str) -> None:
 
 
 def _show_study(name: str, *, verdicts: bool = False) -> None:
-    from service import views
-    from service.db import repo
-    from service.db.engine import get_engine, session_scope
-    from studies.storage import storage_for
+    from converge.core.db import repo
+    from converge.core.db.engine import get_engine, session_scope
+    from converge.service import views
+    from converge.studies.storage import storage_for
 
     settings = get_settings()
     storage = storage_for(settings)
@@ -833,9 +833,9 @@ def report(study_name: str, out: Path, max_trials: int) -> None:
     parallel coordinates, learning rate against objective, verdict counts, loss curves, all
     coloured by verdict), and each unhealthy trial's diagnosis and figure.
     """
-    from service.db.engine import get_engine, session_scope
-    from service.report import build_report
-    from studies.storage import storage_for
+    from converge.core.db.engine import get_engine, session_scope
+    from converge.service.report import build_report
+    from converge.studies.storage import storage_for
 
     settings = get_settings()
     with session_scope(get_engine(settings.database_url)) as session:
@@ -854,8 +854,8 @@ def scheduler_command() -> None:
     """Run the scheduler alone (`converge serve` runs it too): fire due schedules, start queued runs,
     report on ended ones and post webhooks, every CONVERGE_SCHEDULER_POLL_S (5 s). Safe beside other
     schedulers on one database: each fire time is launched once. Stops on Ctrl-C or SIGTERM."""
-    from service.db.migrate import check_schema
-    from service.scheduler import Scheduler
+    from converge.core.db.migrate import check_schema
+    from converge.service.scheduler import Scheduler
 
     _setup_logging()
     settings = get_settings()
@@ -901,9 +901,9 @@ def schedule_create(cron: str, zone: str, spec_path: Path, disabled: bool, misfi
     """Create a schedule; prints its id and next fire time. Bad input: exit status 2."""
     from pydantic import ValidationError
 
-    from service import outbound, schedules
-    from service.db.engine import get_engine, session_scope
-    from studies.spec import describe_errors
+    from converge.core.db.engine import get_engine, session_scope
+    from converge.service import outbound, schedules
+    from converge.studies.spec import describe_errors
 
     template = load_spec_file(spec_path).model_dump(mode="json")
     allow = outbound.Allow.from_setting(get_settings().webhook_allow)
@@ -927,8 +927,8 @@ def schedule_create(cron: str, zone: str, spec_path: Path, disabled: bool, misfi
 @schedule.command("list")
 def schedule_list() -> None:
     """Every schedule: id, prefix, cron, zone, enabled, overlap, next fire time, webhook."""
-    from service import schedules
-    from service.db.engine import get_engine, session_scope
+    from converge.core.db.engine import get_engine, session_scope
+    from converge.service import schedules
 
     with session_scope(get_engine(get_settings().database_url)) as session:
         found = schedules.list_schedules(session)
@@ -943,8 +943,8 @@ def schedule_list() -> None:
 @click.argument("schedule_id", metavar="ID", type=int)
 def schedule_delete(schedule_id: int) -> None:
     """Delete a schedule and its run records (the studies stay). An unknown id: exit status 1."""
-    from service import schedules
-    from service.db.engine import get_engine, session_scope
+    from converge.core.db.engine import get_engine, session_scope
+    from converge.service import schedules
 
     with session_scope(get_engine(get_settings().database_url)) as session:
         schedules.delete_schedule(session, schedule_id)
@@ -956,9 +956,9 @@ def schedule_delete(schedule_id: int) -> None:
 def schedule_run_now(schedule_id: int) -> None:
     """Start a run of the schedule now (warm start and overlap policy as for a cron fire). With overlap
     `skip` while a run is going: exit status 1; a run that could not start: exit status 1."""
-    from service import schedules
-    from service.db.engine import get_engine, session_scope
-    from service.scheduler import Scheduler
+    from converge.core.db.engine import get_engine, session_scope
+    from converge.service import schedules
+    from converge.service.scheduler import Scheduler
 
     settings = get_settings()
     scheduler = Scheduler(settings)
@@ -979,8 +979,8 @@ def schedule_run_now(schedule_id: int) -> None:
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="runs to show")
 def schedule_runs(schedule_id: int, limit: int) -> None:
     """The schedule's latest runs: fire time, state, study, best value and its change, regression."""
-    from service import schedules
-    from service.db.engine import get_engine, session_scope
+    from converge.core.db.engine import get_engine, session_scope
+    from converge.service import schedules
 
     with session_scope(get_engine(get_settings().database_url)) as session:
         found = schedules.list_runs(session, schedule_id, limit)

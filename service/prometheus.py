@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy.orm import Session
 
-from service.db import repo
+from converge.core.db import repo
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STUDY_STATES = ("queued", "running", "done", "cancelled", "failed")

@@ -14,10 +14,10 @@ from typing import Any
 import optuna
 from sqlalchemy.orm import Session
 
-from service import views
-from service.db import repo
-from studies.diagnosis import HEALTHY_VERDICTS
-from studies.plots import draw, load
+from converge.core.db import repo
+from converge.service import views
+from converge.studies.diagnosis import HEALTHY_VERDICTS
+from converge.studies.plots import draw, load
 
 MAX_TRIAL_FIGURES = 200
 

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
-from studies.spec import FloatRange, IntChoices, IntRange, SearchSpace
+from converge.studies.spec import FloatRange, IntChoices, IntRange, SearchSpace
 
 NAME_SUFFIX_LEN = len("-YYYYMMDD-HHMM")
 MAX_PREFIX_LEN = 100 - NAME_SUFFIX_LEN - 2  # room for "-2" when two fire times share a local minute (DST)

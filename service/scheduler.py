@@ -36,17 +36,17 @@ from typing import Any
 
 import optuna
 
-from service import outbound, views
-from service import schedule_rules as rules
-from service.db import repo, schedule_repo
-from service.db.engine import get_engine, session_scope
-from service.db.errors import Conflict, NotFound, ServiceError
-from service.db.models import Schedule, ScheduleRun
-from service.settings import Settings
-from service.webhooks import Notifier
-from studies import lifecycle
-from studies.spec import SpecError, parse_spec
-from studies.storage import storage_for
+from converge.core.db import repo, schedule_repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.db.models import Schedule, ScheduleRun
+from converge.core.errors import Conflict, NotFound, ServiceError
+from converge.core.settings import Settings
+from converge.service import outbound, views
+from converge.service import schedule_rules as rules
+from converge.service.webhooks import Notifier
+from converge.studies import lifecycle
+from converge.studies.spec import SpecError, parse_spec
+from converge.studies.storage import storage_for
 
 log = logging.getLogger(__name__)
 

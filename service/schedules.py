@@ -10,13 +10,13 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from service import outbound
-from service import schedule_rules as rules
-from service.db import schedule_repo
-from service.db.models import Schedule, ScheduleRun, WebhookDelivery, utcnow
-from service.settings import get_settings
-from studies import policy
-from studies.spec import SpecError, parse_spec
+from converge.core.db import schedule_repo
+from converge.core.db.models import Schedule, ScheduleRun, WebhookDelivery, utcnow
+from converge.core.settings import get_settings
+from converge.service import outbound
+from converge.service import schedule_rules as rules
+from converge.studies import policy
+from converge.studies.spec import SpecError, parse_spec
 
 MAX_GRACE_S = 7 * 24 * 3600
 MAX_TOP_K = 100

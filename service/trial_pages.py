@@ -25,7 +25,11 @@ from sqlalchemy import Row
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from service.api.schemas import (
+from converge.core.db import repo
+from converge.core.db.engine import session_scope
+from converge.core.db.models import METRIC_COLUMNS, Study
+from converge.core.errors import InvalidRequest, NotFound
+from converge.service.schemas import (
     AttemptOut,
     DiagnosisOut,
     MetricColumns,
@@ -37,13 +41,9 @@ from service.api.schemas import (
     TrialOut,
     TrialPage,
 )
-from service.db import repo
-from service.db.engine import session_scope
-from service.db.errors import InvalidRequest, NotFound
-from service.db.models import METRIC_COLUMNS, Study
-from studies.pruning import PRUNED_BY_ATTR
-from studies.repair import REPAIR_OF_ATTR
-from studies.retries import RETRY_OF_ATTR
+from converge.studies.pruning import PRUNED_BY_ATTR
+from converge.studies.repair import REPAIR_OF_ATTR
+from converge.studies.retries import RETRY_OF_ATTR
 
 # Optuna's state names and the API's.
 API_STATE = {"RUNNING": "running", "WAITING": "waiting", "COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}

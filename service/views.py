@@ -10,8 +10,11 @@ import optuna
 from optuna.trial import TrialState
 from sqlalchemy.orm import Session
 
-from service import trial_pages
-from service.api.schemas import (
+from converge.core.db import repo
+from converge.core.db.models import Study, TrialRepair
+from converge.core.errors import NotFound
+from converge.service import trial_pages
+from converge.service.schemas import (
     BestTrial,
     DiagnosisOut,
     RepairOutcome,
@@ -23,14 +26,11 @@ from service.api.schemas import (
     WorkerOut,
     WorkerTrialOut,
 )
-from service.db import repo
-from service.db.errors import NotFound
-from service.db.models import Study, TrialRepair
-from studies.diagnosis import diagnose
-from studies.repair import repair_summary
-from studies.spec import StudySpec
-from studies.storage import trial_by_number
-from studies.study_diagnosis import TrialRecord, diagnose_study
+from converge.studies.diagnosis import diagnose
+from converge.studies.repair import repair_summary
+from converge.studies.spec import StudySpec
+from converge.studies.storage import trial_by_number
+from converge.studies.study_diagnosis import TrialRecord, diagnose_study
 
 _STATE_NAMES = {
     TrialState.RUNNING: "running",

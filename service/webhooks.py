@@ -32,10 +32,10 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from service import outbound
-from service.db import schedule_repo
-from service.db.engine import session_scope
-from service.version import VERSION
+from converge.core.db import schedule_repo
+from converge.core.db.engine import session_scope
+from converge.core.version import VERSION
+from converge.service import outbound
 
 log = logging.getLogger(__name__)
 

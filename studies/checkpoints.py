@@ -31,13 +31,13 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.optuna_tables import (
+from converge.core.db.optuna_tables import (
     optuna_studies,
     optuna_trial_system_attributes,
     optuna_trial_user_attributes,
     optuna_trials,
 )
-from service.settings import Settings
+from converge.core.settings import Settings
 
 log = logging.getLogger("converge.checkpoints")
 

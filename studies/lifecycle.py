@@ -8,14 +8,14 @@ from typing import Any
 
 import optuna
 
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.db.errors import Conflict
-from service.db.models import Study
-from service.settings import Settings
-from studies import policy
-from studies.spec import StudySpec
-from studies.storage import storage_for
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.db.models import Study
+from converge.core.errors import Conflict
+from converge.core.settings import Settings
+from converge.studies import policy
+from converge.studies.spec import StudySpec
+from converge.studies.storage import storage_for
 
 
 def submit_study(settings: Settings, spec: StudySpec, enqueue: Sequence[dict[str, Any]] = ()) -> Study:

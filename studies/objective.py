@@ -22,14 +22,14 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from service.db import repo
-from service.db.engine import describe_cause, is_transient, retry_unit_of_work
-from service.settings import Settings
-from studies import checkpoints
-from studies.diagnosis import MAX_EPOCHS, HistoryError, diagnose
-from studies.peers import peers_context
-from studies.plots.dashboard import write_trial_note
-from studies.pruning import (
+from converge.core.db import repo
+from converge.core.db.engine import describe_cause, is_transient, retry_unit_of_work
+from converge.core.settings import Settings
+from converge.studies import checkpoints
+from converge.studies.diagnosis import MAX_EPOCHS, HistoryError, diagnose
+from converge.studies.peers import peers_context
+from converge.studies.plots.dashboard import write_trial_note
+from converge.studies.pruning import (
     PRUNED_BY_ATTR,
     STOPPED_EARLY_ATTR,
     PruneDecision,
@@ -39,10 +39,10 @@ from studies.pruning import (
     early_stop_rule,
     still_falling,
 )
-from studies.retries import INTERRUPTED, rerun
-from studies.search_space import suggest
-from studies.spec import StudySpec
-from studies.trial_context import trial_context
+from converge.studies.retries import INTERRUPTED, rerun
+from converge.studies.search_space import suggest
+from converge.studies.spec import StudySpec
+from converge.studies.trial_context import trial_context
 
 EpochListener = Callable[[optuna.Trial, dict[str, Any]], None]
 
@@ -71,7 +71,7 @@ class TrialInterrupted(RuntimeError):
 
 class StorageLost(BaseException):  # noqa: N818 - not an error of the trial's: see below
     """The database stayed unavailable (down, read-only, full) for longer than the trial's writes wait
-    (`service.db.engine.RETRY_WITHIN_S`): the trial stopped where it was.
+    (`core.db.engine.RETRY_WITHIN_S`): the trial stopped where it was.
 
     A BaseException, so that Optuna's `optimize` lets it through without writing the trial's state:
     the attempt stays RUNNING for `runner.run_slot` (or, while the database is still away, the
@@ -143,7 +143,7 @@ class Objective:
 
     def _fit_in(self, trial: optuna.Trial, params: dict[str, Any], diagnoser: TrialDiagnoser,
                 checkpoint: Path | None) -> float:
-        from trainers import fit  # torch is imported in the trial's process only
+        from converge.trainers import fit  # torch is imported in the trial's process only
 
         metric = self.spec.objective.metric
         pruned: list[PruneDecision] = []
@@ -289,7 +289,7 @@ def train_config(spec: StudySpec, params: dict[str, Any], device: str = "auto",
                  settings: Settings | None = None) -> Any:
     """The trainer's config for one trial: the study's task and its split and init seed, the trial's params;
     the data folder and CSV size cap of `settings` (the trainers' defaults, equal to Converge's, without)."""
-    from trainers import TrainConfig
+    from converge.trainers import TrainConfig
 
     data_access = {} if settings is None else {"data_dir": settings.data_dir,
                                                "max_data_bytes": settings.max_data_bytes}

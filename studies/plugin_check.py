@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from service.settings import Settings
-from studies import policy
-from studies.search_space import PARAM_NAMES
-from studies.spec import FloatRange, IntChoices, IntRange, StudySpec
+from converge.core.settings import Settings
+from converge.studies import policy
+from converge.studies.search_space import PARAM_NAMES
+from converge.studies.spec import FloatRange, IntChoices, IntRange, StudySpec
 
 CHECKED_ATTR = "converge_plugin_checked"  # study user attribute: a worker's dry run passed (its seconds)
 
@@ -50,7 +50,7 @@ def check_before_running(spec: StudySpec, settings: Settings) -> None:
     policy.check_spec(spec, settings)
     if not spec.task.is_plugin:
         return
-    from trainers.plugins import PluginError, load_factory
+    from converge.trainers.plugins import PluginError, load_factory
 
     prefixes = settings.split(settings.plugin_modules)
     problems = []
@@ -78,8 +78,8 @@ def check_task(spec: StudySpec, settings: Settings | None = None) -> dict[str, A
     """
     if not spec.task.is_plugin:
         return {}
-    from studies.objective import train_config
-    from trainers.plugins import PluginError, dry_run
+    from converge.studies.objective import train_config
+    from converge.trainers.plugins import PluginError, dry_run
 
     try:
         config = train_config(spec, dry_run_params(spec), device="cpu", settings=settings)

@@ -16,11 +16,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from service.settings import Settings
-from studies.spec import SpecError, StudySpec
+from converge.core.settings import Settings
+from converge.studies.spec import SpecError, StudySpec
 
-# Never importable as a plug-in, whatever CONVERGE_PLUGIN_MODULES lists.
-CONVERGE_PACKAGES = frozenset({"converge", "service", "studies", "trainers", "migrations", "benchmarks"})
+# Never importable as a plug-in, whatever CONVERGE_PLUGIN_MODULES lists: Converge's own import root.
+# (A user's own `service` or `trainers` package is theirs: Converge installs nothing under those names.)
+CONVERGE_PACKAGES = frozenset({"converge"})
 
 
 class PolicyError(SpecError):

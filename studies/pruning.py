@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from studies.diagnosis import signals
+from converge.studies.diagnosis import signals
 
 PRUNED_BY_ATTR = "converge_pruned_by"  # the trial's user attribute: {"rule": ..., "epoch": ..., "reason": ...}
 STOPPED_EARLY_ATTR = "converge_stopped_early"  # the same, for a trial completed early (`early_stop_rule`)

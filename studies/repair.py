@@ -16,17 +16,17 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.db.errors import Conflict, NotFound
-from service.db.models import TrialRepair
-from service.settings import Settings
-from studies.diagnosis.remedies import apply_remedy
-from studies.diagnosis.result import Remedy
-from studies.pruning import DIAGNOSIS_RULES, PRUNED_BY_ATTR
-from studies.search_space import PARAM_NAMES
-from studies.spec import FloatRange, IntChoices, IntRange, SearchSpace, StudySpec
-from studies.storage import optuna_study_id, storage_for, trial_by_number
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.db.models import TrialRepair
+from converge.core.errors import Conflict, NotFound
+from converge.core.settings import Settings
+from converge.studies.diagnosis.remedies import apply_remedy
+from converge.studies.diagnosis.result import Remedy
+from converge.studies.pruning import DIAGNOSIS_RULES, PRUNED_BY_ATTR
+from converge.studies.search_space import PARAM_NAMES
+from converge.studies.spec import FloatRange, IntChoices, IntRange, SearchSpace, StudySpec
+from converge.studies.storage import optuna_study_id, storage_for, trial_by_number
 
 REPAIR_OF_ATTR = "converge_repair_of"
 

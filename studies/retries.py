@@ -20,9 +20,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import Engine
 
-from service.db import repo
-from service.db.engine import session_scope
-from studies.spec import StudySpec
+from converge.core.db import repo
+from converge.core.db.engine import session_scope
+from converge.studies.spec import StudySpec
 
 log = logging.getLogger("converge.retries")
 

@@ -16,19 +16,19 @@ from typing import Any
 
 import optuna
 
-from service.db import repo
-from service.db.engine import describe_cause, get_engine, is_transient, retry_transient, session_scope
-from service.db.repo import ClaimedSlot
-from service.heap import freeze_startup_heap
-from service.settings import Settings
-from studies import checkpoints, plugin_check, policy
-from studies.objective import EpochListener, Objective, StorageLost
-from studies.registry import SHARED_SEED_SAMPLERS, build_pruner, build_sampler
-from studies.repair import auto_repair
-from studies.retries import CRASHED, settle_dead_attempt
-from studies.search_space import grid
-from studies.spec import StudySpec
-from studies.storage import ThrottledReads, storage_for
+from converge.core.db import repo
+from converge.core.db.engine import describe_cause, get_engine, is_transient, retry_transient, session_scope
+from converge.core.db.repo import ClaimedSlot
+from converge.core.heap import freeze_startup_heap
+from converge.core.settings import Settings
+from converge.studies import checkpoints, plugin_check, policy
+from converge.studies.objective import EpochListener, Objective, StorageLost
+from converge.studies.registry import SHARED_SEED_SAMPLERS, build_pruner, build_sampler
+from converge.studies.repair import auto_repair
+from converge.studies.retries import CRASHED, settle_dead_attempt
+from converge.studies.search_space import grid
+from converge.studies.spec import StudySpec
+from converge.studies.storage import ThrottledReads, storage_for
 
 log = logging.getLogger("converge.runner")
 
@@ -210,7 +210,7 @@ def slot_main(settings_data: dict[str, Any], device: str, torch_threads: int, co
     this process dies; `stop` (an event) asks the running trial to end at its next epoch and be rerun.
     """
     settings = Settings.model_validate(settings_data)
-    from service.logs import configure
+    from converge.core.logs import configure
 
     configure(settings.log_format, text_format=f"%(asctime)s [slot {device}] %(name)s: %(message)s",
               component=f"slot {device}")
@@ -237,11 +237,11 @@ def slot_main(settings_data: dict[str, Any], device: str, torch_threads: int, co
 def prepare_slot_process(settings: Settings, torch_threads: int) -> int:
     """Once per slot process, before its first trial: torch and Lightning imported (not once per
     trial), torch's threads set, the CPU priority lowered by `slot_nice`, and everything loaded so
-    far frozen out of the garbage collector's walks (`service.heap`: a full collection here took
+    far frozen out of the garbage collector's walks (`core.heap`: a full collection here took
     about 250 ms, in the middle of whichever trial was running); how many objects were frozen."""
     import torch
 
-    import trainers  # noqa: F401 - warm the import now, not in the first trial
+    from converge import trainers  # noqa: F401 - warm the import now, not in the first trial
 
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from studies.spec import FloatFixed, FloatRange, IntChoices, IntFixed, IntRange, SearchSpace
+from converge.studies.spec import FloatFixed, FloatRange, IntChoices, IntFixed, IntRange, SearchSpace
 
 PARAM_NAMES = ("lr", "batch_size", "epochs", "weight_decay", "dropout")
 

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from studies.registry import BASE_PRUNERS, PRUNERS, SAMPLERS
+from converge.studies.registry import BASE_PRUNERS, PRUNERS, SAMPLERS
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
 # Each built-in model and the integer params it takes, with their (minimum, maximum); depth 0 is linear.

@@ -30,7 +30,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
 
-from service.db.engine import (
+from converge.core.db.engine import (
     describe_cause,
     engine_kwargs,
     get_engine,
@@ -39,10 +39,10 @@ from service.db.engine import (
     retry_transient,
     translate_db_error,
 )
-from service.db.errors import NotFound
-from service.db.migrate import check_schema
-from service.settings import Settings
-from studies.retries import rerun_stale_trial
+from converge.core.db.migrate import check_schema
+from converge.core.errors import NotFound
+from converge.core.settings import Settings
+from converge.studies.retries import rerun_stale_trial
 
 log = logging.getLogger("converge.storage")
 
@@ -78,7 +78,7 @@ class PatientRDBStorage(optuna.storages.RDBStorage):
     only trial creation: a failed `report`/`should_prune` fails the trial, a failed final `tell`
     leaves it RUNNING, and one failed heartbeat ends the trial's heartbeat thread, so the trial
     is failed as stale a grace period later while it still trains. Here the calls in
-    `PATIENT_CALLS` are retried on transient errors (`service.db.engine.retry_transient`), and a
+    `PATIENT_CALLS` are retried on transient errors (`core.db.engine.retry_transient`), and a
     heartbeat that fails is logged and skipped: the next one follows `heartbeat_interval` later,
     and only a silence longer than the grace period fails the trial. (A final `tell` whose commit
     went through but whose reply was lost raises UpdateFinishedTrialError on its retry.)

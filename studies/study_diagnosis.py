@@ -60,8 +60,8 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from studies.diagnosis import HEALTHY_VERDICTS, UNHEALTHY_VERDICTS
-from studies.spec import FloatRange, IntChoices, IntRange, SearchSpace, SpecError, StudySpec, parse_spec
+from converge.studies.diagnosis import HEALTHY_VERDICTS, UNHEALTHY_VERDICTS
+from converge.studies.spec import FloatRange, IntChoices, IntRange, SearchSpace, SpecError, StudySpec, parse_spec
 
 Swept = Union[FloatRange, IntRange, IntChoices]
 

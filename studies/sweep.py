@@ -8,13 +8,13 @@ from typing import Any
 import optuna
 from tqdm import tqdm
 
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.db.errors import Conflict
-from service.settings import Settings
-from studies.lifecycle import submit_study
-from studies.runner import StudySetupError, run_slot
-from studies.spec import StudySpec
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.errors import Conflict
+from converge.core.settings import Settings
+from converge.studies.lifecycle import submit_study
+from converge.studies.runner import StudySetupError, run_slot
+from converge.studies.spec import StudySpec
 
 
 def start_or_resume(settings: Settings, spec: StudySpec) -> None:

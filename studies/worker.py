@@ -32,16 +32,16 @@ from typing import Any
 
 import optuna
 
-from service.db import repo
-from service.db.engine import describe_cause, get_engine, is_transient, session_scope
-from service.db.errors import DatabaseUnavailable
-from service.db.models import Study
-from service.settings import Settings
-from studies.devices import Slot
-from studies.plots.dashboard import StudyFigures
-from studies.retries import CRASHED, INTERRUPTED, settle_dead_attempt
-from studies.runner import NOT_STARTED, SETUP_FAILED, STORAGE_LOST, TRIAL_ENDED, slot_main
-from studies.storage import storage_for
+from converge.core.db import repo
+from converge.core.db.engine import describe_cause, get_engine, is_transient, session_scope
+from converge.core.db.models import Study
+from converge.core.errors import DatabaseUnavailable
+from converge.core.settings import Settings
+from converge.studies.devices import Slot
+from converge.studies.plots.dashboard import StudyFigures
+from converge.studies.retries import CRASHED, INTERRUPTED, settle_dead_attempt
+from converge.studies.runner import NOT_STARTED, SETUP_FAILED, STORAGE_LOST, TRIAL_ENDED, slot_main
+from converge.studies.storage import storage_for
 
 log = logging.getLogger("converge.worker")
 

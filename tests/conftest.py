@@ -19,8 +19,8 @@ import sqlalchemy as sa
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from benchmarks.scratch_db import new_database
-from service.db.migrate import upgrade
-from service.settings import Settings
+from converge.core.db.migrate import upgrade
+from converge.core.settings import Settings
 
 # The operator's allow-list for the suite: the test plug-ins and the examples' package (README "Security").
 # Set before any Settings is made, so in-process Settings and every worker subprocess see it;
@@ -30,6 +30,8 @@ os.environ.setdefault("CONVERGE_PLUGIN_MODULES", "converge_test_plugins,converge
 PG_ADMIN_URL = os.environ.get("CONVERGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REQUIRE_PG = os.environ.get("CONVERGE_REQUIRE_POSTGRES") == "1"
 REPO = Path(__file__).resolve().parents[1]
+# `converge ...` as a subprocess of this interpreter (the virtualenv's console script need not be on PATH).
+CLI = (sys.executable, "-m", "converge.service.cli")
 
 
 def _pg_admin() -> sa.Engine:
@@ -128,7 +130,7 @@ def start_worker(db_url: str, *args: str, new_session: bool = False, **env: str)
     """A real `converge worker` on the CPU, its output captured; `new_session` puts it and its
     slot processes in a process group of their own (to kill the whole worker at once). A worker
     still running when its test ends (a failed assertion) is killed then (`_no_stray_workers`)."""
-    worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--devices", "cpu", *args],
+    worker = subprocess.Popen([*CLI, "worker", "--devices", "cpu", *args],
                               cwd=REPO, env=converge_env(db_url, **env), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
     _STARTED_WORKERS.append(worker)

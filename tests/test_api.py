@@ -12,10 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import tiny_spec
-from service.api.app import create_app
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.settings import Settings
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
 
 
 @pytest.fixture
@@ -193,7 +193,7 @@ def test_openapi_is_complete(client: TestClient) -> None:
 def test_non_finite_metrics_are_sent_as_strings(client: TestClient, settings: Settings) -> None:
     import optuna
 
-    from studies.storage import storage_for
+    from converge.studies.storage import storage_for
 
     client.post("/v1/studies", json=tiny_spec("nan-study", n_trials=1))
     study = optuna.load_study(study_name="nan-study", storage=storage_for(settings))

@@ -20,10 +20,10 @@ import pytest
 import uvicorn
 
 from conftest import tiny_spec
-from service import auth
-from service.api.app import create_app
-from service.db.engine import get_engine
-from service.settings import Settings
+from converge.core.db.engine import get_engine
+from converge.core.settings import Settings
+from converge.service import auth
+from converge.service.api.app import create_app
 
 pytestmark = pytest.mark.slow  # a real server
 

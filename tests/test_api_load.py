@@ -17,9 +17,9 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import REPO, scratch_postgres
-from service.db.engine import get_engine
-from service.db.migrate import upgrade
-from service.db.models import Study, TrialDiagnosis, TrialMetric
+from converge.core.db.engine import get_engine
+from converge.core.db.migrate import upgrade
+from converge.core.db.models import Study, TrialDiagnosis, TrialMetric
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import api_load  # noqa: E402

@@ -12,7 +12,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -23,14 +22,14 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from conftest import REPO, converge_env, tiny_spec
-from service import auth
-from service.api.app import create_app
-from service.api.deps import RequireScope
-from service.db.engine import get_engine, session_scope
-from service.db.migrate import upgrade
-from service.db.models import ApiToken, utcnow
-from service.settings import Settings
+from conftest import CLI, REPO, converge_env, tiny_spec
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.db.migrate import upgrade
+from converge.core.db.models import ApiToken, utcnow
+from converge.core.settings import Settings
+from converge.service import auth
+from converge.service.api.app import create_app
+from converge.service.api.deps import RequireScope
 
 HISTORY = {"epochs": [{"epoch": 0, "train_loss": 2.3}, {"epoch": 1, "train_loss": 1.9}]}
 
@@ -357,7 +356,7 @@ def test_tokens_are_never_stored_or_logged_in_plaintext(tmp_path: Path, caplog: 
 
 
 def converge(db_url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=converge_env(db_url),
+    return subprocess.run([*CLI, *args], cwd=REPO, env=converge_env(db_url),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -395,7 +394,7 @@ def test_token_commands(tmp_path: Path) -> None:
 
 
 def test_the_cli_offers_exactly_the_scopes() -> None:
-    from service.cli import token_create
+    from converge.service.cli import token_create
 
     (scope,) = [p for p in token_create.params if p.name == "scope"]
     assert tuple(scope.type.choices) == auth.SCOPES
@@ -431,7 +430,7 @@ def test_serve_on_a_public_host_requires_a_token_even_after_the_last_is_revoked(
     settings = _sqlite(tmp_path)
     token, info = auth.create_token(_engine(settings), "read")
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "0.0.0.0", "--port", str(port),
+    server = subprocess.Popen([*CLI, "serve", "--host", "0.0.0.0", "--port", str(port),
                                "--workers", "0"], cwd=REPO, env=converge_env(settings.database_url),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"

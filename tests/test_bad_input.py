@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import REPO, tiny_spec
-from service.api.app import create_app
-from service.cli import MAX_DIAGNOSE_INPUT_BYTES, MAX_DIAGNOSE_LINE_BYTES, _LineReader, _mib
-from service.json_input import number_too_long
-from service.settings import Settings
+from conftest import CLI, REPO, tiny_spec
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
+from converge.service.cli import MAX_DIAGNOSE_INPUT_BYTES, MAX_DIAGNOSE_LINE_BYTES, _LineReader, _mib
+from converge.service.json_input import number_too_long
 
 DIGITS = sys.get_int_max_str_digits()  # 4300 unless PYTHONINTMAXSTRDIGITS says otherwise
 GOOD = '{"epochs": [{"epoch": 0, "train_loss": 2.3}, {"epoch": 1, "train_loss": 1.9}]}'
@@ -27,7 +27,7 @@ PAST_FLOAT = '{"epochs": [{"epoch": 0, "train_loss": ' + "7" * 400 + "}]}"  # pa
 
 
 def diagnose_cli(*args: str, stdin: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-m", "service.cli", "diagnose", *args], cwd=REPO, input=stdin,
+    done = subprocess.run([*CLI, "diagnose", *args], cwd=REPO, input=stdin,
                           capture_output=True, timeout=timeout)
     return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode("utf-8", "replace"),
                                        done.stderr.decode("utf-8", "replace"))
@@ -84,7 +84,7 @@ def test_diagnose_stops_reading_dev_zero_at_the_limit() -> None:
 
 
 def test_the_limits_are_in_the_help() -> None:
-    done = subprocess.run([sys.executable, "-m", "service.cli", "diagnose", "--help"], cwd=REPO,
+    done = subprocess.run([*CLI, "diagnose", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     text = " ".join(done.stdout.split())

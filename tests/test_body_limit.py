@@ -16,10 +16,10 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from service.api.app import create_app
-from service.api.limits import BodySizeLimit
-from service.db.migrate import upgrade
-from service.settings import Settings
+from converge.core.db.migrate import upgrade
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
+from converge.service.api.limits import BodySizeLimit
 
 LIMIT = 1000
 HISTORY = {"epochs": [{"epoch": 0, "train_loss": 2.3}, {"epoch": 1, "train_loss": 1.9}]}
@@ -87,8 +87,8 @@ def test_a_body_without_content_length_is_counted_as_it_is_read(client: TestClie
 
 def test_the_cap_comes_before_authentication(settings: Settings, tmp_path: Path) -> None:
     """A large body is refused before its token is looked at (like a body that is not JSON, it reveals nothing)."""
-    from service import auth
-    from service.db.engine import get_engine
+    from converge.core.db.engine import get_engine
+    from converge.service import auth
 
     url = f"sqlite:///{tmp_path / 'auth.db'}"
     upgrade(url)

@@ -21,13 +21,13 @@ import pytest
 import uvicorn
 from test_plots import _seed
 
-from service.api.app import create_app
-from service.db.engine import get_engine, session_scope
-from service.db.migrate import upgrade
-from service.report import build_report
-from service.settings import Settings
-from studies.plots.dashboard import save_study_figures
-from studies.storage import storage_for
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.db.migrate import upgrade
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
+from converge.service.report import build_report
+from converge.studies.plots.dashboard import save_study_figures
+from converge.studies.storage import storage_for
 
 pytestmark = pytest.mark.slow  # starts a browser and a server
 

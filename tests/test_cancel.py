@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import REPO, converge_env, tiny_spec
-from service.api.app import create_app
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.db.errors import Conflict, NotFound
-from service.settings import Settings
+from conftest import CLI, REPO, converge_env, tiny_spec
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.errors import Conflict, NotFound
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
 
 
 def test_a_cancelled_study_hands_out_no_more_trials(settings: Settings) -> None:
@@ -48,7 +47,7 @@ def test_cancel_from_the_cli(settings: Settings) -> None:
     client = TestClient(create_app(settings, dashboard=False))
     client.post("/v1/studies", json=tiny_spec("cli-cancel"))
     env = converge_env(settings.database_url)
-    command = [sys.executable, "-m", "service.cli", "study", "cancel", "cli-cancel"]
+    command = [*CLI, "study", "cancel", "cli-cancel"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "cancelled" in done.stdout
@@ -65,7 +64,7 @@ def test_cancel_stops_the_running_trial_within_an_epoch(settings: Settings) -> N
     spec["task"]["params"] = {"width": 512, "depth": 3}
     client = TestClient(create_app(settings, dashboard=False))
     client.post("/v1/studies", json=spec)
-    worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--devices", "cpu", "--exit-when-idle"],
+    worker = subprocess.Popen([*CLI, "worker", "--devices", "cpu", "--exit-when-idle"],
                               cwd=REPO, env=converge_env(settings.database_url), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:

@@ -11,16 +11,16 @@ import optuna
 import pytest
 import yaml
 
-from conftest import REPO, converge_env, tiny_spec
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.settings import Settings
-from studies.diagnosis import VERDICTS
-from studies.storage import storage_for
+from conftest import CLI, REPO, converge_env, tiny_spec
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.settings import Settings
+from converge.studies.diagnosis import VERDICTS
+from converge.studies.storage import storage_for
 
 
 def converge(db_url: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=converge_env(db_url),
+    return subprocess.run([*CLI, *args], cwd=REPO, env=converge_env(db_url),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -73,7 +73,7 @@ def test_every_command_has_help() -> None:
     for command in ([], ["serve"], ["worker"], ["db", "upgrade"], ["sweep"], ["study", "create"],
                     ["study", "list"], ["study", "show"], ["study", "cancel"], ["diagnose"], ["repair"],
                     ["worker", "list"], ["token"], ["token", "create"], ["token", "list"], ["token", "revoke"]):
-        done = subprocess.run([sys.executable, "-m", "service.cli", *command, "--help"], cwd=REPO,
+        done = subprocess.run([*CLI, *command, "--help"], cwd=REPO,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "Usage: converge" in done.stdout, command
 
@@ -87,7 +87,7 @@ def test_bad_devices_option_is_a_usage_error(db_url: str) -> None:
 
 
 def diagnose_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service.cli", "diagnose", *args], cwd=REPO, input=stdin,
+    return subprocess.run([*CLI, "diagnose", *args], cwd=REPO, input=stdin,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -152,7 +152,7 @@ def test_diagnose_never_imports_torch_or_the_database(tmp_path: Path) -> None:
     path.write_text(IMPROVING)
     script = f"""
 import sys
-from service.cli import cli
+from converge.service.cli import cli
 try:
     cli.main(["diagnose", {str(path)!r}], prog_name="converge")
 except SystemExit as exc:

@@ -21,9 +21,9 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from conftest import start_worker, tiny_spec
-from service.api.app import create_app
-from service.db.engine import get_engine
-from service.settings import Settings
+from converge.core.db.engine import get_engine
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
 
 pytestmark = pytest.mark.slow
 

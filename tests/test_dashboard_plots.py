@@ -11,12 +11,12 @@ from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 from optuna_dashboard._note import get_note_from_system_attrs
 
 from conftest import start_worker, tiny_spec
-from service.db.migrate import upgrade
-from service.settings import Settings
-from studies import lifecycle
-from studies.plots import dashboard
-from studies.spec import parse_spec
-from studies.storage import storage_for
+from converge.core.db.migrate import upgrade
+from converge.core.settings import Settings
+from converge.studies import lifecycle
+from converge.studies.plots import dashboard
+from converge.studies.spec import parse_spec
+from converge.studies.storage import storage_for
 
 
 def test_study_figures_are_refreshed_at_most_every_interval_and_always_at_the_end(
@@ -46,7 +46,7 @@ def test_a_trial_note_replaces_a_longer_one_in_the_dashboards_format(settings: S
     the new note, at the next version, with the chunks of a longer earlier note blanked."""
     from optuna_dashboard import save_note
 
-    from service.db.engine import get_engine
+    from converge.core.db.engine import get_engine
 
     study = optuna.create_study(study_name="noted", storage=storage_for(settings))
     trial = study.ask()

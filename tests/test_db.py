@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 import threading
 
 import pytest
 import sqlalchemy as sa
 
-from conftest import REPO, converge_env, tiny_spec
-from migrations import VERSION_TABLE
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.db.errors import Conflict, SchemaNotReady
-from service.db.migrate import check_schema, converge_head, upgrade
+from conftest import CLI, REPO, converge_env, tiny_spec
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.db.migrate import VERSION_TABLE, check_schema, converge_head, upgrade
+from converge.core.errors import Conflict, SchemaNotReady
 
 
 def _versions(url: str) -> tuple[list, list]:
@@ -42,14 +40,14 @@ def test_upgrade_creates_both_schemas_and_is_idempotent(empty_db_url: str) -> No
 
 def test_db_upgrade_cli(empty_db_url: str) -> None:
     for _ in range(2):
-        done = subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], cwd=REPO,
+        done = subprocess.run([*CLI, "db", "upgrade"], cwd=REPO,
                               env=converge_env(empty_db_url), capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert f"converge schema {converge_head()}" in done.stdout
 
 
 def test_unreachable_database_is_one_line_not_a_traceback() -> None:
-    done = subprocess.run([sys.executable, "-m", "service.cli", "study", "list"], cwd=REPO,
+    done = subprocess.run([*CLI, "study", "list"], cwd=REPO,
                           env=converge_env("postgresql://nobody@127.0.0.1:1/none"),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
@@ -130,8 +128,8 @@ def test_models_and_migrations_agree(db_url: str) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from migrations import include_object
-    from service.db.models import Base
+    from converge.core.db.migrate import include_object
+    from converge.core.db.models import Base
 
     with get_engine(db_url).connect() as conn:
         context = MigrationContext.configure(conn, opts={"include_object": include_object, "compare_type": True,

@@ -24,12 +24,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
 from conftest import PG_ADMIN_URL, start_worker, tiny_spec
-from service.api.app import create_app
-from service.db import repo
-from service.db.engine import get_engine, is_transient, retry_unit_of_work, session_scope
-from service.db.errors import Conflict, DatabaseUnavailable, SchemaNotReady
-from service.settings import Settings
-from studies.storage import PatientRDBStorage, open_storage
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, is_transient, retry_unit_of_work, session_scope
+from converge.core.errors import Conflict, DatabaseUnavailable, SchemaNotReady
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
+from converge.studies.storage import PatientRDBStorage, open_storage
 
 # The workers' grace period here (the other tests use 5 s): longer than a PostgreSQL restart on a
 # loaded 2-core machine, so the heartbeats missed meanwhile do not fail running trials as stale.

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from service.cli import cli
-from studies.devices import parse_devices
+from converge.service.cli import cli
+from converge.studies.devices import parse_devices
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 

@@ -19,13 +19,13 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from conftest import tiny_spec
-from service.api.app import create_app
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.db.models import TrialDiagnosis
-from service.settings import Settings
-from studies.diagnosis import MAX_EPOCHS, VERDICTS, Diagnosis, diagnose
-from studies.storage import storage_for
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.db.models import TrialDiagnosis
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
+from converge.studies.diagnosis import MAX_EPOCHS, VERDICTS, Diagnosis, diagnose
+from converge.studies.storage import storage_for
 
 DIAGNOSIS_KEYS = {"verdict", "healthy", "onset_epoch", "confidence", "findings", "remedies", "summary"}
 
@@ -259,8 +259,8 @@ def test_diagnose_is_documented_with_its_body_schema_and_an_example(bare_client:
 
 def test_the_objective_diagnoses_the_history_so_far_and_marks_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
     """The in-memory history: contract keys only, the trial's epochs as max_epochs, a bounded window."""
-    import studies.objective as objective
-    from studies.spec import parse_spec
+    import converge.studies.objective as objective
+    from converge.studies.spec import parse_spec
 
     seen: list[dict[str, Any]] = []
 
@@ -283,8 +283,8 @@ def test_the_objective_diagnoses_the_history_so_far_and_marks_the_end(monkeypatc
 
 def test_a_failing_diagnosis_is_logged_and_skipped(monkeypatch: pytest.MonkeyPatch,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    import studies.objective as objective
-    from studies.spec import parse_spec
+    import converge.studies.objective as objective
+    from converge.studies.spec import parse_spec
 
     def broken(history: dict[str, Any]) -> Diagnosis:
         raise RuntimeError("detector bug")
@@ -301,8 +301,8 @@ def test_a_failing_diagnosis_is_logged_and_skipped(monkeypatch: pytest.MonkeyPat
 @pytest.mark.slow
 def test_every_trial_of_a_sweep_ends_with_a_final_diagnosis_and_a_nan_loss_is_diverged(
         settings: Settings, client: TestClient) -> None:
-    from studies.spec import parse_spec
-    from studies.sweep import run_sweep
+    from converge.studies.spec import parse_spec
+    from converge.studies.sweep import run_sweep
 
     assert run_sweep(settings, parse_spec(tiny_spec("diag-sweep")), progress=False) == "done"
     trials = client.get("/v1/studies/diag-sweep/trials").json()["trials"]
@@ -335,9 +335,9 @@ def test_every_trial_of_a_sweep_ends_with_a_final_diagnosis_and_a_nan_loss_is_di
 def test_a_diagnosis_that_fails_never_fails_the_trial(settings: Settings, client: TestClient,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    import studies.objective as objective
-    from studies.spec import parse_spec
-    from studies.sweep import run_sweep
+    import converge.studies.objective as objective
+    from converge.studies.spec import parse_spec
+    from converge.studies.sweep import run_sweep
 
     def broken(history: dict[str, Any]) -> Diagnosis:
         raise RuntimeError("detector bug")

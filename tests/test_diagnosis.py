@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from studies.diagnosis import (
+from converge.studies.diagnosis import (
     MAX_EPOCHS,
     REMEDY_ACTIONS,
     REMEDY_PARAMS,
@@ -18,7 +18,7 @@ from studies.diagnosis import (
     diagnose,
     parse_history,
 )
-from studies.diagnosis.remedies import apply_remedy
+from converge.studies.diagnosis.remedies import apply_remedy
 
 X = np.arange(40)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.diagnosis_accuracy import HOLDOUT, latencies, load_records, ms_per_diagnosis, predictions, scores
-from studies.diagnosis import VERDICTS
+from converge.studies.diagnosis import VERDICTS
 
 
 @pytest.fixture(scope="module")

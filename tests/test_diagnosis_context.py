@@ -20,16 +20,16 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from conftest import tiny_spec
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.db.migrate import upgrade
-from service.settings import Settings
-from studies import objective
-from studies.diagnosis import HistoryError, diagnose
-from studies.peers import ENDED, PeerSummary, peers_context, study_peers
-from studies.search_space import PARAM_NAMES, suggest
-from studies.spec import REGRESSION_DATASETS, SKLEARN_DATASETS, Task, parse_spec
-from studies.trial_context import DATASET_TASKS, bounds_context, params_context, task_context, trial_context
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.db.migrate import upgrade
+from converge.core.settings import Settings
+from converge.studies import objective
+from converge.studies.diagnosis import HistoryError, diagnose
+from converge.studies.peers import ENDED, PeerSummary, peers_context, study_peers
+from converge.studies.search_space import PARAM_NAMES, suggest
+from converge.studies.spec import REGRESSION_DATASETS, SKLEARN_DATASETS, Task, parse_spec
+from converge.studies.trial_context import DATASET_TASKS, bounds_context, params_context, task_context, trial_context
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -178,7 +178,7 @@ def test_the_process_keeps_one_summary_per_study_and_folds_in_what_ended_since(
 
 
 def test_every_built_in_dataset_has_its_task_and_class_count() -> None:
-    from trainers.data import load_dataset
+    from converge.trainers.data import load_dataset
 
     assert set(DATASET_TASKS) == {f"sklearn:{name}" for name in SKLEARN_DATASETS}
     assert {ref for ref, (kind, _) in DATASET_TASKS.items() if kind == "regression"} == REGRESSION_DATASETS
@@ -325,8 +325,8 @@ def test_a_refused_context_is_dropped_and_the_history_diagnosed_without_it(
 @pytest.mark.slow
 def test_a_sweeps_trials_get_their_peers_without_rereading_the_study_per_epoch(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    from studies.storage import ThrottledReads, storage_for
-    from studies.sweep import run_sweep
+    from converge.studies.storage import ThrottledReads, storage_for
+    from converge.studies.sweep import run_sweep
 
     url = f"sqlite:///{tmp_path / 'context.db'}"
     upgrade(url)

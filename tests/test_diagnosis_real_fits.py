@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from studies.diagnosis import diagnose
-from studies.diagnosis.remedies import apply_remedy
-from studies.objective import HISTORY_KEYS
-from studies.trial_context import DATASET_TASKS
+from converge.studies.diagnosis import diagnose
+from converge.studies.diagnosis.remedies import apply_remedy
+from converge.studies.objective import HISTORY_KEYS
+from converge.studies.trial_context import DATASET_TASKS
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ BOUNDS = {"lr": {"low": 1e-5, "high": 2.0, "log": True}, "weight_decay": {"low":
 def fit_history(dataset: str, params: dict[str, Any]) -> tuple[dict[str, Any], float]:
     """Train the built-in MLP (as a trial would) and return the history with its context, and the trial's value
     (its val_loss at the last epoch, as a sweep's objective)."""
-    from trainers import TrainConfig, fit
+    from converge.trainers import TrainConfig, fit
 
     result = fit(TrainConfig(dataset=dataset, device="cpu", seed=0, params={"width": 64, "depth": 2}, **params))
     epochs = [{key: row.get(key) for key in HISTORY_KEYS} for row in result.epochs]
@@ -59,7 +59,7 @@ def test_iris_chance_level_is_a_third() -> None:
 
 
 def _as_remedy(data: dict[str, Any]) -> Any:
-    from studies.diagnosis import Remedy
+    from converge.studies.diagnosis import Remedy
 
     return Remedy(data["param"], data["action"], data["reason"], factor=data.get("factor"), value=data.get("value"))
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 from typing import Any
 
@@ -15,10 +14,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import REPO
-from service.api.app import create_app
-from service.settings import Settings
-from studies.diagnosis import HistoryError, diagnose
+from conftest import CLI, REPO
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
+from converge.studies.diagnosis import HistoryError, diagnose
 
 BOUNDS = {"lr": {"low": 1e-5, "high": 2.0, "log": True}, "weight_decay": {"low": 1e-6, "high": 0.3, "log": True},
           "dropout": {"low": 0.0, "high": 0.8}, "batch_size": {"choices": [16, 32, 64, 128, 256]},
@@ -202,7 +201,7 @@ def test_a_plug_in_objective_in_the_rows_is_read_against_the_peers() -> None:
 
 
 def test_the_good_peers_leave_out_the_poor_ones_among_the_best_few() -> None:
-    from studies.diagnosis.context import Peer, Peers
+    from converge.studies.diagnosis.context import Peer, Peers
 
     best = Peer(0.8, {"lr": 5e-4})
     peers = Peers(ended=5, best=best, top=(best, Peer(1.1, {"lr": 1e-3}), Peer(3.26, {"lr": 0.2})))
@@ -213,8 +212,8 @@ def test_the_good_peers_leave_out_the_poor_ones_among_the_best_few() -> None:
 def test_a_plug_in_classifier_dead_at_chance_is_read_without_its_class_count() -> None:
     """26 classes, no n_classes in the context (a plug-in): outputs uniform over the classes end at
     val_loss ln 26 and val_acc 1/26; a first epoch far above that, back at it one epoch later, is a blow-up."""
-    from studies.diagnosis.history import parse_history
-    from studies.diagnosis.rules import uniform_classes
+    from converge.studies.diagnosis.history import parse_history
+    from converge.studies.diagnosis.rules import uniform_classes
 
     train = [11.4, 3.28, 3.26, 3.26, 3.26, 3.26, 3.26]
     val = [3.24, 3.27, 3.28, 3.29, 3.27, 3.27, 3.27]
@@ -356,10 +355,10 @@ def test_the_api_and_the_cli_take_a_context_and_refuse_a_bad_one(settings: Setti
     bad = {**good, "context": {"n_classes": 1}}
     refused = client.post("/v1/diagnose", json=bad)
     assert refused.status_code == 422 and any("n_classes" in p for p in refused.json()["problems"])
-    done = subprocess.run([sys.executable, "-m", "service.cli", "diagnose", "-"], input=json.dumps(bad), cwd=REPO,
+    done = subprocess.run([*CLI, "diagnose", "-"], input=json.dumps(bad), cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "n_classes" in done.stderr and len(done.stderr.strip().splitlines()) == 1
-    done = subprocess.run([sys.executable, "-m", "service.cli", "diagnose", "-"], input=json.dumps(good), cwd=REPO,
+    done = subprocess.run([*CLI, "diagnose", "-"], input=json.dumps(good), cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and json.loads(done.stdout)["verdict"] == "diverged"
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import optuna
 import pytest
 
-from service.db.migrate import upgrade
-from service.settings import Settings
-from studies.checkpoints import CHECKPOINT_ATTR
-from studies.spec import load_spec_file, parse_spec
-from studies.storage import storage_for
-from studies.sweep import run_sweep
+from converge.core.db.migrate import upgrade
+from converge.core.settings import Settings
+from converge.studies.checkpoints import CHECKPOINT_ATTR
+from converge.studies.spec import load_spec_file, parse_spec
+from converge.studies.storage import storage_for
+from converge.studies.sweep import run_sweep
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 pytestmark = pytest.mark.slow

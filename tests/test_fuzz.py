@@ -28,14 +28,14 @@ from fastapi.testclient import TestClient
 from optuna.trial import TrialState, create_trial
 
 from conftest import TINY_DISTRIBUTIONS, scratch_postgres, tiny_spec
-from service import auth
-from service.api.app import create_app
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.db.migrate import upgrade
-from service.settings import Settings
-from studies.retries import CRASHED, settle_dead_attempt
-from studies.storage import storage_for
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.db.migrate import upgrade
+from converge.core.settings import Settings
+from converge.service import auth
+from converge.service.api.app import create_app
+from converge.studies.retries import CRASHED, settle_dead_attempt
+from converge.studies.storage import storage_for
 
 SEEDED = "digits-mlp"  # the `name` example of every /v1/studies/{name} operation; trial 7 is the `number` one
 MAX_EXAMPLES = 50  # generated cases per operation, besides the examples and coverage phases

@@ -20,8 +20,8 @@ def test_the_api_process_never_imports_torch(db_url: str) -> None:
     script = f"""
 import sys
 from fastapi.testclient import TestClient
-from service.api.app import create_app
-from service.settings import Settings
+from converge.service.api.app import create_app
+from converge.core.settings import Settings
 client = TestClient(create_app(Settings(database_url={db_url!r})))
 assert client.post("/v1/studies", json={{"name": "no-torch", "n_trials": 1}}).status_code == 201
 assert client.get("/v1/studies/no-torch/trials").status_code == 200
@@ -44,9 +44,9 @@ sys.exit(1 if heavy else 0)
 
 
 def test_spec_names_match_the_trainers_registries() -> None:
-    import trainers
-    from studies import spec
-    from trainers.data import SKLEARN_REGRESSION
+    from converge import trainers
+    from converge.studies import spec
+    from converge.trainers.data import SKLEARN_REGRESSION
 
     assert spec.MODELS == trainers.MODEL_NAMES
     assert spec.MODEL_PARAMS == trainers.MODEL_PARAMS  # names, minimums and maximums

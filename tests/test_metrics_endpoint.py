@@ -12,13 +12,13 @@ import pytest
 from fastapi.testclient import TestClient
 from test_plots import _seed
 
-from conftest import REPO, converge_env
-from service import auth
-from service.api.app import create_app
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.logs import JsonFormatter
-from service.settings import Settings
+from conftest import CLI, REPO, converge_env
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.logs import JsonFormatter
+from converge.core.settings import Settings
+from converge.service import auth
+from converge.service.api.app import create_app
 
 SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (-?[0-9.e+]+|\+Inf)$')
 
@@ -80,7 +80,7 @@ def test_json_logs_are_one_object_per_line() -> None:
 
 @pytest.mark.slow  # a real worker: its slot process imports torch
 def test_converge_commands_log_json_when_asked(db_url: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "service.cli", "worker", "--devices", "cpu", "--exit-when-idle"],
+    done = subprocess.run([*CLI, "worker", "--devices", "cpu", "--exit-when-idle"],
                           cwd=REPO, capture_output=True, text=True, timeout=120,
                           env=converge_env(db_url, CONVERGE_LOG_FORMAT="json"))
     assert done.returncode == 0, done.stderr

@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import REPO, tiny_spec
-from service.api.app import create_app
-from service.settings import Settings
-from studies.spec import parse_spec
-from studies.sweep import run_sweep
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
+from converge.studies.spec import parse_spec
+from converge.studies.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def test_compose_services_run_real_converge_commands() -> None:
     """No Docker engine here: parse the compose file and let the CLI parse each command."""
     import yaml
 
-    from service.cli import cli
+    from converge.service.cli import cli
 
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     commands = {name: svc["command"] for name, svc in compose["services"].items() if "command" in svc}

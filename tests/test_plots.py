@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +13,20 @@ import pytest
 from fastapi.testclient import TestClient
 from optuna.trial import TrialState, create_trial
 
-from conftest import REPO, TINY_DISTRIBUTIONS, converge_env, tiny_spec
-from service.api.app import create_app
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.settings import Settings
-from studies.plots import draw
-from studies.plots.data import (
+from conftest import CLI, REPO, TINY_DISTRIBUTIONS, converge_env, tiny_spec
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
+from converge.studies.plots import draw
+from converge.studies.plots.data import (
     StudyTrial,
     diagnosis_note,
     spread,
     study_figure_data,
     trial_figure_data,
 )
-from studies.storage import storage_for
+from converge.studies.storage import storage_for
 
 OVERFIT = {"verdict": "overfitting", "healthy": False, "onset_epoch": 3, "confidence": 0.9,
            "findings": [{"kind": "overfitting", "epoch": 3, "evidence": "val_loss rose 34% above its minimum"},
@@ -244,7 +243,7 @@ def test_the_plot_endpoints_serve_plotly_json_and_standalone_html(settings: Sett
 def test_converge_report_writes_one_self_contained_html_file(settings: Settings, tmp_path: Path) -> None:
     _seed(settings, "reported")
     out = tmp_path / "report.html"
-    done = subprocess.run([sys.executable, "-m", "service.cli", "report", "reported", "--out", str(out)], cwd=REPO,
+    done = subprocess.run([*CLI, "report", "reported", "--out", str(out)], cwd=REPO,
                           env=converge_env(settings.database_url), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "2 unhealthy trial(s)" in done.stdout
@@ -255,6 +254,6 @@ def test_converge_report_writes_one_self_contained_html_file(settings: Settings,
     assert "<h2>Trial 0: overfitting</h2>" in page and "<h2>Trial 2: diverged</h2>" in page
     assert "Trial 1:" not in page  # healthy trials get no figure of their own
 
-    missing = subprocess.run([sys.executable, "-m", "service.cli", "report", "nope", "--out", str(out)], cwd=REPO,
+    missing = subprocess.run([*CLI, "report", "nope", "--out", str(out)], cwd=REPO,
                              env=converge_env(settings.database_url), capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "nope" in missing.stderr

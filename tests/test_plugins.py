@@ -7,7 +7,6 @@ import io
 import math
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,18 +17,18 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 
-from conftest import REPO, converge_env, start_worker
-from service.api.app import create_app
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.db.migrate import upgrade
-from service.settings import Settings
-from studies.checkpoints import CHECKPOINT_ATTR, artifact_dir
-from studies.lifecycle import submit_study
-from studies.plugin_check import PluginCheckError, check_task
-from studies.spec import SpecError, parse_spec
-from studies.storage import storage_for
-from studies.sweep import run_sweep
+from conftest import CLI, REPO, converge_env, start_worker
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.db.migrate import upgrade
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
+from converge.studies.checkpoints import CHECKPOINT_ATTR, artifact_dir
+from converge.studies.lifecycle import submit_study
+from converge.studies.plugin_check import PluginCheckError, check_task
+from converge.studies.spec import SpecError, parse_spec
+from converge.studies.storage import storage_for
+from converge.studies.sweep import run_sweep
 
 TESTS = Path(__file__).parent
 P = "converge_test_plugins"
@@ -114,7 +113,7 @@ def test_a_dry_run_that_passes_reports_the_logged_metrics() -> None:
 
 
 def test_metrics_of_a_module_with_two_optimizers_and_a_scheduler() -> None:
-    from trainers import TrainConfig, fit
+    from converge.trainers import TrainConfig, fit
 
     config = TrainConfig(model=f"{P}:two_optimizers", data=f"{P}:build_datamodule", lr=0.2, batch_size=32, epochs=3,
                          device="cpu")
@@ -259,7 +258,7 @@ def test_cli_check_and_export_best(sqlite_settings: Settings, tmp_path: Path) ->
                        CONVERGE_ARTIFACT_DIR=str(sqlite_settings.artifact_dir))
 
     def converge(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env, capture_output=True,
+        return subprocess.run([*CLI, *args], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=120)
 
     bad = tmp_path / "bad.yaml"
@@ -282,7 +281,7 @@ def test_cli_check_and_export_best(sqlite_settings: Settings, tmp_path: Path) ->
     best = max(_trials(sqlite_settings, "cli-good"), key=lambda t: t.value)
     assert exported["trial"] == best.number and exported["hyperparameters"] == best.params
     assert exported["task"]["model"] == f"{P}:build_model" and exported["task"]["params"] == {"hidden": 8}
-    from trainers.plugins import load_checkpoint
+    from converge.trainers.plugins import load_checkpoint
 
     module = load_checkpoint(tmp_path / "out" / exported["checkpoint"])
     assert type(module).__name__ == "Classifier" and module.hparams.hidden == 8

@@ -8,8 +8,8 @@ import optuna
 import pytest
 
 from conftest import tiny_spec
-from service.settings import Settings
-from studies.pruning import (
+from converge.core.settings import Settings
+from converge.studies.pruning import (
     PRUNED_BY_ATTR,
     STOPPED_EARLY_ATTR,
     behind_peers,
@@ -18,10 +18,10 @@ from studies.pruning import (
     early_stop_rule,
     still_falling,
 )
-from studies.registry import build_pruner
-from studies.spec import StudySpec, parse_spec
-from studies.storage import storage_for
-from studies.sweep import run_sweep
+from converge.studies.registry import build_pruner
+from converge.studies.spec import StudySpec, parse_spec
+from converge.studies.storage import storage_for
+from converge.studies.sweep import run_sweep
 
 
 def _diagnosis(verdict: str, confidence: float = 0.9) -> dict[str, Any]:
@@ -146,7 +146,7 @@ def test_a_healthy_trial_runs_to_its_end_under_the_convergence_pruner(settings: 
 
 
 def test_the_objective_reads_its_peers_best_by_the_same_epoch_from_the_study() -> None:
-    from studies.objective import Objective
+    from converge.studies.objective import Objective
 
     study = optuna.create_study()
     study.add_trial(optuna.trial.create_trial(value=0.5, intermediate_values={3: 0.5, 4: 0.5}))

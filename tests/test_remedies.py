@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from studies.diagnosis import diagnose
-from studies.diagnosis.remedies import apply_remedy
+from converge.studies.diagnosis import diagnose
+from converge.studies.diagnosis.remedies import apply_remedy
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ CASES = {
 
 
 def train_and_diagnose(params: dict):
-    from trainers import TrainConfig, fit
+    from converge.trainers import TrainConfig, fit
 
     result = fit(TrainConfig(device="cpu", seed=0, **params))
     return diagnose({"objective": {"metric": "val_loss", "direction": "minimize"}, "max_epochs": params["epochs"],

@@ -10,15 +10,15 @@ from fastapi.testclient import TestClient
 from test_cli import converge
 
 from conftest import tiny_spec
-from service.api.app import create_app
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.settings import Settings
-from studies.lifecycle import submit_study
-from studies.repair import auto_repair, first_applicable_remedy
-from studies.spec import SearchSpace, StudySpec, parse_spec
-from studies.storage import storage_for
-from studies.sweep import run_sweep
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
+from converge.studies.lifecycle import submit_study
+from converge.studies.repair import auto_repair, first_applicable_remedy
+from converge.studies.spec import SearchSpace, StudySpec, parse_spec
+from converge.studies.storage import storage_for
+from converge.studies.sweep import run_sweep
 
 LR_DOWN = {"param": "lr", "action": "decrease", "factor": 0.1, "reason": "the loss blew up"}
 DIVERGED = {"verdict": "diverged", "healthy": False, "confidence": 0.95, "onset_epoch": 1,

@@ -14,13 +14,13 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import tiny_spec
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.settings import Settings
-from studies.lifecycle import submit_study
-from studies.retries import CRASHED, INTERRUPTED, settle_dead_attempt
-from studies.spec import StudySpec
-from studies.storage import storage_for
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.settings import Settings
+from converge.studies.lifecycle import submit_study
+from converge.studies.retries import CRASHED, INTERRUPTED, settle_dead_attempt
+from converge.studies.spec import StudySpec
+from converge.studies.storage import storage_for
 
 
 def _start(settings: Settings, name: str, **overrides: object) -> optuna.Study:

@@ -22,18 +22,18 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from conftest import tiny_spec
-from service import schedule_rules as rules
-from service import schedules
-from service.api.app import create_app
-from service.db import repo, schedule_repo
-from service.db.engine import get_engine, session_scope
-from service.db.models import ScheduleRun, utcnow
-from service.outbound import Allow
-from service.scheduler import Scheduler
-from service.settings import Settings, get_settings
-from service.webhooks import Notifier
-from studies.spec import parse_spec
-from studies.storage import storage_for
+from converge.core.db import repo, schedule_repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.db.models import ScheduleRun, utcnow
+from converge.core.settings import Settings, get_settings
+from converge.service import schedule_rules as rules
+from converge.service import schedules
+from converge.service.api.app import create_app
+from converge.service.outbound import Allow
+from converge.service.scheduler import Scheduler
+from converge.service.webhooks import Notifier
+from converge.studies.spec import parse_spec
+from converge.studies.storage import storage_for
 
 UTC = timezone.utc
 BERLIN = "Europe/Berlin"
@@ -397,7 +397,7 @@ def test_warm_start_enqueues_previous_top_k_and_recommended_space(settings: Sett
     end_study(settings, first.study_name)
     scheduler.tick()
     with session_scope(get_engine(settings.database_url)) as session:
-        from service import views
+        from converge.service import views
 
         recommended = views.get_study_diagnosis(session, first.study_name).recommendation.spec["search_space"]
     clock.to(utc(2026, 9, 3, 0, 30, 2))
@@ -533,8 +533,8 @@ def test_launch_failure_marks_the_run_failed_and_notifies(settings: Settings, re
 
 
 def test_schedule_cli(settings: Settings, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.cli import cli
-    from service.settings import get_settings
+    from converge.core.settings import get_settings
+    from converge.service.cli import cli
 
     monkeypatch.setenv("CONVERGE_DATABASE_URL", settings.database_url)
     get_settings.cache_clear()
@@ -567,7 +567,7 @@ def test_schedule_cli(settings: Settings, tmp_path: Any, monkeypatch: pytest.Mon
 def test_migration_0008_down_and_up(db_url: str) -> None:
     from alembic import command
 
-    from service.db.migrate import _alembic_config
+    from converge.core.db.migrate import _alembic_config
 
     tables = {"converge_schedules", "converge_schedule_runs", "converge_webhook_deliveries"}
     assert tables <= set(sa.inspect(get_engine(db_url)).get_table_names())

@@ -9,24 +9,23 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import REPO, converge_env, start_worker, tiny_spec
-from service import auth
-from service.api.app import create_app
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.settings import Settings
-from studies.lifecycle import submit_study
-from studies.policy import PolicyError, check_spec, module_allowed
-from studies.spec import StudySpec, parse_spec
-from studies.storage import storage_for
-from trainers.data import load_dataset
+from conftest import CLI, REPO, converge_env, start_worker, tiny_spec
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.settings import Settings
+from converge.service import auth
+from converge.service.api.app import create_app
+from converge.studies.lifecycle import submit_study
+from converge.studies.policy import PolicyError, check_spec, module_allowed
+from converge.studies.spec import StudySpec, parse_spec
+from converge.studies.storage import storage_for
+from converge.trainers.data import load_dataset
 
 TESTS = Path(__file__).parent
 
@@ -38,7 +37,7 @@ def plugin_task(model: str, data: str, **params: object) -> dict[str, object]:
 ATTACKS = {
     "os-system": plugin_task("os:system", "subprocess:getoutput", command="touch MARKER"),
     "eval": plugin_task("builtins:eval", "builtins:exec", source="1"),
-    "converge-own": plugin_task("studies.lifecycle:submit_study", "service.cli:main"),
+    "converge-own": plugin_task("converge.studies.lifecycle:submit_study", "converge.service.cli:main"),
     "not-listed": plugin_task("numpy:load", "numpy:save"),
 }
 
@@ -55,8 +54,9 @@ ATTACKS = {
     ("subprocess", ["subprocess"], False),
     ("builtins", ["builtins"], False),
     ("posix", ["posix"], False),
-    ("studies.objective", ["studies"], False),  # Converge's own never
-    ("service", ["service"], False),
+    ("converge.studies.objective", ["converge"], False),  # Converge's own never
+    ("converge.service", ["converge.service"], False),
+    ("service", ["service"], True),  # a user's own package of that name: Converge installs only `converge`
 ])
 def test_which_modules_are_allowed(module: str, prefixes: list[str], allowed: bool) -> None:
     assert module_allowed(module, prefixes) is allowed
@@ -191,7 +191,7 @@ def test_cli_check_imports_nothing_the_settings_do_not_allow(db_url: str, tmp_pa
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(repr(tiny_spec("x", task=plugin_task("os:system", "subprocess:getoutput",
                                                              command=f"id > {marker}"))).replace("'", '"'))
-    done = subprocess.run([sys.executable, "-m", "service.cli", "study", "create", "--spec", str(spec_path),
+    done = subprocess.run([*CLI, "study", "create", "--spec", str(spec_path),
                            "--check"], cwd=REPO, env=converge_env(db_url), capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2, done.stderr
@@ -237,11 +237,11 @@ def test_the_cli_names_each_size_problem_with_exit_2(db_url: str, tmp_path: Path
     spec_path = tmp_path / "big.json"
     spec_path.write_text('{"name": "big", "search_space": {"epochs": 100000000, "batch_size": 1000000000000},'
                          ' "n_trials": 1' + "0" * 5000 + "}")
-    done = subprocess.run([sys.executable, "-m", "service.cli", "study", "create", "--spec", str(spec_path)],
+    done = subprocess.run([*CLI, "study", "create", "--spec", str(spec_path)],
                           cwd=REPO, env=converge_env(db_url), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "a number is too long to read" in done.stderr, done.stderr
     spec_path.write_text('{"name": "big", "search_space": {"epochs": 100000000, "batch_size": 1000000000000}}')
-    done = subprocess.run([sys.executable, "-m", "service.cli", "study", "create", "--spec", str(spec_path)],
+    done = subprocess.run([*CLI, "study", "create", "--spec", str(spec_path)],
                           cwd=REPO, env=converge_env(db_url), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert "epochs values must be at most 10,000" in done.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import REPO, converge_env, tiny_spec
+from conftest import CLI, REPO, converge_env, tiny_spec
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +28,7 @@ def test_serve_runs_the_demo_study_and_shows_it(db_url: str, tmp_path: Path) -> 
     spec_path.write_text(yaml.safe_dump(tiny_spec("demo", n_trials=2)))
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--demo-spec", str(spec_path)],
+        [*CLI, "serve", "--port", str(port), "--demo-spec", str(spec_path)],
         cwd=REPO, env=converge_env(db_url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from studies.spec import FloatFixed, FloatRange, IntChoices, IntFixed, SpecError, load_spec_file, parse_spec
+from converge.studies.spec import FloatFixed, FloatRange, IntChoices, IntFixed, SpecError, load_spec_file, parse_spec
 
 
 def problems_of(data: object) -> list[str]:

@@ -13,7 +13,6 @@ import contextlib
 import errno
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,21 +25,21 @@ import yaml
 from fastapi.testclient import TestClient
 from optuna.trial import TrialState
 
-import service.db.engine as db_engine
-from conftest import REPO, converge_env, tiny_spec
-from service.api.app import create_app
-from service.db import repo
-from service.db.engine import as_service_error, get_engine, is_transient, session_scope
-from service.db.errors import DatabaseNotWritable, DatabaseUnavailable
-from service.db.migrate import upgrade
-from service.db.models import HealthProbe
-from service.settings import Settings
-from studies.lifecycle import submit_study
-from studies.retries import CRASHED
-from studies.runner import STORAGE_LOST, run_slot
-from studies.spec import StudySpec
-from studies.storage import open_storage, storage_for
-from studies.worker import SlotProcess, Worker
+import converge.core.db.engine as db_engine
+from conftest import CLI, REPO, converge_env, tiny_spec
+from converge.core.db import repo
+from converge.core.db.engine import as_service_error, get_engine, is_transient, session_scope
+from converge.core.db.migrate import upgrade
+from converge.core.db.models import HealthProbe
+from converge.core.errors import DatabaseNotWritable, DatabaseUnavailable
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
+from converge.studies.lifecycle import submit_study
+from converge.studies.retries import CRASHED
+from converge.studies.runner import STORAGE_LOST, run_slot
+from converge.studies.spec import StudySpec
+from converge.studies.storage import open_storage, storage_for
+from converge.studies.worker import SlotProcess, Worker
 
 SHORT_RETRY_S = 0.3  # instead of RETRY_WITHIN_S: how long a trial's writes wait for the database here
 
@@ -117,7 +116,7 @@ def fill(folder: Path) -> Path:
 
 
 def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=converge_env(url),
+    return subprocess.run([*CLI, *args], cwd=REPO, env=converge_env(url),
                           capture_output=True, text=True, timeout=120)
 
 

@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import event
 
 from conftest import tiny_spec
-from service.settings import Settings
-from studies.lifecycle import submit_study
-from studies.spec import parse_spec
-from studies.storage import ThrottledReads, storage_for
+from converge.core.settings import Settings
+from converge.studies.lifecycle import submit_study
+from converge.studies.spec import parse_spec
+from converge.studies.storage import ThrottledReads, storage_for
 
 
 def _statements(storage: optuna.storages.RDBStorage, wanted: Callable[[str], bool]) -> list[str]:
@@ -215,8 +215,8 @@ def test_a_trial_failed_elsewhere_meanwhile_cannot_be_told(settings: Settings) -
 
 
 def test_a_value_the_caller_stored_is_not_written_again_by_the_report(settings: Settings) -> None:
-    from service.db import repo
-    from service.db.engine import get_engine, session_scope
+    from converge.core.db import repo
+    from converge.core.db.engine import get_engine, session_scope
 
     study, storage = _study(settings, "stored-by-caller", max_age_s=60)
     trial = study.ask()

@@ -14,15 +14,15 @@ from optuna.trial import TrialState
 from test_cli import converge
 
 from conftest import tiny_spec
-from service.api.app import create_app
-from service.api.schemas import STUDY_DIAGNOSIS_EXAMPLE, StudyDiagnosisOut
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.settings import Settings
-from studies.diagnosis import HEALTHY_VERDICTS, UNHEALTHY_VERDICTS, VERDICTS
-from studies.spec import FloatFixed, FloatRange, IntChoices, IntFixed, IntRange, StudySpec, parse_spec
-from studies.storage import storage_for
-from studies.study_diagnosis import (
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
+from converge.service.schemas import STUDY_DIAGNOSIS_EXAMPLE, StudyDiagnosisOut
+from converge.studies.diagnosis import HEALTHY_VERDICTS, UNHEALTHY_VERDICTS, VERDICTS
+from converge.studies.spec import FloatFixed, FloatRange, IntChoices, IntFixed, IntRange, StudySpec, parse_spec
+from converge.studies.storage import storage_for
+from converge.studies.study_diagnosis import (
     MIN_IMPORTANCE_TRIALS,
     TrialRecord,
     chance_of_region,
@@ -33,7 +33,7 @@ from studies.study_diagnosis import (
     recommend,
     roundest_between,
 )
-from studies.sweep import run_sweep
+from converge.studies.sweep import run_sweep
 
 SPEC = parse_spec({"name": "synthetic"})  # the default search space: lr 1e-05..1 (log), batch_size choices, ...
 

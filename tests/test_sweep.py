@@ -6,15 +6,15 @@ import optuna
 import pytest
 
 from conftest import tiny_spec
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.db.migrate import upgrade
-from service.db.models import METRIC_COLUMNS
-from service.settings import Settings
-from studies.runner import sampler_seed
-from studies.spec import parse_spec
-from studies.storage import storage_for
-from studies.sweep import run_sweep
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.db.migrate import upgrade
+from converge.core.db.models import METRIC_COLUMNS
+from converge.core.settings import Settings
+from converge.studies.runner import sampler_seed
+from converge.studies.spec import parse_spec
+from converge.studies.storage import storage_for
+from converge.studies.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def test_a_three_trial_sweep_stores_every_epoch(settings: Settings) -> None:
 
 def test_a_trial_that_raises_is_failed_with_its_error_and_the_study_goes_on(
         settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    import trainers
+    from converge import trainers
 
     real_fit = trainers.fit
     calls = {"n": 0}
@@ -134,12 +134,12 @@ def test_each_epochs_metrics_and_optunas_value_for_it_commit_together(settings: 
 
 def test_the_final_diagnosis_is_stored_even_when_the_dashboard_note_cannot_be(
         settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    import studies.objective
+    from converge.studies import objective
 
     def broken_note(session, trial, last):  # type: ignore[no-untyped-def]
         raise RuntimeError("no note today")
 
-    monkeypatch.setattr(studies.objective, "write_trial_note", broken_note)
+    monkeypatch.setattr(objective, "write_trial_note", broken_note)
     assert run_sweep(settings, parse_spec(tiny_spec("no-note", n_trials=1)), progress=False) == "done"
     with session_scope(get_engine(settings.database_url)) as session:
         study = repo.get_study(session, "no-note")

@@ -16,9 +16,9 @@ import torch
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch.nn import functional as F
 
-from trainers import MODEL_NAMES, SKLEARN_DATASETS, DataSplit, FitResult, TrainConfig, fit, load_dataset
-from trainers.fit import TensorBatches, WholeEpoch, make_loaders
-from trainers.models import MLP, SmallCNN, build_network
+from converge.trainers import MODEL_NAMES, SKLEARN_DATASETS, DataSplit, FitResult, TrainConfig, fit, load_dataset
+from converge.trainers.fit import TensorBatches, WholeEpoch, make_loaders
+from converge.trainers.models import MLP, SmallCNN, build_network
 
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "grad_norm", "param_norm", "lr", "epoch_seconds"}
 TINY_MLP = {"width": 16, "depth": 2}
@@ -126,7 +126,7 @@ def test_val_metrics_are_this_epochs_and_weighted_by_batch_size(monkeypatch: pyt
         networks.append(build_network(config, split))
         return networks[-1]
 
-    monkeypatch.setattr(sys.modules["trainers.fit"], "build_network", capture)
+    monkeypatch.setattr(sys.modules["converge.trainers.fit"], "build_network", capture)
     split = load_dataset("sklearn:digits", 0.2, 0)
     last = fit(tiny(epochs=2), split=split).epochs[-1]
 
@@ -214,7 +214,7 @@ def test_every_epoch_metric_equals_a_hand_computation() -> None:
 @pytest.mark.slow
 def test_mixed_precision_still_applies_under_manual_optimization(monkeypatch: pytest.MonkeyPatch) -> None:
     """`fit` steps the optimizer itself; bf16-mixed (what a GPU worker gets) must still autocast the steps."""
-    from trainers.module import LitModel
+    from converge.trainers.module import LitModel
 
     autocast: list[bool] = []
     training_step = LitModel.training_step
@@ -223,7 +223,7 @@ def test_mixed_precision_still_applies_under_manual_optimization(monkeypatch: py
         autocast.append(torch.is_autocast_enabled("cpu"))
         training_step(self, batch, batch_idx)
 
-    monkeypatch.setattr(sys.modules["trainers.fit"], "_precision", lambda accelerator: "bf16-mixed")
+    monkeypatch.setattr(sys.modules["converge.trainers.fit"], "_precision", lambda accelerator: "bf16-mixed")
     monkeypatch.setattr(LitModel, "training_step", spy)
     result = fit(tiny(epochs=2))
 
@@ -238,7 +238,7 @@ def test_mixed_precision_steps_see_the_weights_the_previous_step_updated(monkeyp
     autocast region. An epoch's steps share one region (one `training_step`); an autocast that kept its bf16
     copies of the weights for the region (torch's default cache; Lightning turns it off) would give them all
     the epoch's first weights."""
-    monkeypatch.setattr(sys.modules["trainers.fit"], "_precision", lambda accelerator: "bf16-mixed")
+    monkeypatch.setattr(sys.modules["converge.trainers.fit"], "_precision", lambda accelerator: "bf16-mixed")
     config = tiny(epochs=2)
     reported, split, network, optimizer, train_batches, _ = _fit_and_its_twin(config)
     for epoch in reported:

@@ -24,13 +24,13 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from conftest import TINY_DISTRIBUTIONS, tiny_spec
-from service import auth
-from service.api.app import create_app
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.settings import Settings
-from studies.retries import CRASHED, settle_dead_attempt
-from studies.storage import storage_for
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.settings import Settings
+from converge.service import auth
+from converge.service.api.app import create_app
+from converge.studies.retries import CRASHED, settle_dead_attempt
+from converge.studies.storage import storage_for
 
 HEALTHY = ("converged", "still_improving")
 
@@ -395,7 +395,7 @@ def test_export_as_json_and_csv_have_equal_content(client: TestClient, settings:
 
 def test_export_streams_a_study_larger_than_one_read(client: TestClient, settings: Settings,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from service import trial_pages
+    from converge.service import trial_pages
 
     monkeypatch.setattr(trial_pages, "EXPORT_PAGE", 4)  # several reads of 4 trials, as 1,000 in production
     _submit(client, "streamed", n_trials=20)

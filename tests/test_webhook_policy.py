@@ -22,14 +22,14 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 from conftest import tiny_spec
-from service import outbound, schedules
-from service.api.app import create_app
-from service.db import schedule_repo
-from service.db.engine import get_engine, session_scope
-from service.outbound import Allow, Refused
-from service.scheduler import Scheduler
-from service.settings import Settings, get_settings
-from service.webhooks import post_json
+from converge.core.db import schedule_repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.settings import Settings, get_settings
+from converge.service import outbound, schedules
+from converge.service.api.app import create_app
+from converge.service.outbound import Allow, Refused
+from converge.service.scheduler import Scheduler
+from converge.service.webhooks import post_json
 
 ALLOW_SETTING = "CONVERGE_WEBHOOK_ALLOW"
 PUBLIC = "93.184.216.34"  # a public literal address: checked here, never posted to (no internet)
@@ -261,7 +261,7 @@ def test_a_name_that_does_not_resolve_yet_is_left_to_the_delivery_check(
 
 def test_cli_schedule_create_refuses_with_exit_2(settings: Settings, tmp_path: Any,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.cli import cli
+    from converge.service.cli import cli
 
     monkeypatch.setenv("CONVERGE_DATABASE_URL", settings.database_url)
     monkeypatch.delenv(ALLOW_SETTING, raising=False)

@@ -6,10 +6,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import start_worker, tiny_spec
-from service.api.app import create_app
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.settings import Settings
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from datetime import timedelta
 
@@ -11,12 +10,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from conftest import REPO, converge_env, tiny_spec
-from service.api.app import create_app
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.db.models import Worker, utcnow
-from service.settings import Settings
+from conftest import CLI, REPO, converge_env, tiny_spec
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.db.models import Worker, utcnow
+from converge.core.settings import Settings
+from converge.service.api.app import create_app
 
 
 def test_a_worker_without_a_recent_heartbeat_is_not_alive(settings: Settings) -> None:
@@ -39,7 +38,7 @@ def test_a_running_worker_shows_its_trial_then_stops(settings: Settings) -> None
     client = TestClient(create_app(settings, dashboard=False))
     client.post("/v1/studies", json=spec)
     env = converge_env(settings.database_url)
-    worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--devices", "cpu", "--exit-when-idle"],
+    worker = subprocess.Popen([*CLI, "worker", "--devices", "cpu", "--exit-when-idle"],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         seen = None
@@ -52,7 +51,7 @@ def test_a_running_worker_shows_its_trial_then_stops(settings: Settings) -> None
         assert seen is not None, "the worker never reported its trial"
         assert seen["alive"] and seen["state"] == "running" and seen["slots"] == 1 and seen["devices"] == "cpu"
         assert seen["current_trials"][0] == {"study": "watched", "trial": 0, "device": "cpu", "slot": 0}
-        listing = subprocess.run([sys.executable, "-m", "service.cli", "worker", "list"], cwd=REPO, env=env,
+        listing = subprocess.run([*CLI, "worker", "list"], cwd=REPO, env=env,
                                  capture_output=True, text=True, timeout=60)
         assert listing.returncode == 0, listing.stderr
         assert "watched#0@cpu" in listing.stdout and str(seen["pid"]) in listing.stdout

@@ -3,11 +3,11 @@
 Imports torch and Lightning, never the sweep (`studies`) or the web service: those call in here.
 """
 
-from trainers.callbacks import EpochHook
-from trainers.config import TrainConfig
-from trainers.data import SKLEARN_DATASETS, DataSplit, load_dataset
-from trainers.fit import FitResult, fit
-from trainers.models import MODEL_NAMES, MODEL_PARAMS
+from converge.trainers.callbacks import EpochHook
+from converge.trainers.config import TrainConfig
+from converge.trainers.data import SKLEARN_DATASETS, DataSplit, load_dataset
+from converge.trainers.fit import FitResult, fit
+from converge.trainers.models import MODEL_NAMES, MODEL_PARAMS
 
 __all__ = [
     "MODEL_NAMES",

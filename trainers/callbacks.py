@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from trainers.module import LitModel
+from converge.trainers.module import LitModel
 
 EpochHook = Callable[[dict[str, float | int | None]], bool]
 

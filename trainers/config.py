@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainers.models import MODEL_NAMES
-from trainers.plugin_contract import is_import_path
+from converge.trainers.models import MODEL_NAMES
+from converge.trainers.plugin_contract import is_import_path
 
 DEVICES = frozenset({"auto", "cpu", "cuda"})
 # Where `csv:` paths resolve and how much of a CSV file is read: Converge's defaults of

@@ -14,7 +14,7 @@ import torch
 from sklearn import datasets
 from sklearn.model_selection import train_test_split
 
-from trainers.config import DEFAULT_DATA_DIR, DEFAULT_MAX_DATA_BYTES
+from converge.trainers.config import DEFAULT_DATA_DIR, DEFAULT_MAX_DATA_BYTES
 
 _SKLEARN_LOADERS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
     "digits": datasets.load_digits,

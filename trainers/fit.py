@@ -16,11 +16,11 @@ import torch
 from pytorch_lightning.profilers import PassThroughProfiler
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
-from trainers.callbacks import EpochHook, EpochMetricsCallback
-from trainers.config import TrainConfig
-from trainers.data import DataSplit, load_dataset
-from trainers.models import build_network
-from trainers.module import LitModel
+from converge.trainers.callbacks import EpochHook, EpochMetricsCallback
+from converge.trainers.config import TrainConfig
+from converge.trainers.data import DataSplit, load_dataset
+from converge.trainers.models import build_network
+from converge.trainers.module import LitModel
 
 _LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric")
 
@@ -52,7 +52,7 @@ def fit(config: TrainConfig, on_epoch_end: EpochHook | None = None, split: DataS
     """
     started = time.perf_counter()
     if config.is_plugin:
-        from trainers.plugins import fit_plugin
+        from converge.trainers.plugins import fit_plugin
 
         accelerator = _accelerator(config.device)
         with _quiet_lightning():

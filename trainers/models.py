@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from trainers.config import TrainConfig
-    from trainers.data import DataSplit
+    from converge.trainers.config import TrainConfig
+    from converge.trainers.data import DataSplit
 
 
 class MLP(nn.Module):

@@ -19,9 +19,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from trainers.callbacks import STANDARD_KEYS, EpochHook, ModuleMetricsCallback
-from trainers.config import TrainConfig
-from trainers.plugin_contract import MODEL_HYPERPARAMETERS, is_import_path
+from converge.trainers.callbacks import STANDARD_KEYS, EpochHook, ModuleMetricsCallback
+from converge.trainers.config import TrainConfig
+from converge.trainers.plugin_contract import MODEL_HYPERPARAMETERS, is_import_path
 
 
 class PluginError(ValueError):
@@ -161,7 +161,7 @@ def dry_run(config: TrainConfig, objective_metric: str) -> DryRun:
     One function for `converge study create --check` and a worker's check before a study's first trial.
     """
     started = time.perf_counter()
-    from trainers.fit import _quiet_lightning  # one place mutes Lightning's banners
+    from converge.trainers.fit import _quiet_lightning  # one place mutes Lightning's banners
 
     with _quiet_lightning():
         built = build(config)

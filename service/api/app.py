@@ -13,14 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException
 
-from service import auth
-from service.api.dashboard import DashboardDispatch
-from service.api.hosts import ALWAYS_ALLOWED, HostCheck
-from service.api.limits import BodySizeLimit
-from service.api.openapi import keep_null_examples
-from service.api.routers import artifacts, diagnose, health, metrics, plots, schedules, studies, workers
-from service.db.engine import as_service_error, describe_cause, get_engine, is_transient, safe_url
-from service.db.errors import (
+from converge.core.db.engine import as_service_error, describe_cause, get_engine, is_transient, safe_url
+from converge.core.errors import (
     Conflict,
     DatabaseUnavailable,
     InvalidRequest,
@@ -28,11 +22,17 @@ from service.db.errors import (
     SchemaNotReady,
     ServiceError,
 )
-from service.json_input import number_too_long
-from service.settings import Settings, get_settings
-from service.version import VERSION
-from studies.diagnosis import HistoryError
-from studies.spec import SpecError, describe_errors
+from converge.core.settings import Settings, get_settings
+from converge.core.version import VERSION
+from converge.service import auth
+from converge.service.api.dashboard import DashboardDispatch
+from converge.service.api.hosts import ALWAYS_ALLOWED, HostCheck
+from converge.service.api.limits import BodySizeLimit
+from converge.service.api.openapi import keep_null_examples
+from converge.service.api.routers import artifacts, diagnose, health, metrics, plots, schedules, studies, workers
+from converge.service.json_input import number_too_long
+from converge.studies.diagnosis import HistoryError
+from converge.studies.spec import SpecError, describe_errors
 
 _STATUS = {NotFound: 404, Conflict: 409, InvalidRequest: 422, DatabaseUnavailable: 503, SchemaNotReady: 503}
 _WHAT = {("POST", "/v1/studies"): "study spec", ("POST", "/v1/diagnose"): "history",
@@ -127,7 +127,7 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True, requ
         return await http_exception_handler(request, exc)
 
     if dashboard:
-        from studies.storage import storage_for
+        from converge.studies.storage import storage_for
 
         # Not patient: during an outage the dashboard fails at once instead of waiting it out.
         app.add_middleware(DashboardDispatch, storage_factory=lambda: storage_for(settings, patient=False),

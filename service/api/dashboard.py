@@ -23,8 +23,8 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import auth
-from service.db.errors import ServiceError
+from converge.core.errors import ServiceError
+from converge.service import auth
 
 DASHBOARD_ROOTS = ("/dashboard", "/api", "/static", "/artifacts", "/csv", "/favicon.ico")
 READ_METHODS = ("GET", "HEAD")

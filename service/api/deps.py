@@ -15,10 +15,10 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service import auth
-from service.api.schemas import ErrorOut, ProblemsOut
-from service.db.engine import get_engine, session_scope
-from service.settings import Settings
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.settings import Settings
+from converge.service import auth
+from converge.service.schemas import ErrorOut, ProblemsOut
 
 
 async def get_app_settings(request: Request) -> Settings:
@@ -96,7 +96,7 @@ def _in_route_thread(endpoint: Callable[..., Any], route: SessionRoute) -> Calla
 
 
 def get_storage(settings: SettingsDep) -> optuna.storages.RDBStorage:
-    from studies.storage import storage_for
+    from converge.studies.storage import storage_for
 
     return storage_for(settings, patient=False)  # a request answers 503 at once rather than wait
 

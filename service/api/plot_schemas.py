@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.schemas import Verdict
+from converge.service.schemas import Verdict
 
 FIGURE_EXAMPLE: dict[str, Any] = {
     "data": [{"type": "scatter", "mode": "lines+markers", "name": "val_loss", "x": [0, 1, 2],

@@ -5,9 +5,9 @@ Pure Python and numpy (no torch, no database), so the API, the CLI and the worke
 run, and returns a `Diagnosis` (`.to_dict()` gives the contract's JSON).
 """
 
-from studies.diagnosis.core import diagnose
-from studies.diagnosis.history import MAX_EPOCHS, History, HistoryError, parse_history
-from studies.diagnosis.result import (
+from converge.studies.diagnosis.core import diagnose
+from converge.studies.diagnosis.history import MAX_EPOCHS, History, HistoryError, parse_history
+from converge.studies.diagnosis.result import (
     HEALTHY_VERDICTS,
     REMEDY_ACTIONS,
     REMEDY_PARAMS,

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from studies.diagnosis import rules
-from studies.diagnosis.history import History, parse_history
-from studies.diagnosis.remedies import remedies_for
-from studies.diagnosis.result import Diagnosis
+from converge.studies.diagnosis import rules
+from converge.studies.diagnosis.history import History, parse_history
+from converge.studies.diagnosis.remedies import remedies_for
+from converge.studies.diagnosis.result import Diagnosis
 
 DETECTORS: tuple[Callable[[History], rules.Candidate | None], ...] = (
     rules.diverged,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from studies.diagnosis.context import Context, parse_context
+from converge.studies.diagnosis.context import Context, parse_context
 
 MAX_EPOCHS = 10_000
 OPTIONAL_METRICS = ("val_loss", "val_acc", "grad_norm", "param_norm", "lr")

@@ -10,9 +10,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from studies.diagnosis.history import History
-from studies.diagnosis.result import Remedy
-from studies.diagnosis.rules import PEER_POOR, Candidate, good_lr, lr_no_higher_than_peers, peer_gap
+from converge.studies.diagnosis.history import History
+from converge.studies.diagnosis.result import Remedy
+from converge.studies.diagnosis.rules import PEER_POOR, Candidate, good_lr, lr_no_higher_than_peers, peer_gap
 
 
 def remedies_for(candidate: Candidate, h: History) -> list[Remedy]:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from studies.diagnosis import signals as sig
-from studies.diagnosis.history import History
-from studies.diagnosis.result import Finding
+from converge.studies.diagnosis import signals as sig
+from converge.studies.diagnosis.history import History
+from converge.studies.diagnosis.result import Finding
 
 # Thresholds from the diagnosis contract (docs/architecture.md, "Convergence diagnosis").
 DIVERGE_FACTOR = 3.0        # loss above 3x its first value, and staying there

@@ -24,10 +24,10 @@ import optuna
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from service.db import repo
-from service.db.engine import get_engine, session_scope
-from service.settings import Settings
-from studies.plots.data import diagnosis_note
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
+from converge.core.settings import Settings
+from converge.studies.plots.data import diagnosis_note
 
 log = logging.getLogger("converge.dashboard")
 DASHBOARD_CURVES = 50  # the dashboard's loss overlay: each figure is stored in 2 KB chunks, one row each
@@ -72,8 +72,8 @@ def save_study_figures(settings: Settings, study_name: str) -> list[str]:
     """Draw the study's figures and store them for the dashboard; the graph object ids written."""
     from optuna_dashboard import save_plotly_graph_object
 
-    from studies.plots import draw, load
-    from studies.storage import storage_for
+    from converge.studies.plots import draw, load
+    from converge.studies.storage import storage_for
 
     storage = storage_for(settings)
     with session_scope(get_engine(settings.database_url)) as session:

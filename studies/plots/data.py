@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from studies.diagnosis import HEALTHY_VERDICTS, VERDICTS
+from converge.studies.diagnosis import HEALTHY_VERDICTS, VERDICTS
 
 UNDIAGNOSED = "undiagnosed"  # a trial without a diagnosis (no epoch recorded)
 VERDICT_ORDER = (*VERDICTS, UNDIAGNOSED)

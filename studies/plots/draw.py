@@ -16,7 +16,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from studies.plots.data import VERDICT_ORDER, StudyFigureData, TrialFigureData
+from converge.studies.plots.data import VERDICT_ORDER, StudyFigureData, TrialFigureData
 
 VERDICT_COLORS = {
     "converged": "#2ca02c",

@@ -11,9 +11,9 @@ from typing import Any
 import optuna
 from sqlalchemy.orm import Session
 
-from service.db import repo
-from service.db.errors import NotFound
-from studies.plots.data import (
+from converge.core.db import repo
+from converge.core.errors import NotFound
+from converge.studies.plots.data import (
     MAX_CURVES,
     StudyFigureData,
     StudyTrial,

@@ -14,9 +14,9 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.deps import SessionDep, SessionRoute, SettingsDep, StorageDep, error_responses, require_scope
-from service.api.routers.studies import BAD_NAME, BAD_PATH, StudyName, TrialNumber
-from studies import checkpoints
+from converge.service.api.deps import SessionDep, SessionRoute, SettingsDep, StorageDep, error_responses, require_scope
+from converge.service.api.routers.studies import BAD_NAME, BAD_PATH, StudyName, TrialNumber
+from converge.studies import checkpoints
 
 router = APIRouter(prefix="/v1/studies", tags=["artifacts"], route_class=SessionRoute)
 

@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends
 from pydantic import SkipValidation
 
-from service import views
-from service.api.deps import error_responses, require_scope
-from service.api.schemas import HISTORY_EXAMPLES, DiagnosisOut, HistoryIn
-from studies.diagnosis import MAX_EPOCHS
+from converge.service import views
+from converge.service.api.deps import error_responses, require_scope
+from converge.service.schemas import HISTORY_EXAMPLES, DiagnosisOut, HistoryIn
+from converge.studies.diagnosis import MAX_EPOCHS
 
 router = APIRouter(prefix="/v1", tags=["diagnosis"])
 

@@ -11,13 +11,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
-from service.api.deps import SettingsDep
-from service.api.schemas import HealthOut
-from service.db import repo
-from service.db.engine import as_service_error, get_engine, session_scope
-from service.db.errors import ServiceError
-from service.db.migrate import check_schema
-from service.version import VERSION
+from converge.core.db import repo
+from converge.core.db.engine import as_service_error, get_engine, session_scope
+from converge.core.db.migrate import check_schema
+from converge.core.errors import ServiceError
+from converge.core.version import VERSION
+from converge.service.api.deps import SettingsDep
+from converge.service.schemas import HealthOut
 
 router = APIRouter(prefix="/v1", tags=["health"])
 

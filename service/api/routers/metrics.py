@@ -9,8 +9,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from service import prometheus
-from service.api.deps import SessionDep, SessionRoute, SettingsDep, require_scope
+from converge.service import prometheus
+from converge.service.api.deps import SessionDep, SessionRoute, SettingsDep, require_scope
 
 router = APIRouter(tags=["operations"], route_class=SessionRoute)
 

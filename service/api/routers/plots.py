@@ -8,10 +8,16 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
-from service.api.deps import SessionDep, SessionRoute, StorageDep, error_responses
-from service.api.plot_schemas import HTML_EXAMPLE, STUDY_PLOT_EXAMPLE, TRIAL_PLOT_EXAMPLE, StudyPlotOut, TrialPlotOut
-from service.api.routers.studies import BAD_NAME, BAD_PATH, NO_STUDY, NO_TRIAL, READ, StudyName, TrialNumber
-from studies.plots import draw, load
+from converge.service.api.deps import SessionDep, SessionRoute, StorageDep, error_responses
+from converge.service.api.plot_schemas import (
+    HTML_EXAMPLE,
+    STUDY_PLOT_EXAMPLE,
+    TRIAL_PLOT_EXAMPLE,
+    StudyPlotOut,
+    TrialPlotOut,
+)
+from converge.service.api.routers.studies import BAD_NAME, BAD_PATH, NO_STUDY, NO_TRIAL, READ, StudyName, TrialNumber
+from converge.studies.plots import draw, load
 
 router = APIRouter(prefix="/v1/studies", tags=["plots"], route_class=SessionRoute)
 

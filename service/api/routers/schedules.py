@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query, status
 
-from service import outbound, schedules
-from service.api.deps import SessionDep, SessionRoute, SettingsDep, error_responses, require_scope
-from service.schedules import RUN_EXAMPLE, SCHEDULE_EXAMPLE, RunOut, ScheduleIn, ScheduleOut, SchedulePatch
+from converge.service import outbound, schedules
+from converge.service.api.deps import SessionDep, SessionRoute, SettingsDep, error_responses, require_scope
+from converge.service.schedules import RUN_EXAMPLE, SCHEDULE_EXAMPLE, RunOut, ScheduleIn, ScheduleOut, SchedulePatch
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"], route_class=SessionRoute)
 
@@ -104,7 +104,7 @@ def list_runs(schedule_id: ScheduleId, session: SessionDep,
 def run_now(schedule_id: ScheduleId, settings: SettingsDep, session: SessionDep) -> RunOut:
     """Start a run now, as the cron would (warm start included). With overlap `queue` and a run going it is
     queued (`waiting`); a study that cannot be created makes the run `failed`, with the reason."""
-    from service.scheduler import Scheduler
+    from converge.service.scheduler import Scheduler
 
     run_id = Scheduler(settings).run_now(schedule_id)
     session.expire_all()

@@ -7,8 +7,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, Path, Query, Response, status
 from fastapi.responses import StreamingResponse
 
-from service import trial_pages, views
-from service.api.deps import (
+from converge.core.db.engine import get_engine, session_scope
+from converge.service import trial_pages, views
+from converge.service.api.deps import (
     FormatDep,
     SessionDep,
     SessionRoute,
@@ -17,7 +18,7 @@ from service.api.deps import (
     error_responses,
     require_scope,
 )
-from service.api.schemas import (
+from converge.service.schemas import (
     METRICS_COLUMNS_EXAMPLE,
     METRICS_CSV_EXAMPLE,
     METRICS_HISTORY_EXAMPLE,
@@ -39,9 +40,8 @@ from service.api.schemas import (
     TrialState,
     Verdict,
 )
-from service.db.engine import get_engine, session_scope
-from studies import lifecycle, repair
-from studies.spec import MAX_TRIALS, NAME_PATTERN, StudySpec
+from converge.studies import lifecycle, repair
+from converge.studies.spec import MAX_TRIALS, NAME_PATTERN, StudySpec
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"], route_class=SessionRoute)
 

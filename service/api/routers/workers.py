@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from service import views
-from service.api.deps import SessionDep, SessionRoute, SettingsDep, error_responses, require_scope
-from service.api.schemas import WORKER_EXAMPLE, WorkerOut
+from converge.service import views
+from converge.service.api.deps import SessionDep, SessionRoute, SettingsDep, error_responses, require_scope
+from converge.service.schemas import WORKER_EXAMPLE, WorkerOut
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"], route_class=SessionRoute)
 

@@ -22,7 +22,7 @@ from sqlalchemy.engine import URL, Engine, ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.errors import DatabaseNotWritable, DatabaseUnavailable, SchemaNotReady, ServiceError
+from converge.core.errors import DatabaseNotWritable, DatabaseUnavailable, SchemaNotReady, ServiceError
 
 log = logging.getLogger("converge.db")
 T = TypeVar("T")

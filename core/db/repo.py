@@ -40,8 +40,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, defer
 
-from service.db.errors import Conflict, NotFound
-from service.db.models import (
+from converge.core.db.models import (
     ACTIVE_STATES,
     METRIC_COLUMNS,
     ApiToken,
@@ -54,7 +53,7 @@ from service.db.models import (
     Worker,
     utcnow,
 )
-from service.db.optuna_tables import (
+from converge.core.db.optuna_tables import (
     FINISHED_TRIAL_STATES,
     optuna_studies,
     optuna_study_system_attributes,
@@ -64,6 +63,7 @@ from service.db.optuna_tables import (
     optuna_trial_values,
     optuna_trials,
 )
+from converge.core.errors import Conflict, NotFound
 
 # ---------------------------------------------------------------- studies
 

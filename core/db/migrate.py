@@ -7,6 +7,7 @@ database with `skip_table_creation=True` and checks that the schema is current.
 from __future__ import annotations
 
 import logging
+from importlib.resources import files
 
 from alembic import command
 from alembic.config import Config
@@ -15,17 +16,33 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
-from migrations import MIGRATIONS_DIR, VERSION_TABLE
-from service.db.engine import get_engine, safe_url, translate_db_error
-from service.db.errors import SchemaNotReady
+from converge.core.db.engine import get_engine, safe_url, translate_db_error
+from converge.core.errors import SchemaNotReady
 
 # Alembic announces its dialect at INFO on every schema check; that is noise in service logs.
 logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
+# Converge's own Alembic version table: Optuna keeps `alembic_version` for its schema.
+VERSION_TABLE = "converge_alembic_version"
+
+
+def include_object(obj, name, type_, reflected, compare_to):  # noqa: ANN001 - alembic's hook signature
+    """Autogenerate sees Converge's tables only; Optuna's schema is Optuna's."""
+    if type_ == "table":
+        return bool(name) and name.startswith("converge_") and name != VERSION_TABLE
+    table = getattr(obj, "table", None)
+    return table is None or table.name.startswith("converge_")
+
+
+def migrations_dir() -> str:
+    """Where the Alembic scripts are: the `converge.migrations` package, named by string because
+    the foundation sits below it (the migrations import the models, not the other way)."""
+    return str(files("converge.migrations"))
+
 
 def _alembic_config(url: str) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", migrations_dir())
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 

@@ -10,8 +10,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.db.errors import NotFound
-from service.db.models import ACTIVE_RUN_STATES, Schedule, ScheduleRun, WebhookDelivery, utcnow
+from converge.core.db.models import ACTIVE_RUN_STATES, Schedule, ScheduleRun, WebhookDelivery, utcnow
+from converge.core.errors import NotFound
 
 
 def add_schedule(session: Session, **fields: Any) -> Schedule:

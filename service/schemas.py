@@ -8,8 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, SerializerFunctionWrapHandler, model_serializer
 
-from studies.diagnosis import MAX_EPOCHS, REMEDY_ACTIONS, REMEDY_PARAMS, VERDICTS
-from studies.spec import parse_spec
+from converge.studies.diagnosis import MAX_EPOCHS, REMEDY_ACTIONS, REMEDY_PARAMS, VERDICTS
+from converge.studies.spec import parse_spec
 
 
 def _json_float(value: float | None) -> float | str | None:
