@@ -93,7 +93,6 @@ import platform
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -112,7 +111,7 @@ import optuna
 import sqlalchemy as sa
 from optuna.distributions import distribution_to_json
 from optuna.storages._rdb import models as om
-from scratch_db import scratch_database  # benchmarks/, on the path of a script run from it
+from scratch_db import free_port, scratch_database  # benchmarks/, on the path of a script run from it
 
 from converge.core.db import repo
 from converge.core.db.engine import get_engine
@@ -516,12 +515,6 @@ def metric_rows_of(url: str, name: str) -> int:
 
 
 # ---------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
-"""A scratch PostgreSQL database for a benchmark run: created on 127.0.0.1:5432, dropped at the end."""
+"""Scratch resources for a benchmark or test run: a PostgreSQL database created on 127.0.0.1:5432 and
+dropped at the end, and a free local port for a server to listen on."""
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import sys
 import time
 import uuid
@@ -13,6 +15,13 @@ import sqlalchemy as sa
 from converge.core.db.engine import get_engine
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

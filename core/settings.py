@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     artifact_s3_endpoint_url: str | None = Field(
         default=None, description="the S3-compatible service's endpoint (e.g. MinIO); AWS when unset")
 
-    # Security (README "Security"): what a token holder may make a worker or the server do.
+    # Security (docs/security.md): what a token holder may make a worker or the server do.
     plugin_modules: str = Field(
         default="",
         description="comma-separated module prefixes (e.g. `mypkg,lab.models`) whose factories a spec may name as "

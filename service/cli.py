@@ -21,10 +21,10 @@ from typing import IO, Any
 
 import click
 
-from converge.core.errors import ServiceError
+from converge.core.errors import Invalid, ServiceError
 from converge.core.settings import get_settings
 from converge.core.version import VERSION
-from converge.studies.spec import SpecError, load_spec_file
+from converge.studies.spec import PARAM_NAMES, SpecError, load_spec_file
 
 
 class ConvergeGroup(click.Group):
@@ -38,7 +38,7 @@ class ConvergeGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except SpecError as exc:
+        except Invalid as exc:  # a spec, history or schedule with problems
             click.echo(f"converge: {exc}", err=True)
             ctx.exit(2)
         except ServiceError as exc:
@@ -401,6 +401,9 @@ def diagnose_command(source: IO[bytes], jsonl: bool) -> None:
             if "\r" in text:  # as a text-mode read would see it (universal newlines), so error positions agree
                 text = text.replace("\r\n", "\n").replace("\r", "\n")
             result = _diagnose_text(text)
+        except Invalid as exc:  # an invalid history: exit 2 like any invalid input (ConvergeGroup), named by its file
+            exc.source = source.name
+            raise
         except _InputTooLarge:
             click.echo(f"converge: {source.name}: larger than the {_mib(MAX_DIAGNOSE_INPUT_BYTES)} limit of "
                        "`converge diagnose` input; nothing was diagnosed", err=True)
@@ -411,7 +414,7 @@ def diagnose_command(source: IO[bytes], jsonl: bool) -> None:
         except json.JSONDecodeError as exc:
             click.echo(f"converge: {source.name}: not valid JSON: {exc}", err=True)
             ctx.exit(2)
-        except ValueError as exc:  # unreadable JSON or an invalid history, worded by `_diagnose_text`
+        except ValueError as exc:  # unreadable JSON, worded by `_diagnose_text`
             click.echo(f"converge: {source.name}: {exc}", err=True)
             ctx.exit(2)
         except OSError as exc:
@@ -520,7 +523,7 @@ class _LineReader:
 
 def _diagnose_text(text: str) -> dict[str, Any]:
     """The diagnosis of one JSON history. Raises `json.JSONDecodeError` for text that is not JSON, else a
-    ValueError (`HistoryError` included) whose message says what is wrong with it."""
+    `HistoryError` (an `Invalid`) for an invalid history, else a ValueError whose message says what is wrong with it."""
     from converge.service.json_input import TOO_DEEP, JSONInputError, loads
     from converge.studies.diagnosis import diagnose
 
@@ -621,41 +624,11 @@ def study_export_best(name: str, out_dir: Path) -> None:
     Exit status 1 when the study does not exist, has no completed trial, or its best trial
     has no checkpoint kept (a built-in model's study keeps none unless its spec asks).
     """
-    import yaml
+    from converge.studies.checkpoints import export_best
 
-    from converge.core.errors import NotFound
-    from converge.studies import checkpoints
-    from converge.studies.spec import StudySpec
-    from converge.studies.storage import storage_for
-
-    settings = get_settings()
-    store = checkpoints.artifact_store(settings)
-    storage = storage_for(settings)
-    try:
-        best, artifact_id = checkpoints.best_checkpoint(storage, store, name)
-    except KeyError:
-        raise NotFound(f"no study named {name!r}") from None
-    except ValueError:
-        raise click.ClickException(f"study {name!r} has no completed trial yet") from None
-    if artifact_id is None:
-        raise click.ClickException(f"the best trial ({best.number}) of {name!r} has no checkpoint kept; a spec keeps "
-                                   "them with checkpoints: {keep: best}")
-    meta = next(m for m in checkpoints.trial_artifacts(storage, store, name, best.number)
-                if m.artifact_id == artifact_id)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / Path(meta.filename).name
-    with target.open("wb") as f:
-        for chunk in checkpoints.open_artifact(store, artifact_id) or ():
-            f.write(chunk)
-    study_id = storage.get_study_id_from_name(name)
-    spec = StudySpec.model_validate(storage.get_study_user_attrs(study_id)["converge_spec"])
-    document = {"study": name, "trial": best.number, "value": best.value,
-                "objective": spec.objective.model_dump(), "hyperparameters": dict(best.params),
-                "task": {k: v for k, v in spec.task.model_dump().items() if v is not None},
-                "seed": spec.training_seed(), "checkpoint": target.name}
-    (out_dir / "hyperparameters.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
-    click.echo(f"trial {best.number} of {name!r} ({spec.objective.metric} {best.value:.4g}): "
-               f"{target} and {out_dir / 'hyperparameters.yaml'}")
+    done = export_best(get_settings(), name, out_dir)
+    click.echo(f"trial {done.trial} of {name!r} ({done.metric} {done.value:.4g}): "
+               f"{done.checkpoint} and {done.hyperparameters}")
 
 
 @study.command("list")
@@ -741,11 +714,9 @@ def _show_study(name: str, *, verdicts: bool = False) -> None:
                f"{s.spec['objective']['direction']} {s.spec['objective']['metric']}, {s.n_trials} trials")
     if s.best is not None:
         click.echo(f"  best: trial {s.best.number} = {s.best.value:.6g} {s.best.params}")
-    rows = [["#", "state", "lr", "batch_size", "epochs", "weight_decay", "dropout", "value", "epochs run", "error"]]
+    rows = [["#", "state", *PARAM_NAMES, "value", "epochs run", "error"]]
     for t in trials:
-        p = t.params
-        rows.append([str(t.number), t.state, *(_fmt(p.get(k)) for k in
-                     ("lr", "batch_size", "epochs", "weight_decay", "dropout")),
+        rows.append([str(t.number), t.state, *(_fmt(t.params.get(k)) for k in PARAM_NAMES),
                      _fmt(t.value), str(t.epochs_recorded), (t.error or "")[:60]])
     click.echo(_table(rows))
     if verdicts:

@@ -25,19 +25,25 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from converge.core.db import repo
+from converge.core.db.engine import get_engine, session_scope
 from converge.core.db.optuna_tables import (
     optuna_studies,
     optuna_trial_system_attributes,
     optuna_trial_user_attributes,
     optuna_trials,
 )
+from converge.core.errors import NotFound
 from converge.core.settings import Settings
+from converge.studies.spec import StudySpec
+from converge.studies.storage import storage_for
 
 log = logging.getLogger("converge.checkpoints")
 
@@ -226,3 +232,51 @@ def best_checkpoint(storage: optuna.storages.BaseStorage, store: Any,
     if artifact_id and exists(store, artifact_id):
         return best, artifact_id
     return best, None
+
+
+@dataclass(frozen=True)
+class ExportedBest:
+    """What `export_best` wrote: the best trial's checkpoint and its hyperparameters.yaml."""
+
+    trial: int
+    value: float
+    metric: str
+    checkpoint: Path
+    hyperparameters: Path
+
+
+def export_best(settings: Settings, name: str, out_dir: Path) -> ExportedBest:
+    """Write the best trial's kept checkpoint (under the name it was uploaded with) and a
+    hyperparameters.yaml (the study, trial number and value, the objective, the five
+    hyperparameters, the task and seed) into `out_dir`; the spec is read from Converge's table.
+
+    NotFound when the study does not exist, has no completed trial, or its best trial has no
+    checkpoint kept (a built-in model's study keeps none unless its spec asks).
+    """
+    with session_scope(get_engine(settings.database_url)) as session:
+        spec = StudySpec.model_validate(repo.get_study(session, name).spec)  # NotFound: no such study
+    store = artifact_store(settings)
+    storage = storage_for(settings)
+    try:
+        best, artifact_id = best_checkpoint(storage, store, name)
+    except KeyError:
+        raise NotFound(f"no study named {name!r}") from None
+    except ValueError:
+        raise NotFound(f"study {name!r} has no completed trial yet") from None
+    if artifact_id is None:
+        raise NotFound(f"the best trial ({best.number}) of {name!r} has no checkpoint kept; a spec keeps "
+                       "them with checkpoints: {keep: best}")
+    meta = next(m for m in trial_artifacts(storage, store, name, best.number) if m.artifact_id == artifact_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / Path(meta.filename).name
+    with target.open("wb") as f:
+        for chunk in open_artifact(store, artifact_id) or ():
+            f.write(chunk)
+    document = {"study": name, "trial": best.number, "value": best.value,
+                "objective": spec.objective.model_dump(), "hyperparameters": dict(best.params),
+                "task": {k: v for k, v in spec.task.model_dump().items() if v is not None},
+                "seed": spec.training_seed(), "checkpoint": target.name}
+    hyperparameters = out_dir / "hyperparameters.yaml"
+    hyperparameters.write_text(yaml.safe_dump(document, sort_keys=False))
+    assert best.value is not None
+    return ExportedBest(best.number, best.value, spec.objective.metric, target, hyperparameters)

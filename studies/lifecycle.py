@@ -37,7 +37,6 @@ def submit_study(settings: Settings, spec: StudySpec, enqueue: Sequence[dict[str
     except optuna.exceptions.DuplicatedStudyError:
         raise Conflict(f"a study named {spec.name!r} already exists") from None
     try:
-        storage.set_study_user_attr(study_id, "converge_spec", spec.model_dump(mode="json"))
         if enqueue:
             study = optuna.load_study(study_name=spec.name, storage=storage)
             for params in enqueue:

@@ -14,8 +14,9 @@ import math
 import tempfile
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import TrialState
@@ -45,6 +46,15 @@ from converge.studies.spec import StudySpec
 from converge.studies.trial_context import trial_context
 
 EpochListener = Callable[[optuna.Trial, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class EpochStop:
+    """Why a trial's run stops after an epoch: the one decision of `Objective._stop_after`."""
+
+    kind: Literal["cancelled", "interrupted", "pruned", "stopped_early", "no_objective"]
+    epoch: int
+    rule: PruneDecision | None = None  # a pruned or early-stopped trial's rule
 
 log = logging.getLogger("converge.objective")
 
@@ -146,84 +156,31 @@ class Objective:
         from converge.trainers import fit  # torch is imported in the trial's process only
 
         metric = self.spec.objective.metric
-        pruned: list[PruneDecision] = []
-        stopped_early: list[PruneDecision] = []
-        cancelled_at: list[int] = []
-        interrupted_at: list[int] = []
         reported: dict[int, float] = {}  # epoch -> objective, what the trial has reached so far
+        stop: EpochStop | None = None  # the one decision that ended the run after an epoch, if any
 
         def on_epoch_end(metrics: dict[str, Any]) -> bool:
+            nonlocal stop
             diagnosis = diagnoser.add_epoch(metrics)
             epoch = int(metrics["epoch"])
             value = metrics.get(metric)
             reportable = value is not None and math.isfinite(value)
-            storage = trial.study._storage
-            store_value_too = reportable and hasattr(storage, "intermediate_value_stored")
-
-            def write_epoch(session: Session) -> tuple[bool, bool]:  # run again whole if the database drops it
-                repo.record_epoch(session, self.study_id, trial._trial_id, trial.number, metrics)
-                if diagnosis is not None:
-                    repo.save_diagnosis(session, self.study_id, trial._trial_id, trial.number, epoch, diagnosis,
-                                        final=False)
-                # Optuna's intermediate value in the same transaction (the report below writes nothing
-                # more); not stored when the trial has ended, and then the report fails as Optuna's would.
-                stored = store_value_too and repo.record_intermediate_value(session, trial._trial_id, epoch,
-                                                                            float(value))
-                return repo.study_state(session, self.study_id) == "cancelled", stored
-
-            cancelled, stored = retry_unit_of_work(self.engine, write_epoch,
-                                                   what=f"trial {trial.number}: storing epoch {epoch}")
+            cancelled = self._store_epoch(trial, metrics, diagnosis, float(value) if reportable else None)
             if reportable:  # also what the dashboard plots per epoch, and what a pruned trial's value is
                 reported[epoch] = float(value)
-                if stored:
-                    storage.intermediate_value_stored(trial._trial_id, epoch, float(value))
-                trial.report(value, step=epoch)
             if self.on_epoch is not None:
                 self.on_epoch(trial, metrics)
-            if cancelled:
-                cancelled_at.append(epoch)
-                return True
-            if self.should_stop is not None and self.should_stop():
-                interrupted_at.append(epoch)
-                return True
-            if self.spec.pruner.name == "convergence" and diagnosis is not None:
-                rule = diagnosis_rule(diagnosis, epoch, len(diagnoser.epochs), diagnoser.max_epochs,
-                                      min_fraction=self.spec.pruner.min_fraction,
-                                      min_confidence=self.spec.pruner.min_confidence,
-                                      behind_peers=lambda: self._behind_peers(
-                                          trial, epoch, best_until(reported, epoch, self.spec.objective.direction)),
-                                      still_falling=lambda: still_falling(diagnoser.losses(), diagnoser.max_epochs))
-                if rule is not None:
-                    pruned.append(rule)
-                    return True
-            if not reportable:
-                return True  # nothing to learn from further epochs; the objective check below fails it
-            if self.spec.pruner.name != "none" and trial.should_prune():  # "none" would ask the storage for nothing
-                base = self.spec.pruner.base if self.spec.pruner.name == "convergence" else self.spec.pruner.name
-                pruned.append(PruneDecision(base, epoch, f"the {base} pruner's decision"))
-                return True
-            if self.spec.pruner.name == "convergence" and self.spec.pruner.early_stop and diagnosis is not None:
-                done = early_stop_rule(diagnosis, epoch, len(diagnoser.epochs), diagnoser.max_epochs,
-                                       min_fraction=self.spec.pruner.early_stop_fraction,
-                                       min_confidence=self.spec.pruner.min_confidence)
-                if done is not None:
-                    stopped_early.append(done)
-                    return True
-            return False
+            if stop is None:  # the first decision stands
+                stop = self._stop_after(trial, epoch, diagnosis, diagnoser, cancelled=cancelled,
+                                        reportable=reportable, reported=reported)
+            return stop is not None
 
         result = fit(train_config(self.spec, params, self.device, self.settings), on_epoch_end=on_epoch_end,
                      checkpoint_path=checkpoint)
         log.info("trial %d: %d epoch(s) in %.2f s on %s, precision %s", trial.number, len(result.epochs),
                  result.seconds, result.device, result.precision)
-        if cancelled_at:
-            raise StudyCancelled(f"the study was cancelled; the trial stopped after epoch {cancelled_at[0]}")
-        if interrupted_at:
-            raise self._requeue(trial, interrupted_at[0])
-        if pruned:  # before the objective check: a diverged trial pruned by its diagnosis is pruned, not failed
-            trial.set_user_attr(PRUNED_BY_ATTR, pruned[0].as_attr())
-            raise optuna.TrialPruned(f"pruned at epoch {pruned[0].epoch}: {pruned[0].reason}")
-        if stopped_early:
-            trial.set_user_attr(STOPPED_EARLY_ATTR, stopped_early[0].as_attr())
+        if stop is not None:
+            self._act_on(stop, trial)  # raises for all but an early stop and a missing objective
         last = result.epochs[-1]
         value = last.get(metric)
         if value is None:
@@ -241,6 +198,81 @@ class Objective:
         if checkpoint is not None and checkpoint.is_file():
             self._keep_checkpoint(trial, float(value), checkpoint)
         return float(value)
+
+    def _store_epoch(self, trial: optuna.Trial, metrics: dict[str, Any], diagnosis: dict[str, Any] | None,
+                     value: float | None) -> bool:
+        """Write the epoch's metrics, its diagnosis so far and (a finite `value`) Optuna's intermediate value
+        in one transaction, then report the value to Optuna; True when the study was cancelled meanwhile."""
+        epoch = int(metrics["epoch"])
+        storage = trial.study._storage
+        store_value_too = value is not None and hasattr(storage, "intermediate_value_stored")
+
+        def write_epoch(session: Session) -> tuple[bool, bool]:  # run again whole if the database drops it
+            repo.record_epoch(session, self.study_id, trial._trial_id, trial.number, metrics)
+            if diagnosis is not None:
+                repo.save_diagnosis(session, self.study_id, trial._trial_id, trial.number, epoch, diagnosis,
+                                    final=False)
+            # Optuna's intermediate value in the same transaction (the report below writes nothing
+            # more); not stored when the trial has ended, and then the report fails as Optuna's would.
+            stored = store_value_too and repo.record_intermediate_value(session, trial._trial_id, epoch, value)
+            return repo.study_state(session, self.study_id) == "cancelled", stored
+
+        cancelled, stored = retry_unit_of_work(self.engine, write_epoch,
+                                               what=f"trial {trial.number}: storing epoch {epoch}")
+        if value is not None:
+            if stored:
+                storage.intermediate_value_stored(trial._trial_id, epoch, value)
+            trial.report(value, step=epoch)
+        return cancelled
+
+    def _stop_after(self, trial: optuna.Trial, epoch: int, diagnosis: dict[str, Any] | None,
+                    diagnoser: TrialDiagnoser, *, cancelled: bool, reportable: bool,
+                    reported: dict[int, float]) -> EpochStop | None:
+        """Whether the trial stops after this epoch, and why: the first criterion that holds, in order
+        (the shape of Lightning's `EarlyStopping._evaluate_stopping_criteria`). None to go on."""
+        pruner = self.spec.pruner
+        convergence = pruner.name == "convergence" and diagnosis is not None
+        if cancelled:
+            return EpochStop("cancelled", epoch)
+        if self.should_stop is not None and self.should_stop():
+            return EpochStop("interrupted", epoch)
+        if convergence:
+            assert diagnosis is not None
+            rule = diagnosis_rule(diagnosis, epoch, len(diagnoser.epochs), diagnoser.max_epochs,
+                                  min_fraction=pruner.min_fraction, min_confidence=pruner.min_confidence,
+                                  behind_peers=lambda: self._behind_peers(
+                                      trial, epoch, best_until(reported, epoch, self.spec.objective.direction)),
+                                  still_falling=lambda: still_falling(diagnoser.losses(), diagnoser.max_epochs))
+            if rule is not None:
+                return EpochStop("pruned", epoch, rule)
+        if not reportable:
+            return EpochStop("no_objective", epoch)  # nothing more to learn; the objective check fails it
+        if pruner.name != "none" and trial.should_prune():  # "none" would ask the storage for nothing
+            base = pruner.base if pruner.name == "convergence" else pruner.name
+            return EpochStop("pruned", epoch, PruneDecision(base, epoch, f"the {base} pruner's decision"))
+        if convergence and pruner.early_stop:
+            assert diagnosis is not None
+            done = early_stop_rule(diagnosis, epoch, len(diagnoser.epochs), diagnoser.max_epochs,
+                                   min_fraction=pruner.early_stop_fraction, min_confidence=pruner.min_confidence)
+            if done is not None:
+                return EpochStop("stopped_early", epoch, done)
+        return None
+
+    def _act_on(self, stop: EpochStop, trial: optuna.Trial) -> None:
+        """What a stop means for the trial once its run has ended: cancelled or interrupted trials and pruned
+        ones end here (before the objective check: a diverged trial pruned by its diagnosis is pruned, not
+        failed); an early stop is noted and the trial completes; a missing objective fails at the check."""
+        if stop.kind == "cancelled":
+            raise StudyCancelled(f"the study was cancelled; the trial stopped after epoch {stop.epoch}")
+        if stop.kind == "interrupted":
+            raise self._requeue(trial, stop.epoch)
+        if stop.kind == "pruned":
+            assert stop.rule is not None
+            trial.set_user_attr(PRUNED_BY_ATTR, stop.rule.as_attr())
+            raise optuna.TrialPruned(f"pruned at epoch {stop.epoch}: {stop.rule.reason}")
+        if stop.kind == "stopped_early":
+            assert stop.rule is not None
+            trial.set_user_attr(STOPPED_EARLY_ATTR, stop.rule.as_attr())
 
     def _keep_checkpoint(self, trial: optuna.Trial, value: float, checkpoint: Path) -> None:
         """Upload the checkpoint when the trial's value would be among the kept ones (see `studies.checkpoints`)."""

@@ -14,8 +14,7 @@ from typing import Any
 
 from converge.core.settings import Settings
 from converge.studies import policy
-from converge.studies.search_space import PARAM_NAMES
-from converge.studies.spec import FloatRange, IntChoices, IntRange, StudySpec
+from converge.studies.spec import PARAM_NAMES, FloatRange, IntChoices, IntRange, StudySpec
 
 CHECKED_ATTR = "converge_plugin_checked"  # study user attribute: a worker's dry run passed (its seconds)
 

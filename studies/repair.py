@@ -24,8 +24,7 @@ from converge.core.settings import Settings
 from converge.studies.diagnosis.remedies import apply_remedy
 from converge.studies.diagnosis.result import Remedy
 from converge.studies.pruning import DIAGNOSIS_RULES, PRUNED_BY_ATTR
-from converge.studies.search_space import PARAM_NAMES
-from converge.studies.spec import FloatRange, IntChoices, IntRange, SearchSpace, StudySpec
+from converge.studies.spec import PARAM_NAMES, FloatRange, IntChoices, IntRange, SearchSpace, StudySpec
 from converge.studies.storage import optuna_study_id, storage_for, trial_by_number
 
 REPAIR_OF_ATTR = "converge_repair_of"

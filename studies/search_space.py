@@ -7,9 +7,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from converge.studies.spec import FloatFixed, FloatRange, IntChoices, IntFixed, IntRange, SearchSpace
-
-PARAM_NAMES = ("lr", "batch_size", "epochs", "weight_decay", "dropout")
+from converge.studies.spec import PARAM_NAMES, FloatFixed, FloatRange, IntChoices, IntFixed, IntRange, SearchSpace
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:

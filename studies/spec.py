@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from converge.core.errors import Invalid
 from converge.studies.registry import BASE_PRUNERS, PRUNERS, SAMPLERS
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
@@ -232,6 +233,10 @@ class SearchSpace(_Strict):
     def max_epochs(self) -> int:
         """The largest epoch count a trial may get: the budget axis for pruning."""
         return max(self.epochs.values())
+
+
+# The five swept hyperparameters in the order Converge shows them: the search space's fields.
+PARAM_NAMES: tuple[str, ...] = tuple(SearchSpace.model_fields)
 
 
 class Task(_Strict):
@@ -485,13 +490,10 @@ class StudySpec(_Strict):
         return self
 
 
-class SpecError(ValueError):
+class SpecError(Invalid):
     """A spec with problems; `problems` lists each as 'field.path: what is wrong'."""
 
-    def __init__(self, problems: list[str], what: str = "study spec"):
-        self.problems = problems
-        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        super().__init__(f"invalid {what} ({count}):\n" + "\n".join(f"  - {p}" for p in problems))
+    what = "study spec"
 
 
 def describe_errors(errors: Iterable[Mapping[str, Any]], skip_prefix: str | None = None) -> list[str]:

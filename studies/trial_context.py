@@ -12,8 +12,17 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from converge.studies.search_space import PARAM_NAMES
-from converge.studies.spec import FloatFixed, FloatRange, IntChoices, IntFixed, IntRange, SearchSpace, StudySpec, Task
+from converge.studies.spec import (
+    PARAM_NAMES,
+    FloatFixed,
+    FloatRange,
+    IntChoices,
+    IntFixed,
+    IntRange,
+    SearchSpace,
+    StudySpec,
+    Task,
+)
 
 # The built-in datasets' task and class count (None: regression), as `trainers.data` loads them.
 DATASET_TASKS: dict[str, tuple[str, int | None]] = {

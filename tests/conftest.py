@@ -17,12 +17,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from benchmarks.scratch_db import new_database
 from converge.core.db.migrate import upgrade
+from converge.core.db.models import TrialMetric
 from converge.core.settings import Settings
 
-# The operator's allow-list for the suite: the test plug-ins and the examples' package (README "Security").
+# The operator's allow-list for the suite: the test plug-ins and the examples' package (docs/security.md).
 # Set before any Settings is made, so in-process Settings and every worker subprocess see it;
 # the security tests pass their own Settings(plugin_modules=...) where the setting is what they test.
 os.environ.setdefault("CONVERGE_PLUGIN_MODULES", "converge_test_plugins,converge_examples")
@@ -145,3 +148,11 @@ def _no_stray_workers() -> Iterator[None]:
         if worker.poll() is None:
             worker.kill()
             worker.communicate(timeout=30)
+
+
+def epoch_rows(session: Session, study_id: int, trial_number: int) -> list[TrialMetric]:
+    """A trial's stored epoch rows in order, read straight from `converge_trial_metrics`."""
+    return list(session.scalars(
+        select(TrialMetric).where(TrialMetric.study_id == study_id, TrialMetric.trial_number == trial_number)
+        .order_by(TrialMetric.epoch)
+    ))

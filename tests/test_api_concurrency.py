@@ -10,7 +10,6 @@ a thread and every thread by requests waiting for a connection, until the pool's
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import httpx
 import pytest
 import uvicorn
 
+from benchmarks.scratch_db import free_port
 from conftest import tiny_spec
 from converge.core.db.engine import get_engine
 from converge.core.settings import Settings
@@ -31,16 +31,10 @@ CLIENTS = 80  # more than the thread pool (40) and the connection pool (15) toge
 ROUNDS = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(settings: Settings) -> Iterator[tuple[str, str]]:
     token, _ = auth.create_token(get_engine(settings.database_url), "write", "burst")
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(create_app(settings, dashboard=False), host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

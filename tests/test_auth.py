@@ -10,7 +10,6 @@ import base64
 import logging
 import re
 import signal
-import socket
 import subprocess
 import time
 from datetime import timedelta
@@ -22,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from benchmarks.scratch_db import free_port
 from conftest import CLI, REPO, converge_env, tiny_spec
 from converge.core.db.engine import get_engine, session_scope
 from converge.core.db.migrate import upgrade
@@ -420,16 +420,10 @@ def test_serve_refuses_a_public_host_while_no_token_exists(tmp_path: Path) -> No
     assert "Uvicorn running" not in refused.stdout + refused.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_on_a_public_host_requires_a_token_even_after_the_last_is_revoked(tmp_path: Path) -> None:
     settings = _sqlite(tmp_path)
     token, info = auth.create_token(_engine(settings), "read")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([*CLI, "serve", "--host", "0.0.0.0", "--port", str(port),
                                "--workers", "0"], cwd=REPO, env=converge_env(settings.database_url),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -21,6 +20,7 @@ import pytest
 import uvicorn
 from test_plots import _seed
 
+from benchmarks.scratch_db import free_port
 from converge.core.db.engine import get_engine, session_scope
 from converge.core.db.migrate import upgrade
 from converge.core.settings import Settings
@@ -56,12 +56,6 @@ def _render(chromium: str, url: str, screenshot: Path) -> str:
     return done.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     url = f"sqlite:///{tmp_path_factory.mktemp('browser') / 'converge.db'}"
@@ -74,7 +68,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 @pytest.fixture(scope="module")
 def served(seeded: Settings) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(seeded), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

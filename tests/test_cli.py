@@ -157,7 +157,7 @@ try:
     cli.main(["diagnose", {str(path)!r}], prog_name="converge")
 except SystemExit as exc:
     assert not exc.code, exc.code
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in
+heavy = sorted(m for m in sys.modules if m.removeprefix("converge.").split(".")[0] in
                ("torch", "pytorch_lightning", "lightning", "trainers", "optuna", "sqlalchemy", "fastapi"))
 print(heavy, file=sys.stderr)
 sys.exit(1 if heavy else 0)

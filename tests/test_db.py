@@ -9,7 +9,7 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from conftest import CLI, REPO, converge_env, tiny_spec
+from conftest import CLI, REPO, converge_env, epoch_rows, tiny_spec
 from converge.core.db import repo
 from converge.core.db.engine import get_engine, session_scope
 from converge.core.db.migrate import VERSION_TABLE, check_schema, converge_head, upgrade
@@ -103,7 +103,7 @@ def test_metrics_keep_nan_and_infinity(db_url: str) -> None:
                           metrics={"epoch": 0, "train_loss": float("nan"), "val_loss": float("inf"),
                                    "val_acc": None, "grad_norm": 1.5})
     with session_scope(engine) as session:
-        (row,) = repo.trial_metrics(session, study.id, 0)
+        (row,) = epoch_rows(session, study.id, 0)
         assert math.isnan(row.train_loss)
         assert row.val_loss == math.inf
         assert row.val_acc is None and row.grad_norm == 1.5
@@ -119,7 +119,7 @@ def test_writing_a_stored_epoch_again_changes_nothing(db_url: str) -> None:
             repo.record_epoch(session, study.id, trial_id=1, trial_number=0,
                               metrics={"epoch": 0, "train_loss": train_loss})
     with session_scope(engine) as session:
-        (row,) = repo.trial_metrics(session, study.id, 0)
+        (row,) = epoch_rows(session, study.id, 0)
         assert row.train_loss == 0.5
 
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 
-from conftest import CLI, REPO, converge_env, start_worker
+from conftest import CLI, REPO, converge_env, epoch_rows, start_worker
 from converge.core.db import repo
 from converge.core.db.engine import get_engine, session_scope
 from converge.core.db.migrate import upgrade
@@ -171,7 +171,7 @@ def test_a_plugin_sweep_keeps_only_the_best_checkpoint_which_round_trips(art_set
     assert best.user_attrs["converge_last_metrics"]["val_f1"] == pytest.approx(best.value)
     with session_scope(get_engine(art_settings.database_url)) as session:
         study_id = repo.get_study(session, "blobs").id
-        rows = repo.trial_metrics(session, study_id, best.number)
+        rows = epoch_rows(session, study_id, best.number)
         assert [r.epoch for r in rows] == list(range(best.params["epochs"]))
         assert all(r.grad_norm > 0 and r.lr > 0 and r.val_acc is not None for r in rows)
     # Only the best trial's checkpoint remains in the store.

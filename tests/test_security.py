@@ -1,4 +1,4 @@
-"""What a token holder must not be able to make Converge do (README "Security"): run code through
+"""What a token holder must not be able to make Converge do (docs/security.md): run code through
 plug-in paths the operator did not allow, read files outside the data folder, ask for sizes no
 worker can hold, or drive an open server from a web page through a foreign `Host`.
 
@@ -143,10 +143,9 @@ def test_a_csv_over_the_byte_cap_is_refused_unread(tmp_path: Path) -> None:
 
 def _store_unchecked(settings: Settings, spec: StudySpec) -> None:
     """Write a study as a process that skipped the API's checks would (a spec reaching the database
-    by another route): Optuna's study, its spec attribute and Converge's queued row."""
+    by another route): Optuna's study and Converge's queued row."""
     storage = storage_for(settings)
-    study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], study_name=spec.name)
-    storage.set_study_user_attr(study_id, "converge_spec", spec.model_dump(mode="json"))
+    storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], study_name=spec.name)
     with session_scope(get_engine(settings.database_url)) as session:
         repo.add_study(session, spec.name, spec.model_dump(mode="json"), spec.n_trials)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,21 +11,16 @@ import httpx
 import pytest
 import yaml
 
+from benchmarks.scratch_db import free_port
 from conftest import CLI, REPO, converge_env, tiny_spec
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_runs_the_demo_study_and_shows_it(db_url: str, tmp_path: Path) -> None:
     spec_path = tmp_path / "demo.yaml"
     spec_path.write_text(yaml.safe_dump(tiny_spec("demo", n_trials=2)))
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [*CLI, "serve", "--port", str(port), "--demo-spec", str(spec_path)],
         cwd=REPO, env=converge_env(db_url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

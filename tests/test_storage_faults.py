@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 from optuna.trial import TrialState
 
 import converge.core.db.engine as db_engine
-from conftest import CLI, REPO, converge_env, tiny_spec
+from conftest import CLI, REPO, converge_env, epoch_rows, tiny_spec
 from converge.core.db import repo
 from converge.core.db.engine import as_service_error, get_engine, is_transient, session_scope
 from converge.core.db.migrate import upgrade
@@ -284,7 +284,7 @@ def test_a_trial_whose_epoch_write_finds_the_database_unavailable_is_rerun_like_
                                                   "database: server closed the connection unexpectedly")
     with session_scope(get_engine(settings.database_url)) as session:
         study = repo.get_study(session, name)
-        assert [m.epoch for m in repo.trial_metrics(session, study.id, 0)] == [0]  # what it wrote is kept
+        assert [m.epoch for m in epoch_rows(session, study.id, 0)] == [0]  # what it wrote is kept
         assert repo.get_diagnosis(session, study.id, 0).final is True
         retry = repo.get_retry(session, study.id, 0)
     if retries:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from conftest import tiny_spec
+from conftest import epoch_rows, tiny_spec
 from converge.core.db import repo
 from converge.core.db.engine import get_engine, session_scope
 from converge.core.db.migrate import upgrade
@@ -34,7 +34,7 @@ def test_a_three_trial_sweep_stores_every_epoch(settings: Settings) -> None:
         study = repo.get_study(session, "sweep-3")
         assert study.state == "done" and study.finished_at is not None and study.n_claimed == 3
         for trial in trials:
-            rows = repo.trial_metrics(session, study.id, trial.number)
+            rows = epoch_rows(session, study.id, trial.number)
             assert [r.epoch for r in rows] == list(range(trial.params["epochs"]))
             for row in rows:
                 assert all(getattr(row, c) is not None for c in METRIC_COLUMNS)
@@ -75,7 +75,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_keeps_its_nan_epoch(setting
     with session_scope(get_engine(settings.database_url)) as session:
         study = repo.get_study(session, "diverge")
         assert study.detail == "all 1 trials failed"
-        rows = repo.trial_metrics(session, study.id, 0)
+        rows = epoch_rows(session, study.id, 0)
     assert rows and not all(r.val_loss == r.val_loss and abs(r.val_loss) < 1e30 for r in rows)
 
 

@@ -1,5 +1,5 @@
 """The sweep-trials benchmark (benchmarks/sweep_trials.py): its labels and shares, and a tiny run end to end
-(its figures are not checked here: the README records them from full runs)."""
+(its figures are not checked here: docs/performance.md records them from full runs)."""
 
 from __future__ import annotations
 

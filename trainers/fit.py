@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
-import warnings
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.profilers import PassThroughProfiler
-from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 from converge.trainers.callbacks import EpochHook, EpochMetricsCallback
 from converge.trainers.config import TrainConfig
 from converge.trainers.data import DataSplit, load_dataset
 from converge.trainers.models import build_network
 from converge.trainers.module import LitModel
-
-_LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric")
+from converge.trainers.plugins import fit_plugin
+from converge.trainers.quiet import quiet_lightning
 
 
 @dataclass
@@ -52,15 +49,13 @@ def fit(config: TrainConfig, on_epoch_end: EpochHook | None = None, split: DataS
     """
     started = time.perf_counter()
     if config.is_plugin:
-        from converge.trainers.plugins import fit_plugin
-
         accelerator = _accelerator(config.device)
-        with _quiet_lightning():
+        with quiet_lightning():
             epochs, stopped = fit_plugin(config, on_epoch_end, accelerator, checkpoint_path)
         device = torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"
         return FitResult(epochs=epochs, stopped_early=stopped, device=device, precision="32-true",
                          seconds=time.perf_counter() - started)
-    with _quiet_lightning():
+    with quiet_lightning():
         pl.seed_everything(config.seed, workers=False, verbose=False)
         if split is None:
             split = load_dataset(config.dataset, config.val_fraction, config.seed, data_dir=config.data_dir,
@@ -173,26 +168,3 @@ def _precision(accelerator: str) -> str:
     if accelerator == "gpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
-
-
-@contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Mute Lightning's info banners and its dataloader hints for one run.
-
-    A sweep runs many trials; their output should hold results and real warnings only.
-    Levels and filters are restored afterwards, so the caller's logging setup is untouched.
-    """
-    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.WARNING)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=PossibleUserWarning)
-            # Lightning's own use of an API newer torch deprecates; nothing a caller can act on.
-            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                                    category=FutureWarning)
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)

@@ -22,6 +22,7 @@ import torch
 from converge.trainers.callbacks import STANDARD_KEYS, EpochHook, ModuleMetricsCallback
 from converge.trainers.config import TrainConfig
 from converge.trainers.plugin_contract import MODEL_HYPERPARAMETERS, is_import_path
+from converge.trainers.quiet import quiet_lightning
 
 
 class PluginError(ValueError):
@@ -161,9 +162,8 @@ def dry_run(config: TrainConfig, objective_metric: str) -> DryRun:
     One function for `converge study create --check` and a worker's check before a study's first trial.
     """
     started = time.perf_counter()
-    from converge.trainers.fit import _quiet_lightning  # one place mutes Lightning's banners
 
-    with _quiet_lightning():
+    with quiet_lightning():
         built = build(config)
         callback = ModuleMetricsCallback()
         trainer = _trainer(config, callback, "cpu", fast_dev_run=1)

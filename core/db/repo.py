@@ -378,13 +378,6 @@ def _upsert(dialect: str, model: type[TrialMetric] | type[TrialDiagnosis]) -> An
     )
 
 
-def trial_metrics(session: Session, study_id: int, trial_number: int) -> list[TrialMetric]:
-    return list(session.scalars(
-        select(TrialMetric).where(TrialMetric.study_id == study_id, TrialMetric.trial_number == trial_number)
-        .order_by(TrialMetric.epoch)
-    ))
-
-
 def epochs_recorded(session: Session, study_id: int) -> dict[int, int]:
     """Epoch rows per trial number of one study."""
     rows = session.execute(

@@ -10,7 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from converge.core.db.models import ACTIVE_RUN_STATES, Schedule, ScheduleRun, WebhookDelivery, utcnow
+from converge.core.db.models import Schedule, ScheduleRun, WebhookDelivery, utcnow
 from converge.core.errors import NotFound
 
 
@@ -105,10 +105,6 @@ def transition_run(session: Session, run_id: int, from_states: tuple[str, ...], 
     result = session.execute(update(ScheduleRun).where(ScheduleRun.id == run_id, ScheduleRun.state.in_(from_states))
                              .values(state=to_state, **values).execution_options(synchronize_session=False))
     return result.rowcount == 1
-
-
-def is_active(state: str) -> bool:
-    return state in ACTIVE_RUN_STATES
 
 
 # ---------------------------------------------------------------- webhook deliveries

@@ -17,6 +17,7 @@ from converge.core.db.engine import as_service_error, describe_cause, get_engine
 from converge.core.errors import (
     Conflict,
     DatabaseUnavailable,
+    Invalid,
     InvalidRequest,
     NotFound,
     SchemaNotReady,
@@ -31,8 +32,7 @@ from converge.service.api.limits import BodySizeLimit
 from converge.service.api.openapi import keep_null_examples
 from converge.service.api.routers import artifacts, diagnose, health, metrics, plots, schedules, studies, workers
 from converge.service.json_input import number_too_long
-from converge.studies.diagnosis import HistoryError
-from converge.studies.spec import SpecError, describe_errors
+from converge.studies.spec import describe_errors
 
 _STATUS = {NotFound: 404, Conflict: 409, InvalidRequest: 422, DatabaseUnavailable: 503, SchemaNotReady: 503}
 _WHAT = {("POST", "/v1/studies"): "study spec", ("POST", "/v1/diagnose"): "history",
@@ -103,14 +103,10 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True, requ
         return JSONResponse({"detail": "the server is busy: no database connection came free in time; try again"},
                             status_code=503, headers={"Retry-After": "5"})
 
-    @app.exception_handler(SpecError)
-    async def spec_error(_: Request, exc: SpecError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "problems": exc.problems}, status_code=422)
-
-    @app.exception_handler(HistoryError)
-    async def history_error(_: Request, exc: HistoryError) -> JSONResponse:
-        return JSONResponse({"detail": str(SpecError(exc.problems, "history")), "problems": exc.problems},
-                            status_code=422)
+    @app.exception_handler(Invalid)
+    async def invalid(_: Request, exc: Invalid) -> JSONResponse:
+        """A spec, history or schedule with problems (each listed): a 422."""
+        return JSONResponse({"detail": exc.listing(), "problems": exc.problems}, status_code=422)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -151,7 +147,7 @@ def _status(exc: ServiceError) -> int:
 
 
 def _invalid(problems: list[str], what: str) -> JSONResponse:
-    return JSONResponse({"detail": str(SpecError(problems, what)), "problems": problems}, status_code=422)
+    return JSONResponse({"detail": Invalid(problems, what).listing(), "problems": problems}, status_code=422)
 
 
 async def _unreadable(request: Request, cause: BaseException) -> str:

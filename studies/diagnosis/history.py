@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from converge.core.errors import Invalid
 from converge.studies.diagnosis.context import Context, parse_context
 
 MAX_EPOCHS = 10_000
@@ -34,12 +35,11 @@ def _shown(value: Any) -> str:
     return _REPR.repr(value)
 
 
-class HistoryError(ValueError):
-    """The history cannot be diagnosed; `problems` lists every reason."""
+class HistoryError(Invalid):
+    """The history cannot be diagnosed; `problems` lists every reason (in one line: a `--jsonl` row holds it)."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid history: " + "; ".join(problems))
+    what = "history"
+    one_line = True
 
 
 @dataclass(frozen=True)

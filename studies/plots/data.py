@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from converge.studies.diagnosis import HEALTHY_VERDICTS, VERDICTS
+from converge.studies.spec import PARAM_NAMES
 
 UNDIAGNOSED = "undiagnosed"  # a trial without a diagnosis (no epoch recorded)
 VERDICT_ORDER = (*VERDICTS, UNDIAGNOSED)
-PARAMS = ("lr", "batch_size", "epochs", "weight_decay", "dropout")
 LOG_PARAMS = frozenset({"lr", "weight_decay"})
 MAX_CURVES = 200  # trials overlaid in the study's loss-curve figure, evenly spread over the study
 TRIAL_METRICS = ("train_loss", "val_loss", "val_acc", "grad_norm", "lr")
@@ -212,9 +212,9 @@ def study_figure_data(study: str, direction: str, metric: str, trials: Sequence[
         best_values.append(best)
 
     with_value = [t for t in trials if t.value is not None]
-    complete_params = [t for t in with_value if all(finite(t.params.get(p)) is not None for p in PARAMS)]
+    complete_params = [t for t in with_value if all(finite(t.params.get(p)) is not None for p in PARAM_NAMES)]
     dimensions = [{"label": p, "values": [float(t.params[p]) for t in complete_params], "log": p in LOG_PARAMS}
-                  for p in PARAMS]
+                  for p in PARAM_NAMES]
     dimensions.append({"label": metric, "values": [t.value for t in complete_params], "log": False})
     parallel = {"dimensions": dimensions, "verdicts": [verdict_of(t) for t in complete_params],
                 "numbers": [t.number for t in complete_params]}
