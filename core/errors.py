@@ -23,7 +23,7 @@ class Invalid(ValueError):
         if what is not None:
             self.what = what
         self.source = source
-        super().__init__(self.problems)
+        super().__init__(self.problems, self.what)  # what pickling needs to build it again
 
     def listing(self) -> str:
         """Every problem on its own line, after a count: the API's `detail`."""
