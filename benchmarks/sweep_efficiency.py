@@ -50,7 +50,7 @@ from converge.core.settings import Settings
 from converge.studies.diagnosis import diagnose
 from converge.studies.lifecycle import submit_study
 from converge.studies.objective import HISTORY_KEYS, train_config
-from converge.studies.pruning import DIAGNOSIS_RULES, PRUNED_BY_ATTR, STOPPED_EARLY_ATTR
+from converge.studies.pruning import CONVERGENCE_RULES, PRUNED_BY_ATTR, STOPPED_EARLY_ATTR
 from converge.studies.runner import run_slot
 from converge.studies.spec import MAX_TRIALS, StudySpec, parse_spec
 
@@ -228,7 +228,7 @@ def report(task: str, runs: dict[str, list[Run]]) -> dict[str, Any]:
         bests = [b for r in config_runs if (b := r.best_within(budget)) is not None]
         best = statistics.median(bests) if bests else None
         rule_pruned = [(r, t) for r in config_runs for t in r.trials
-                       if t.pruned_by and t.pruned_by.get("rule") in DIAGNOSIS_RULES]
+                       if t.pruned_by and t.pruned_by.get("rule") in CONVERGENCE_RULES]
         healthy = sum(healthy_on_full_rerun(r, t) for r, t in rule_pruned)
         figures[config] = {"epochs_to_target": epochs, "ratio_budget": _ratio(epochs, budget),
                            "ratio_to_target": _ratio(epochs, ref_to_target),

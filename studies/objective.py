@@ -38,6 +38,7 @@ from converge.studies.pruning import (
     best_until,
     diagnosis_rule,
     early_stop_rule,
+    extrapolation_rule,
     still_falling,
 )
 from converge.studies.retries import INTERRUPTED, rerun
@@ -247,6 +248,15 @@ class Objective:
                 return EpochStop("pruned", epoch, rule)
         if not reportable:
             return EpochStop("no_objective", epoch)  # nothing more to learn; the objective check fails it
+        if convergence and pruner.extrapolation:
+            completed = [t.value for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                         if t.value is not None] if len(reported) >= pruner.min_fraction * diagnoser.max_epochs else []
+            rule = extrapolation_rule(reported, epoch, diagnoser.max_epochs, completed,
+                                      direction=self.spec.objective.direction, top_k=pruner.extrapolation_top_k,
+                                      probability=pruner.extrapolation_probability, min_fraction=pruner.min_fraction,
+                                      trial_number=trial.number)
+            if rule is not None:
+                return EpochStop("pruned", epoch, rule)
         if pruner.name != "none" and trial.should_prune():  # "none" would ask the storage for nothing
             base = pruner.base if pruner.name == "convergence" else pruner.name
             return EpochStop("pruned", epoch, PruneDecision(base, epoch, f"the {base} pruner's decision"))

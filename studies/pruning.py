@@ -10,6 +10,11 @@ of a healthy run can look slow; its loss is not still falling at a rate that wou
 improving over its whole run (`still_falling`); and its best objective so far is behind the
 median of the study's ended trials' best by the same epoch (`behind_peers`).
 
+A third rule reads the objective's curve rather than its diagnosis (`extrapolation_rule`): past
+`min_fraction`, the curve so far is extrapolated to the trial's last epoch (`studies.extrapolation`)
+and the trial stops when it would very probably (`extrapolation_probability`) not end better than
+the study's `extrapolation_top_k`-th best completed trial.
+
 Apart from pruning, a trial whose diagnosis says it is done (converged: flat near its best;
 overfitting: its validation loss rising while training loss falls) is completed early with its
 objective at that epoch: the epochs it would still train buy nothing (`early_stop_rule`).
@@ -17,6 +22,7 @@ objective at that epoch: the epochs it would still train buy nothing (`early_sto
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,7 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from converge.studies import extrapolation
 from converge.studies.diagnosis import signals
+
+log = logging.getLogger("converge.pruning")
 
 PRUNED_BY_ATTR = "converge_pruned_by"  # the trial's user attribute: {"rule": ..., "epoch": ..., "reason": ...}
 STOPPED_EARLY_ATTR = "converge_stopped_early"  # the same, for a trial completed early (`early_stop_rule`)
@@ -36,7 +45,9 @@ MIN_PEERS = 2  # ended trials with a value by the epoch before a poor trial can 
 # A loss that would still fall by this share over the last fifth of the full run is still falling:
 # between the diagnosis' flat (2%) and improving (5%) marks, on the safe side of slow.
 STILL_FALLING = 0.03
-DIAGNOSIS_RULES = HOPELESS | POOR  # the rules that prune by diagnosis (any other rule is the base pruner)
+DIAGNOSIS_RULES = HOPELESS | POOR  # the rules that prune by diagnosis
+EXTRAPOLATION = "extrapolation"  # the rule that prunes by the learning curve's forecast (`extrapolation_rule`)
+CONVERGENCE_RULES = DIAGNOSIS_RULES | {EXTRAPOLATION}  # the pruner's own rules; any other is the base pruner
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,36 @@ def diagnosis_rule(diagnosis: dict[str, Any], epoch: int, epochs_seen: int, max_
                                              f"{max_epochs} epochs, behind the median of its peers: "
                                              f"{diagnosis['summary']}")
     return None
+
+
+def _ordinal(k: int) -> str:
+    return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
+
+
+def extrapolation_rule(reported: Mapping[int, float], epoch: int, max_epochs: int, completed: Sequence[float], *,
+                       direction: str, top_k: int, probability: float, min_fraction: float,
+                       trial_number: int | None = None) -> PruneDecision | None:
+    """Prune a trial whose objective, extrapolated to its last epoch, would very probably
+    (`probability`) not beat the study's `top_k`-th best completed value; None to go on.
+
+    `reported`: the trial's objective by epoch so far. The rule abstains, saying why in the debug
+    log, before `min_fraction` of the epochs, with fewer than `top_k` completed trials, and where
+    `studies.extrapolation.predict` does (too few points, non-finite values, a flat start).
+    """
+    if len(reported) < min_fraction * max_epochs:
+        return None
+    ranked = sorted(v for v in completed if math.isfinite(v))
+    if len(ranked) < top_k:
+        return None
+    kth = ranked[top_k - 1] if direction == "minimize" else ranked[-top_k]
+    forecast = extrapolation.predict(dict(reported), max_epochs - 1)
+    if isinstance(forecast, extrapolation.Abstain):
+        log.debug("trial %s, epoch %d: no extrapolation: %s", trial_number, epoch, forecast.reason)
+        return None
+    if forecast.probability_better_than(kth, direction) > 1.0 - probability:
+        return None
+    return PruneDecision(EXTRAPOLATION, epoch, f"predicted {forecast.mean:.4g} ± {forecast.std:.2g} at epoch "
+                                               f"{forecast.epoch}; {_ordinal(top_k)} best is {kth:.4g}")
 
 
 def _tail_span(epochs: int) -> int:

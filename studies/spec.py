@@ -378,6 +378,13 @@ class Pruner(_Strict):
                              "improve it")
     early_stop_fraction: float = Field(default=0.5, gt=0, le=1, description="convergence only: the share of a "
                                        "trial's epochs before it may stop early: an early plateau is often a pause")
+    extrapolation: bool = Field(default=True, description="convergence only: past `min_fraction` of its epochs, "
+                                "prune a trial whose objective curve, extrapolated to its last epoch, would very "
+                                "probably not beat the study's `extrapolation_top_k`-th best completed trial")
+    extrapolation_top_k: int = Field(default=3, ge=1, description="convergence only: the completed trial to beat "
+                                     "is the k-th best")
+    extrapolation_probability: float = Field(default=0.95, gt=0, lt=1, description="convergence only: how sure the "
+                                             "extrapolation must be that the trial ends no better than that trial")
 
     @field_validator("name")
     @classmethod
@@ -392,8 +399,8 @@ class Pruner(_Strict):
     @model_validator(mode="after")
     def _options_need_convergence(self) -> Pruner:
         # Compared with the defaults, not with what was given: a stored spec carries every field.
-        misplaced = [name for name in ("base", "min_fraction", "min_confidence", "early_stop", "early_stop_fraction")
-                     if getattr(self, name) != type(self).model_fields[name].default]
+        misplaced = [name for name in type(self).model_fields if name != "name"
+                     and getattr(self, name) != type(self).model_fields[name].default]
         if misplaced and self.name != "convergence":
             raise ValueError(f"{', '.join(misplaced)}: only the convergence pruner takes these, not {self.name!r}")
         return self

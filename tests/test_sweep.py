@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
+
 import optuna
 import pytest
+import yaml
 
-from conftest import epoch_rows, tiny_spec
+from conftest import CLI, REPO, converge_env, epoch_rows, tiny_spec
 from converge.core.db import repo
 from converge.core.db.engine import get_engine, session_scope
 from converge.core.db.migrate import upgrade
@@ -146,3 +151,27 @@ def test_the_final_diagnosis_is_stored_even_when_the_dashboard_note_cannot_be(
         final = repo.diagnoses_by_trial(session, study.id)[0]
     assert final.final and final.epoch == 2
     assert "could not store the final diagnosis with the dashboard note" in caplog.text
+
+
+def test_a_single_slot_sweep_repeats_itself_run_after_run(tmp_path: Path) -> None:
+    """`converge sweep` twice on the same spec (fixed sampler seed, the default convergence pruner), in two
+    processes with different hash seeds, one reading the study from the database at every chance and one
+    as seldom as it may: the same trials, pruning decisions and best. What the sampler and the pruners see
+    of the study does not depend on wall time."""
+    spec = tiny_spec("repeat", n_trials=10, sampler={"name": "tpe", "seed": 5}, pruner={"name": "convergence"},
+                     search_space={"lr": {"low": 1e-4, "high": 1.0, "log": True}, "batch_size": {"choices": [32, 128]},
+                                   "epochs": {"low": 6, "high": 14}, "weight_decay": 1e-4, "dropout": 0.0})
+    spec_path = tmp_path / "repeat.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    runs = []
+    for run, (hash_seed, max_age) in enumerate([("1", "0"), ("2", "1000")]):
+        url = f"sqlite:///{tmp_path}/run{run}.db"
+        env = converge_env(url, PYTHONHASHSEED=hash_seed, CONVERGE_TRIAL_READS_MAX_AGE_S=max_age, OMP_NUM_THREADS="1")
+        for command in (["db", "upgrade"], ["sweep", "--spec", str(spec_path), "--quiet"]):
+            done = subprocess.run([*CLI, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+        trials = _trials(Settings(database_url=url), "repeat")
+        runs.append([(t.number, t.state.name, t.value, json.dumps(t.params, sort_keys=True),
+                      t.user_attrs.get("converge_pruned_by"), t.user_attrs.get("converge_stopped_early"),
+                      sorted(t.intermediate_values.items())) for t in trials])
+    assert len(runs[0]) == 10 and runs[0] == runs[1]
