@@ -1,31 +1,38 @@
-"""Does diagnosis-aware pruning buy the same study for fewer epochs?
+"""Does the convergence pruner reach a good study for fewer epochs than Hyperband? A paired panel.
 
-For each task (the digits MLP, a classification; an MLP on Friedman #1, a regression; and, with
-`--tasks`, an MLP on sklearn's diabetes, a regression whose 88 validation rows make its target
-a matter of noise) and each seed, real Converge studies run on a scratch SQLite database, trial
-after trial in this process the way `converge sweep` runs them (claim a slot, `run_slot`: train,
-record, diagnose, prune, auto-repair), under six configurations:
+For each task of the panel and each sampler seed, real Converge studies run on a scratch SQLite
+database, trial after trial in this process the way `converge sweep` runs them (claim a slot,
+`run_slot`: train, record, diagnose, prune), once per arm, every arm on the same seeds:
 
-    random                   random sampler, no pruning, N trials
-    tpe                      TPE, no pruning, N trials            (the reference)
-    tpe+hyperband            TPE + Optuna's Hyperband over epochs
-    tpe+convergence          TPE + Converge's convergence pruner (Hyperband + diagnosis rules)
-    tpe+convergence+repair   the same, with auto_repair: {max: 5}
-    tpe+convergence+sha      the convergence pruner over successive halving (`base: sha`)
+    tpe                 TPE, no pruning                                  (sets the target)
+    tpe+hyperband       TPE + Optuna's Hyperband over epochs             (the ratios' reference)
+    tpe+sha             TPE + successive halving
+    tpe+convergence     TPE + Converge's default pruner (Hyperband, the diagnosis rules, the
+                        learning-curve extrapolation, early stop)
+    tpe+first-epoch     train every trial one epoch, continue it only if that epoch ranks in the
+                        top quarter of the first epochs so far (`FirstEpochTopK`): a strong simple
+                        baseline from the literature
 
-The target is the median over seeds of `tpe`'s final best at its full budget. The pruned
-configurations run until they have trained as many epochs as `tpe` did (median over seeds),
-so each has had the same compute. For every run the table gives the epochs and the wall time
-until its best value first reached the target, and its best value within that equal epoch
-budget; ratios are to `tpe`. The data split and initial weights are the same in every run
-(`task.seed`); seeds vary the sampler only.
+Tasks: `digits` (MLP), `friedman1` (MLP, a regression), `slow-starter` (an MLP plug-in on an
+unscaled 4-class tabular set, 2,400 rows: its loss barely moves for the first epochs), `cnn` (the
+CNN on the digits images) and `plugin` (the examples' tabular regression plug-in, objective
+`val_mae`). Each task's epochs are fixed (the resource the pruners share); the rest of the search
+space is wide. The data split and initial weights are the same in every run (`task.seed`); seeds vary
+the sampler only. Every arm runs `--trials` N trials, then, if it has trained fewer epochs than
+`tpe`'s median total, more trials until it has.
 
-"Stopped early" counts the trials the convergence pruner completed early because their diagnosis
-said they were done (converged or overfitting). Each trial that a diagnosis rule pruned is then
-trained again in full, unpruned, with the same
-parameters and seed, and diagnosed: "healthy on rerun" counts the rule's mistakes.
+Per task, for every arm (medians over seeds): the seeds whose best reached the target (`tpe`'s median best after
+N trials, 2% worse), the epochs until then as a ratio to
+`tpe+hyperband`'s, the best after N trials against Hyperband's (equal trial budget), the best within
+`tpe`'s epochs (equal epoch budget), and the trials a convergence rule pruned that were healthy when
+trained again in full (each such trial is rerun). Then the panel: the medians over tasks and the
+issue's targets for the default pruner, met or not.
 
-    .venv/bin/python benchmarks/sweep_efficiency.py [--seeds 10] [--trials 30] [--tasks digits,friedman1] [--threads 1]
+    .venv/bin/python benchmarks/sweep_efficiency.py [--seeds 8] [--first-seed 0] [--trials 24]
+        [--tasks digits,friedman1,slow-starter,cnn,plugin] [--arms ...] [--threads 1]
+
+One task alone: `--tasks slow-starter`. Keep seeds you look at while changing the pruner apart from
+the seeds you report (`--first-seed`): a panel tuned on the seeds it reports flatters the pruner.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -42,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from converge.core.db import repo
 from converge.core.db.engine import get_engine, session_scope
@@ -51,31 +60,58 @@ from converge.studies.diagnosis import diagnose
 from converge.studies.lifecycle import submit_study
 from converge.studies.objective import HISTORY_KEYS, train_config
 from converge.studies.pruning import CONVERGENCE_RULES, PRUNED_BY_ATTR, STOPPED_EARLY_ATTR
-from converge.studies.runner import run_slot
+from converge.studies.runner import run_slot, study_for
 from converge.studies.spec import MAX_TRIALS, StudySpec, parse_spec
 
-REFERENCE = "tpe"
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]  # the plug-in tasks
 
-TASKS: dict[str, dict[str, Any]] = {  # the task and the search space's fixed parts
-    "digits": {"task": {"model": "mlp", "dataset": "sklearn:digits", "params": {"width": 64, "depth": 1}, "seed": 0},
+REFERENCE, RATIO_TO = "tpe", "tpe+hyperband"
+TARGET_SLACK = 0.02  # the target: tpe's median best, 2% worse
+
+PLUGIN = "sweep_task_plugins"
+TASKS: dict[str, dict[str, Any]] = {  # the task, its fixed epochs and batch sizes, and its objective metric
+    "digits": {"task": {"model": "mlp", "dataset": "sklearn:digits", "params": {"width": 64, "depth": 1}},
                "epochs": 20, "batch_size": [32, 64, 128]},
-    "diabetes": {"task": {"model": "mlp", "dataset": "sklearn:diabetes", "params": {"width": 64, "depth": 2},
-                          "seed": 0},
-                 "epochs": 30, "batch_size": [16, 32, 64]},
-    "friedman1": {"task": {"model": "mlp", "dataset": "sklearn:friedman1", "params": {"width": 64, "depth": 2},
-                           "seed": 0},
+    "friedman1": {"task": {"model": "mlp", "dataset": "sklearn:friedman1", "params": {"width": 64, "depth": 2}},
                   "epochs": 30, "batch_size": [16, 32, 64]},
+    "slow-starter": {"task": {"model": f"{PLUGIN}:build_four_classes", "data": f"{PLUGIN}:build_slow_starter"},
+                     "epochs": 40, "batch_size": [32, 64, 128]},
+    "cnn": {"task": {"model": "cnn", "dataset": "sklearn:digits", "params": {"channels": 8}},
+            "epochs": 15, "batch_size": [32, 64, 128]},
+    "plugin": {"task": {"model": "converge_examples.tabular:build_model",
+                        "data": "converge_examples.tabular:build_data"},
+               "epochs": 30, "batch_size": [32, 64, 128], "metric": "val_mae"},
 }
 
-CONFIGS: dict[str, dict[str, Any]] = {  # sampler, pruner, auto_repair
-    "random": {"sampler": "random", "pruner": {"name": "none"}},
-    "tpe": {"sampler": "tpe", "pruner": {"name": "none"}},
-    "tpe+hyperband": {"sampler": "tpe", "pruner": {"name": "hyperband"}},
-    "tpe+convergence": {"sampler": "tpe", "pruner": {"name": "convergence"}},
-    "tpe+convergence+repair": {"sampler": "tpe", "pruner": {"name": "convergence"}, "auto_repair": {"max": 5}},
-    "tpe+convergence+sha": {"sampler": "tpe", "pruner": {"name": "convergence", "base": "sha"}},
+ARMS: dict[str, dict[str, Any]] = {  # the spec's pruner (first-epoch: the study's pruner is replaced)
+    "tpe": {"name": "none"},
+    "tpe+hyperband": {"name": "hyperband"},
+    "tpe+sha": {"name": "sha"},
+    "tpe+convergence": {"name": "convergence"},
+    "tpe+first-epoch": {"name": "median"},
 }
-UNPRUNED = ("random", "tpe")
+UNPRUNED = ("tpe",)
+
+
+class FirstEpochTopK(optuna.pruners.BasePruner):
+    """After a trial's first epoch, prune it unless that epoch ranks in the best `keep` share of the
+    first epochs of the study's trials so far (once `startup` of them exist); never prune later."""
+
+    def __init__(self, keep: float = 0.25, startup: int = 4):
+        self.keep, self.startup = keep, startup
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        if trial.last_step != 0:
+            return False
+        value = trial.intermediate_values[0]
+        others = [t.intermediate_values[0] for t in study.get_trials(deepcopy=False, states=(
+            TrialState.COMPLETE, TrialState.PRUNED)) if 0 in t.intermediate_values]
+        if len(others) < self.startup:
+            return False
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        better = sum((v > value) if maximize else (v < value) for v in others)
+        return better >= self.keep * (len(others) + 1)
 
 
 @dataclass
@@ -84,97 +120,106 @@ class TrialOutcome:
     state: str
     value: float | None  # complete trials only: a pruned trial has no final value
     epochs: int
-    seconds: float  # since the run started, when the trial ended
     params: dict[str, Any]
     pruned_by: dict[str, Any] | None
-    stopped_early: dict[str, Any] | None = None  # completed early by the convergence pruner (converged, overfitting)
+    stopped_early: dict[str, Any] | None = None
 
 
 @dataclass
 class Run:
     task: str
-    config: str
+    arm: str
     seed: int
     spec: StudySpec
     trials: list[TrialOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def maximize(self) -> bool:
+        return self.spec.objective.direction == "maximize"
 
     @property
     def epochs(self) -> int:
         return sum(t.epochs for t in self.trials)
 
+    def _better(self, a: float, b: float | None) -> bool:
+        return b is None or (a > b if self.maximize else a < b)
+
+    def best_of_first(self, n_trials: int) -> float | None:
+        """The best complete value of the first `n_trials` trials (the equal trial budget)."""
+        best = None
+        for t in self.trials[:n_trials]:
+            if t.value is not None and self._better(t.value, best):
+                best = t.value
+        return best
+
     def best_within(self, epoch_budget: float) -> float | None:
-        """The best complete value among the trials that ended within the budget."""
+        """The best complete value among the trials that ended within `epoch_budget` epochs."""
         spent, best = 0, None
         for t in self.trials:
             spent += t.epochs
             if spent > epoch_budget:
                 break
-            if t.value is not None and (best is None or t.value < best):
+            if t.value is not None and self._better(t.value, best):
                 best = t.value
         return best
 
-    def to_target(self, target: float) -> tuple[int, float] | None:
-        """Epochs and seconds until the best value first reached `target`; None if it never did."""
+    def to_target(self, target: float) -> int | None:
+        """Epochs trained until the best value first reached `target`; None if it never did."""
         spent = 0
         for t in self.trials:
             spent += t.epochs
-            if t.value is not None and t.value <= target:
-                return spent, t.seconds
+            if t.value is not None and (t.value >= target if self.maximize else t.value <= target):
+                return spent
         return None
 
 
-def study_spec(task: str, config: str, seed: int, n_trials: int) -> StudySpec:
-    fixed, chosen = TASKS[task], CONFIGS[config]
-    spec = {
-        # One name for every configuration: Hyperband puts a trial in a bracket by a hash of the study's
-        # name and the trial number, so the pruned configurations differ by their rules, not by their luck.
+def study_spec(task: str, arm: str, seed: int, n_trials: int) -> StudySpec:
+    fixed = TASKS[task]
+    return parse_spec({
+        # One name for every arm: Hyperband puts a trial in a bracket by a hash of the study's name and the
+        # trial number, so the pruned arms differ by their rules, not by their luck.
         "name": f"{task}-{seed}",
-        "task": fixed["task"],
-        "objective": {"metric": "val_loss", "direction": "minimize"},
+        "task": {**fixed["task"], "seed": 0},
+        "objective": {"metric": fixed.get("metric", "val_loss"), "direction": "minimize"},
         "search_space": {"lr": {"low": 1e-5, "high": 1.0, "log": True}, "batch_size": {"choices": fixed["batch_size"]},
                          "epochs": fixed["epochs"], "weight_decay": {"low": 1e-6, "high": 1e-1, "log": True},
                          "dropout": {"low": 0.0, "high": 0.5}},
         "n_trials": n_trials,
-        "sampler": {"name": chosen["sampler"], "seed": seed},
-        "pruner": chosen["pruner"],
-        "auto_repair": chosen.get("auto_repair"),
-    }
-    return parse_spec(spec)
+        "sampler": {"name": "tpe", "seed": seed},
+        "pruner": ARMS[arm],
+    })
 
 
-def run_study(workdir: Path, spec: StudySpec, task: str, config: str, seed: int,
+def run_study(workdir: Path, spec: StudySpec, task: str, arm: str, seed: int, n_trials: int,
               epoch_budget: float | None) -> Run:
-    """Run the study's trials one by one until its n_trials, or until `epoch_budget` epochs were trained."""
-    url = f"sqlite:///{workdir / config.replace('+', '-')}-{spec.name}.db"
+    """Run the study's trials one by one: `n_trials`, then more until `epoch_budget` epochs were trained."""
+    url = f"sqlite:///{workdir / arm.replace('+', '-')}-{spec.name}.db"
     upgrade(url)
     settings = Settings(database_url=url)
     submit_study(settings, spec)
     engine = get_engine(url)
-    run = Run(task, config, seed, spec)
+    run = Run(task, arm, seed, spec)
     epochs_seen: list[int] = []
     started = time.perf_counter()
-    while epoch_budget is None or run.epochs < epoch_budget:
+    while len(run.trials) < n_trials or (epoch_budget is not None and run.epochs < epoch_budget):
         with session_scope(engine) as session:
             slot = repo.claim_trial_slot(session, study_name=spec.name)
         if slot is None:
             break
+        if arm == "tpe+first-epoch":  # the process's study object, with the baseline's pruner in place of median
+            study_for(settings, spec, slot).pruner = FirstEpochTopK()
         epochs_seen.clear()
         trial = run_slot(settings, slot, on_epoch=lambda _trial, metrics: epochs_seen.append(metrics["epoch"]))
         assert trial is not None
         run.trials.append(TrialOutcome(
             number=trial.number, state=trial.state.name.lower(),
-            value=trial.value if trial.state == optuna.trial.TrialState.COMPLETE else None,
-            epochs=len(epochs_seen), seconds=time.perf_counter() - started, params=dict(trial.params),
+            value=trial.value if trial.state == TrialState.COMPLETE else None,
+            epochs=len(epochs_seen), params=dict(trial.params),
             pruned_by=trial.user_attrs.get(PRUNED_BY_ATTR), stopped_early=trial.user_attrs.get(STOPPED_EARLY_ATTR)))
+    run.seconds = time.perf_counter() - started
     engine.dispose()
     return run
-
-
-def warm_up() -> None:
-    """Import and run the trainer once, so the first timed run pays no import or first-call cost."""
-    from converge.trainers import TrainConfig, fit
-
-    fit(TrainConfig(epochs=1, device="cpu", params={"width": 8, "depth": 1}))
 
 
 def healthy_on_full_rerun(run: Run, trial: TrialOutcome) -> bool:
@@ -186,127 +231,137 @@ def healthy_on_full_rerun(run: Run, trial: TrialOutcome) -> bool:
     result = fit(config)
     history = {"objective": {"metric": spec.objective.metric, "direction": spec.objective.direction},
                "max_epochs": config.epochs,
-               "epochs": [{key: epoch.get(key) for key in HISTORY_KEYS} for epoch in result.epochs]}
+               "epochs": [{key: epoch.get(key) for key in (*HISTORY_KEYS, spec.objective.metric)}
+                          for epoch in result.epochs]}
     return bool(diagnose(history).healthy)
 
 
-def _to_target(runs: list[Run], target: float) -> tuple[float, float]:
-    """Median epochs and seconds to the target; a run that never reached it counts as infinity."""
-    hits = [r.to_target(target) for r in runs]
-    return (statistics.median(h[0] if h else math.inf for h in hits),
-            statistics.median(h[1] if h else math.inf for h in hits))
-
-
-def _ratio(value: float, reference: float) -> float | None:
-    """value / reference; None where either is infinite (a median run that never reached the target)."""
-    return value / reference if math.isfinite(value) and math.isfinite(reference) and reference else None
+def _median(values: list[float]) -> float:
+    """The median, where a run that never got there counts as infinitely far."""
+    return statistics.median(values) if values else math.inf
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+    return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def report(task: str, runs: dict[str, list[Run]]) -> dict[str, Any]:
+def _gap(value: float | None, reference: float | None, maximize: bool) -> float | None:
+    """How much worse `value` is than `reference`, as a share (negative: better)."""
+    if value is None or reference is None or not reference:
+        return None
+    return (reference - value) / abs(reference) if maximize else (value - reference) / abs(reference)
+
+
+def report(task: str, runs: dict[str, list[Run]], n_trials: int) -> dict[str, Any]:
     """Print the task's table and return its figures."""
     reference = runs[REFERENCE]
-    target = statistics.median(r.best_within(math.inf) for r in reference)
+    maximize = reference[0].maximize
+    best = statistics.median(b for r in reference if (b := r.best_of_first(n_trials)) is not None)
+    target = best - TARGET_SLACK * abs(best) if maximize else best + TARGET_SLACK * abs(best)
     budget = statistics.median(r.epochs for r in reference)
-    ref_to_target, ref_seconds = _to_target(reference, target)
-    ref_best = statistics.median(r.best_within(budget) for r in reference)
-    print(f"\n{task}: target val_loss {target:.4f} (median final best of {REFERENCE}); "
-          f"equal budget {budget:.0f} epochs")
-    header = ["config", "reached", "epochs to target", f"/ {REFERENCE} budget", f"/ {REFERENCE} to target",
-              "seconds to target", f"/ {REFERENCE}", "best at budget", f"vs {REFERENCE}", "vs tpe+hyperband",
-              "trials", "stopped early", "pruned by rule", "healthy on rerun"]
-    rows = [header]
-    figures: dict[str, Any] = {"target": target, "budget": budget}
-    hyperband_best = statistics.median(r.best_within(budget) for r in runs["tpe+hyperband"]) \
-        if "tpe+hyperband" in runs else None
-    for config, config_runs in runs.items():
-        hits = [r.to_target(target) for r in config_runs]
-        epochs, seconds = _to_target(config_runs, target)
-        bests = [b for r in config_runs if (b := r.best_within(budget)) is not None]
-        best = statistics.median(bests) if bests else None
-        rule_pruned = [(r, t) for r in config_runs for t in r.trials
-                       if t.pruned_by and t.pruned_by.get("rule") in CONVERGENCE_RULES]
-        healthy = sum(healthy_on_full_rerun(r, t) for r, t in rule_pruned)
-        figures[config] = {"epochs_to_target": epochs, "ratio_budget": _ratio(epochs, budget),
-                           "ratio_to_target": _ratio(epochs, ref_to_target),
-                           "seconds_to_target": seconds, "best_at_budget": best,
-                           "vs_hyperband": (best - hyperband_best) / abs(hyperband_best)
-                           if best is not None and hyperband_best else None,
-                           "rule_pruned": len(rule_pruned), "healthy_on_rerun": healthy}
-        f = figures[config]
-        rows.append([config, f"{sum(h is not None for h in hits)}/{len(hits)}", _fmt(epochs, ".0f"),
-                     _fmt(f["ratio_budget"], ".2f"), _fmt(f["ratio_to_target"], ".2f"), _fmt(seconds, ".1f"),
-                     _fmt(_ratio(seconds, ref_seconds), ".2f"), _fmt(best),
-                     _fmt((best - ref_best) / abs(ref_best) if best is not None else None, "+.1%"),
-                     _fmt(f["vs_hyperband"], "+.1%"),
-                     _fmt(statistics.median(len(r.trials) for r in config_runs), ".0f"),
-                     str(sum(t.stopped_early is not None for r in config_runs for t in r.trials))
-                     if config not in UNPRUNED else "-",
-                     str(len(rule_pruned)) if config not in UNPRUNED else "-",
-                     str(healthy) if config not in UNPRUNED else "-"])
+    to_target = {arm: _median([math.inf if (e := r.to_target(target)) is None else e for r in arm_runs])
+                 for arm, arm_runs in runs.items()}
+    at_trials = {arm: statistics.median(b for r in arm_runs if (b := r.best_of_first(n_trials)) is not None)
+                 for arm, arm_runs in runs.items()}
+    at_epochs = {arm: [b for r in arm_runs if (b := r.best_within(budget)) is not None]
+                 for arm, arm_runs in runs.items()}
+    metric = reference[0].spec.objective.metric
+    print(f"\n{task}: target {metric} {target:.4g} (tpe's median best after {n_trials} trials, {TARGET_SLACK:.0%} "
+          f"slack); equal epoch budget {budget:.0f} (tpe's median)")
+    header = ["arm", "reached", "epochs to target", f"/ {RATIO_TO}", f"best at {n_trials} trials", f"vs {RATIO_TO}",
+              f"best at {budget:.0f} epochs", "trials", "epochs", "pruned by a rule", "healthy on rerun",
+              "minutes"]
+    rows, figures = [header], {"target": target, "budget": budget, "arms": {}}
+    for arm, arm_runs in runs.items():
+        reached = sum(r.to_target(target) is not None for r in arm_runs)
+        ratio = to_target[arm] / to_target[RATIO_TO] if RATIO_TO in runs and math.isfinite(to_target[arm]) \
+            and math.isfinite(to_target[RATIO_TO]) else None
+        vs = _gap(at_trials[arm], at_trials.get(RATIO_TO), maximize)
+        by_rule = [(r, t) for r in arm_runs for t in r.trials
+                   if t.pruned_by and t.pruned_by.get("rule") in CONVERGENCE_RULES]
+        healthy = sum(healthy_on_full_rerun(r, t) for r, t in by_rule)
+        figures["arms"][arm] = {"reached": reached, "seeds": len(arm_runs), "epochs_to_target": to_target[arm],
+                                "ratio_to_hyperband": ratio, "best_at_trials": at_trials[arm], "vs_hyperband": vs,
+                                "best_at_epochs": _median(at_epochs[arm]), "rule_pruned": len(by_rule),
+                                "healthy_on_rerun": healthy}
+        rows.append([arm, f"{reached}/{len(arm_runs)}", _fmt(to_target[arm], ".0f"), _fmt(ratio, ".2f"),
+                     _fmt(at_trials[arm]), _fmt(vs, "+.1%"), _fmt(_median(at_epochs[arm])),
+                     _fmt(statistics.median(len(r.trials) for r in arm_runs), ".0f"),
+                     _fmt(statistics.median(r.epochs for r in arm_runs), ".0f"),
+                     str(len(by_rule)) if arm not in UNPRUNED else "-", str(healthy) if arm not in UNPRUNED else "-",
+                     _fmt(sum(r.seconds for r in arm_runs) / 60, ".1f")])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
-    print_targets(figures)
     return figures
 
 
-def print_targets(figures: dict[str, Any]) -> None:
-    """The issue's three targets for TPE + the convergence pruner, met or not."""
-    conv = figures.get("tpe+convergence")
-    if conv is None:
-        return
+def print_panel(figures: dict[str, dict[str, Any]], arm: str = "tpe+convergence") -> dict[str, Any]:
+    """The medians over tasks and the issue's four targets for `arm` (the default pruner), met or not."""
+    tasks = [t for t in figures if arm in figures[t]["arms"] and RATIO_TO in figures[t]["arms"]]
+    if not tasks:
+        return {}
+    ratios = [figures[t]["arms"][arm]["ratio_to_hyperband"] for t in tasks]
+    ratio = statistics.median(math.inf if r is None else r for r in ratios)
+    worst_gap = max((g for t in tasks if (g := figures[t]["arms"][arm]["vs_hyperband"]) is not None), default=None)
+    healthy = sum(figures[t]["arms"][arm]["healthy_on_rerun"] for t in tasks)
+    fewer_seeds = [t for t in tasks if figures[t]["arms"][arm]["reached"] < figures[t]["arms"][RATIO_TO]["reached"]]
+    met = {"epochs": ratio <= 0.6, "trial_budget": worst_gap is not None and worst_gap <= 0.01,
+           "healthy_pruned": healthy == 0, "seeds": not fewer_seeds}
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
-    ratio, gap = conv["ratio_budget"], conv["vs_hyperband"]
-    healthy = sum(figures[c]["healthy_on_rerun"] for c in figures if c.startswith("tpe+convergence"))
-    print(f"targets, tpe+convergence: epochs to target / {REFERENCE}'s budget {_fmt(ratio, '.2f')} (<= 0.25: "
-          f"{verdict(ratio is not None and ratio <= 0.25)}); best at equal budget vs tpe+hyperband "
-          f"{_fmt(gap, '+.1%')} (<= +2%: {verdict(gap is not None and gap <= 0.02)}); healthy trials pruned by "
-          f"a rule {healthy} (0: {verdict(healthy == 0)})")
+    print(f"\npanel ({', '.join(tasks)}), {arm}:")
+    print(f"  epochs to tpe's median best / {RATIO_TO}'s, median over tasks: {_fmt(ratio, '.2f')} "
+          f"(<= 0.6: {verdict(met['epochs'])}); per task: "
+          + ", ".join(f"{t} {_fmt(r, '.2f')}" for t, r in zip(tasks, ratios)))
+    print(f"  best at equal trial budget, worst task vs {RATIO_TO}: {_fmt(worst_gap, '+.1%')} "
+          f"(<= +1%: {verdict(met['trial_budget'])})")
+    print(f"  healthy trials pruned by a rule: {healthy} (0: {verdict(met['healthy_pruned'])})")
+    print(f"  tasks where it reached the target in fewer seeds than {RATIO_TO}: "
+          f"{', '.join(fewer_seeds) or 'none'} ({verdict(met['seeds'])})")
+    return {"ratio": ratio, "worst_gap": worst_gap, "healthy": healthy, "fewer_seeds": fewer_seeds, "met": met}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=10, help="sampler seeds per configuration: with 5, the medians "
-                        "swung by 10-20%% from one run to the next")
-    parser.add_argument("--trials", type=int, default=30, help="N: the unpruned configurations' trials")
-    parser.add_argument("--tasks", default="digits,friedman1", help=f"of {','.join(TASKS)}")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--seeds", type=int, default=8, help="sampler seeds, the same in every arm")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first sampler seed (keep tuned seeds apart)")
+    parser.add_argument("--trials", type=int, default=24, help="N: every arm's trial budget")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"of {','.join(TASKS)}")
+    parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
-    tasks, configs = args.tasks.split(","), args.configs.split(",")
-    unknown = [t for t in tasks if t not in TASKS] + [c for c in configs if c not in CONFIGS]
-    if unknown or REFERENCE not in configs:
-        parser.error(f"unknown task or config {unknown}; the configs must include {REFERENCE!r}")
+    tasks, arms = args.tasks.split(","), args.arms.split(",")
+    unknown = [t for t in tasks if t not in TASKS] + [a for a in arms if a not in ARMS]
+    if unknown or REFERENCE not in arms:
+        parser.error(f"unknown task or arm {unknown}; the arms must include {REFERENCE!r}")
     import torch
 
     # One thread, as a worker's slot on a shared machine: torch's threads spin-wait when the cores are
-    # busy, which makes trials many times slower at random and the wall times meaningless.
+    # busy, which makes trials many times slower at random; one thread also makes a run repeat exactly.
     torch.set_num_threads(args.threads)
+    os.environ.setdefault("CONVERGE_PLUGIN_MODULES", f"{PLUGIN},converge_examples")
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warm_up()
-    figures = {}
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="converge-sweep-bench-") as scratch:
         for task in tasks:
             runs: dict[str, list[Run]] = {}
-            for config in [REFERENCE] + [c for c in configs if c != REFERENCE]:  # the reference sets the budget
-                budget = None if config in UNPRUNED else statistics.median(r.epochs for r in runs[REFERENCE])
-                n_trials = args.trials if config in UNPRUNED else min(MAX_TRIALS, args.trials * 20)
-                runs[config] = []
-                for seed in range(args.seeds):
-                    spec = study_spec(task, config, seed, n_trials)
-                    runs[config].append(run_study(Path(scratch), spec, task, config, seed, budget))
-                    done = runs[config][-1]
-                    print(f"  {task} {config} seed {seed}: {len(done.trials)} trials, {done.epochs} epochs, "
-                          f"{done.trials[-1].seconds:.1f} s", file=sys.stderr, flush=True)
-            figures[task] = report(task, runs)
+            for arm in [REFERENCE] + [a for a in arms if a != REFERENCE]:  # the reference sets the epoch budget
+                budget = None if arm in UNPRUNED else statistics.median(r.epochs for r in runs[REFERENCE])
+                n_trials = args.trials if arm in UNPRUNED else min(MAX_TRIALS, args.trials * 20)
+                runs[arm] = []
+                for seed in seeds:
+                    spec = study_spec(task, arm, seed, n_trials)
+                    done = run_study(Path(scratch), spec, task, arm, seed, args.trials, budget)
+                    runs[arm].append(done)
+                    print(f"  {task} {arm} seed {seed}: {len(done.trials)} trials, {done.epochs} epochs, "
+                          f"{done.seconds:.1f} s", file=sys.stderr, flush=True)
+            figures[task] = report(task, runs, args.trials)
+    figures["panel"] = print_panel({t: f for t, f in figures.items()})
     return figures
 
 

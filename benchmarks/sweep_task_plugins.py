@@ -4,7 +4,9 @@ datasets never show (they standardise features and targets).
 - `raw_diabetes`: sklearn's diabetes with its target left in its own units (mean about 150, sd
   about 77): the untrained loss is tens of thousands and the output bias must travel far;
 - `many_classes`: 26 classes from `make_classification`, features left unscaled (each multiplied
-  by a factor between 0.1 and 30), as a CSV export often is.
+  by a factor between 0.1 and 30), as a CSV export often is;
+- `slow_starter`: 4 classes, 2,400 rows, features unscaled (factors 0.1 to 100): the loss barely
+  moves for the first epochs at most learning rates (`benchmarks/sweep_efficiency.py`'s slow starter).
 
 Each factory takes what a Converge plug-in is offered (`lr`, `weight_decay`, `dropout`;
 `batch_size`, `seed`) and the model logs `train_loss`, `val_loss` (and `val_acc`).
@@ -47,6 +49,13 @@ def build_many_classes(batch_size: int, seed: int) -> tuple[DataLoader, DataLoad
     return _loaders(x * scales, y.astype(np.int64), batch_size, seed)
 
 
+def build_slow_starter(batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
+    x, y = datasets.make_classification(n_samples=2400, n_features=20, n_informative=10, n_redundant=4,
+                                        n_classes=4, n_clusters_per_class=2, class_sep=1.0, random_state=1)
+    scales = 10 ** np.random.default_rng(1).uniform(-1, 2, size=x.shape[1])
+    return _loaders(x * scales + 5.0 * scales, y.astype(np.int64), batch_size, seed)
+
+
 class _Net(pl.LightningModule):
     def __init__(self, n_inputs: int, n_outputs: int, lr: float, weight_decay: float, dropout: float,
                  hidden: int = 128):
@@ -85,3 +94,7 @@ def build_regressor(lr: float, weight_decay: float, dropout: float) -> _Net:
 
 def build_classifier(lr: float, weight_decay: float, dropout: float) -> _Net:
     return _Net(30, N_CLASSES, lr, weight_decay, dropout)
+
+
+def build_four_classes(lr: float, weight_decay: float, dropout: float) -> _Net:
+    return _Net(20, 4, lr, weight_decay, dropout, hidden=64)
