@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'epochs so far':>14} {'extrapolation ms':>17} {'diagnosis ms':>13} {'ratio':>6}")
     for epochs in LENGTHS:
         values, data = history(epochs)
-        decide = functools.partial(extrapolation_rule, values, epochs - 1, epochs * 2, [0.31, 0.32, 0.33],
+        decide = functools.partial(extrapolation_rule, values, epochs - 1, epochs * 2, lambda: [0.31, 0.32, 0.33],
                                    direction="minimize", top_k=3, probability=0.95, min_fraction=0.25)
         repeats = max(5, args.repeats // max(1, epochs // 200))
         extrapolate = median_ms(decide, repeats)

@@ -249,8 +249,10 @@ class Objective:
         if not reportable:
             return EpochStop("no_objective", epoch)  # nothing more to learn; the objective check fails it
         if convergence and pruner.extrapolation:
-            completed = [t.value for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                         if t.value is not None] if len(reported) >= pruner.min_fraction * diagnoser.max_epochs else []
+            def completed() -> list[float]:
+                return [t.value for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                        if t.value is not None]
+
             rule = extrapolation_rule(reported, epoch, diagnoser.max_epochs, completed,
                                       direction=self.spec.objective.direction, top_k=pruner.extrapolation_top_k,
                                       probability=pruner.extrapolation_probability, min_fraction=pruner.min_fraction,

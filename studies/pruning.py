@@ -91,26 +91,29 @@ def _ordinal(k: int) -> str:
     return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
 
 
-def extrapolation_rule(reported: Mapping[int, float], epoch: int, max_epochs: int, completed: Sequence[float], *,
-                       direction: str, top_k: int, probability: float, min_fraction: float,
-                       trial_number: int | None = None) -> PruneDecision | None:
+def extrapolation_rule(reported: Mapping[int, float], epoch: int, max_epochs: int,
+                       completed: Callable[[], Sequence[float]], *, direction: str, top_k: int, probability: float,
+                       min_fraction: float, trial_number: int | None = None) -> PruneDecision | None:
     """Prune a trial whose objective, extrapolated to its last epoch, would very probably
     (`probability`) not beat the study's `top_k`-th best completed value; None to go on.
 
-    `reported`: the trial's objective by epoch so far. The rule abstains, saying why in the debug
-    log, before `min_fraction` of the epochs, with fewer than `top_k` completed trials, and where
-    `studies.extrapolation.predict` does (too few points, non-finite values, a flat start).
+    `reported`: the trial's objective by epoch so far; `completed`: the study's completed values, asked
+    only once there is a forecast. The rule abstains, saying why in the debug log, where
+    `studies.extrapolation.predict` does (too few points, non-finite values, a flat start) and with
+    fewer than `top_k` completed trials; before `min_fraction` of the epochs it is not asked.
     """
     if len(reported) < min_fraction * max_epochs:
         return None
-    ranked = sorted(v for v in completed if math.isfinite(v))
-    if len(ranked) < top_k:
-        return None
-    kth = ranked[top_k - 1] if direction == "minimize" else ranked[-top_k]
     forecast = extrapolation.predict(dict(reported), max_epochs - 1)
     if isinstance(forecast, extrapolation.Abstain):
         log.debug("trial %s, epoch %d: no extrapolation: %s", trial_number, epoch, forecast.reason)
         return None
+    ranked = sorted(v for v in completed() if math.isfinite(v))
+    if len(ranked) < top_k:
+        log.debug("trial %s, epoch %d: no extrapolation: %d completed trials, fewer than %d", trial_number, epoch,
+                  len(ranked), top_k)
+        return None
+    kth = ranked[top_k - 1] if direction == "minimize" else ranked[-top_k]
     if forecast.probability_better_than(kth, direction) > 1.0 - probability:
         return None
     return PruneDecision(EXTRAPOLATION, epoch, f"predicted {forecast.mean:.4g} ± {forecast.std:.2g} at epoch "

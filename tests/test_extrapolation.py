@@ -84,7 +84,7 @@ def test_a_late_drop_once_under_way_is_not_called_hopeless() -> None:
 def decide(values: dict[int, float], completed: list[float], direction: str = "minimize",
            **options: float) -> object:
     settings = {"top_k": 3, "probability": 0.95, "min_fraction": 0.25, **options}
-    return extrapolation_rule(values, max(values), 50, completed, direction=direction, trial_number=7,
+    return extrapolation_rule(values, max(values), 50, lambda: completed, direction=direction, trial_number=7,
                               **settings)  # type: ignore[arg-type]
 
 
