@@ -24,8 +24,11 @@ the sampler only. Every arm runs `--trials` N trials, then, if it has trained fe
 Per task, for every arm (medians over seeds): the seeds whose best reached the target (`tpe`'s median best after
 N trials, 2% worse), the epochs until then as a ratio to
 `tpe+hyperband`'s, the best after N trials against Hyperband's (equal trial budget), the best within
-`tpe`'s epochs (equal epoch budget), and the trials a convergence rule pruned that were healthy when
-trained again in full (each such trial is rerun). Then the panel: the medians over tasks and the
+`tpe`'s epochs (equal epoch budget), and the convergence pruner's wrong prunes, each pruned trial
+trained again in full: a diagnosis rule's prune is wrong when the rerun is healthy (the rule said it
+was not); an extrapolation prune is wrong when the rerun ends better than the k-th best completed
+value it was judged against (the forecast said it would not; a healthy trial that is merely not
+competitive is what this rule is for). Then the panel: the medians over tasks and the
 issue's targets for the default pruner, met or not.
 
     .venv/bin/python benchmarks/sweep_efficiency.py [--seeds 8] [--first-seed 0] [--trials 24]
@@ -59,7 +62,7 @@ from converge.core.settings import Settings
 from converge.studies.diagnosis import diagnose
 from converge.studies.lifecycle import submit_study
 from converge.studies.objective import HISTORY_KEYS, train_config
-from converge.studies.pruning import CONVERGENCE_RULES, PRUNED_BY_ATTR, STOPPED_EARLY_ATTR
+from converge.studies.pruning import CONVERGENCE_RULES, EXTRAPOLATION, PRUNED_BY_ATTR, STOPPED_EARLY_ATTR
 from converge.studies.runner import run_slot, study_for
 from converge.studies.spec import MAX_TRIALS, StudySpec, parse_spec
 
@@ -222,18 +225,47 @@ def run_study(workdir: Path, spec: StudySpec, task: str, arm: str, seed: int, n_
     return run
 
 
-def healthy_on_full_rerun(run: Run, trial: TrialOutcome) -> bool:
-    """Train the pruned trial again to its last epoch, unpruned, and diagnose the whole history."""
+def full_rerun(run: Run, trial: TrialOutcome) -> tuple[bool, float | None]:
+    """Train the pruned trial again to its last epoch, unpruned: whether the whole history's diagnosis is
+    healthy, and the objective at its last epoch (None where it is not finite)."""
     from converge.trainers import fit
 
     spec = run.spec
     config = train_config(spec, trial.params, device="cpu")
     result = fit(config)
-    history = {"objective": {"metric": spec.objective.metric, "direction": spec.objective.direction},
+    metric = spec.objective.metric
+    history = {"objective": {"metric": metric, "direction": spec.objective.direction},
                "max_epochs": config.epochs,
-               "epochs": [{key: epoch.get(key) for key in (*HISTORY_KEYS, spec.objective.metric)}
-                          for epoch in result.epochs]}
-    return bool(diagnose(history).healthy)
+               "epochs": [{key: epoch.get(key) for key in (*HISTORY_KEYS, metric)} for epoch in result.epochs]}
+    final = result.epochs[-1].get(metric) if result.epochs else None
+    return bool(diagnose(history).healthy), final if final is not None and math.isfinite(final) else None
+
+
+def kth_best_before(run: Run, trial: TrialOutcome) -> float | None:
+    """The study's k-th best completed value when `trial` ran (the trials before it; one process runs them in order)."""
+    k = run.spec.pruner.extrapolation_top_k
+    values = sorted((t.value for t in run.trials if t.number < trial.number and t.value is not None),
+                    reverse=run.maximize)
+    return values[k - 1] if len(values) >= k else None
+
+
+def wrong_prunes(run: Run) -> tuple[int, int, int, int]:
+    """(trials a diagnosis rule pruned, those healthy on a full rerun, trials the extrapolation pruned, those
+    whose full rerun ends better than the k-th best they were judged against: the forecast's mistakes)."""
+    diagnosed = healthy = extrapolated = mistaken = 0
+    for t in run.trials:
+        rule = (t.pruned_by or {}).get("rule")
+        if rule not in CONVERGENCE_RULES:
+            continue
+        is_healthy, final = full_rerun(run, t)
+        if rule == EXTRAPOLATION:
+            extrapolated += 1
+            kth = kth_best_before(run, t)
+            mistaken += final is not None and kth is not None and (final > kth if run.maximize else final < kth)
+        else:
+            diagnosed += 1
+            healthy += is_healthy
+    return diagnosed, healthy, extrapolated, mistaken
 
 
 def _median(values: list[float]) -> float:
@@ -269,26 +301,26 @@ def report(task: str, runs: dict[str, list[Run]], n_trials: int) -> dict[str, An
     print(f"\n{task}: target {metric} {target:.4g} (tpe's median best after {n_trials} trials, {TARGET_SLACK:.0%} "
           f"slack); equal epoch budget {budget:.0f} (tpe's median)")
     header = ["arm", "reached", "epochs to target", f"/ {RATIO_TO}", f"best at {n_trials} trials", f"vs {RATIO_TO}",
-              f"best at {budget:.0f} epochs", "trials", "epochs", "pruned by a rule", "healthy on rerun",
-              "minutes"]
+              f"best at {budget:.0f} epochs", "trials", "epochs", "diagnosis prunes", "healthy on rerun",
+              "extrapolation prunes", "would have beaten", "minutes"]
     rows, figures = [header], {"target": target, "budget": budget, "arms": {}}
     for arm, arm_runs in runs.items():
         reached = sum(r.to_target(target) is not None for r in arm_runs)
         ratio = to_target[arm] / to_target[RATIO_TO] if RATIO_TO in runs and math.isfinite(to_target[arm]) \
             and math.isfinite(to_target[RATIO_TO]) else None
         vs = _gap(at_trials[arm], at_trials.get(RATIO_TO), maximize)
-        by_rule = [(r, t) for r in arm_runs for t in r.trials
-                   if t.pruned_by and t.pruned_by.get("rule") in CONVERGENCE_RULES]
-        healthy = sum(healthy_on_full_rerun(r, t) for r, t in by_rule)
+        diagnosed, healthy, extrapolated, mistaken = (sum(c) for c in zip(*(wrong_prunes(r) for r in arm_runs)))
         figures["arms"][arm] = {"reached": reached, "seeds": len(arm_runs), "epochs_to_target": to_target[arm],
                                 "ratio_to_hyperband": ratio, "best_at_trials": at_trials[arm], "vs_hyperband": vs,
-                                "best_at_epochs": _median(at_epochs[arm]), "rule_pruned": len(by_rule),
-                                "healthy_on_rerun": healthy}
+                                "best_at_epochs": _median(at_epochs[arm]), "diagnosis_pruned": diagnosed,
+                                "healthy_on_rerun": healthy, "extrapolation_pruned": extrapolated,
+                                "would_have_beaten": mistaken}
         rows.append([arm, f"{reached}/{len(arm_runs)}", _fmt(to_target[arm], ".0f"), _fmt(ratio, ".2f"),
                      _fmt(at_trials[arm]), _fmt(vs, "+.1%"), _fmt(_median(at_epochs[arm])),
                      _fmt(statistics.median(len(r.trials) for r in arm_runs), ".0f"),
                      _fmt(statistics.median(r.epochs for r in arm_runs), ".0f"),
-                     str(len(by_rule)) if arm not in UNPRUNED else "-", str(healthy) if arm not in UNPRUNED else "-",
+                     *((str(diagnosed), str(healthy), str(extrapolated), str(mistaken)) if arm not in UNPRUNED
+                       else ("-",) * 4),
                      _fmt(sum(r.seconds for r in arm_runs) / 60, ".1f")])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
@@ -305,9 +337,10 @@ def print_panel(figures: dict[str, dict[str, Any]], arm: str = "tpe+convergence"
     ratio = statistics.median(math.inf if r is None else r for r in ratios)
     worst_gap = max((g for t in tasks if (g := figures[t]["arms"][arm]["vs_hyperband"]) is not None), default=None)
     healthy = sum(figures[t]["arms"][arm]["healthy_on_rerun"] for t in tasks)
+    mistaken = sum(figures[t]["arms"][arm]["would_have_beaten"] for t in tasks)
     fewer_seeds = [t for t in tasks if figures[t]["arms"][arm]["reached"] < figures[t]["arms"][RATIO_TO]["reached"]]
     met = {"epochs": ratio <= 0.6, "trial_budget": worst_gap is not None and worst_gap <= 0.01,
-           "healthy_pruned": healthy == 0, "seeds": not fewer_seeds}
+           "wrong_prunes": healthy + mistaken == 0, "seeds": not fewer_seeds}
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
@@ -318,10 +351,12 @@ def print_panel(figures: dict[str, dict[str, Any]], arm: str = "tpe+convergence"
           + ", ".join(f"{t} {_fmt(r, '.2f')}" for t, r in zip(tasks, ratios)))
     print(f"  best at equal trial budget, worst task vs {RATIO_TO}: {_fmt(worst_gap, '+.1%')} "
           f"(<= +1%: {verdict(met['trial_budget'])})")
-    print(f"  healthy trials pruned by a rule: {healthy} (0: {verdict(met['healthy_pruned'])})")
+    print(f"  wrong prunes: {healthy} healthy trials pruned by a diagnosis rule, {mistaken} trials the extrapolation "
+          f"pruned that would have beaten the k-th best (0: {verdict(met['wrong_prunes'])})")
     print(f"  tasks where it reached the target in fewer seeds than {RATIO_TO}: "
           f"{', '.join(fewer_seeds) or 'none'} ({verdict(met['seeds'])})")
-    return {"ratio": ratio, "worst_gap": worst_gap, "healthy": healthy, "fewer_seeds": fewer_seeds, "met": met}
+    return {"ratio": ratio, "worst_gap": worst_gap, "healthy": healthy, "mistaken": mistaken,
+            "fewer_seeds": fewer_seeds, "met": met}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

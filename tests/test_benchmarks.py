@@ -24,7 +24,7 @@ def test_sweep_efficiency_runs_every_arm_and_prints_its_table(capsys: pytest.Cap
     assert tpe["reached"] == 1 and tpe["epochs_to_target"] <= figures["friedman1"]["budget"]  # its own target
     assert figures["friedman1"]["budget"] == 2 * sweep_efficiency.TASKS["friedman1"]["epochs"]
     assert math.isfinite(figures["friedman1"]["target"])
-    assert set(figures["panel"]["met"]) == {"epochs", "trial_budget", "healthy_pruned", "seeds"}
+    assert set(figures["panel"]["met"]) == {"epochs", "trial_budget", "wrong_prunes", "seeds"}
 
 
 def test_the_runs_compare_on_epochs_to_target_and_best_within_a_budget() -> None:
@@ -38,3 +38,15 @@ def test_the_runs_compare_on_epochs_to_target_and_best_within_a_budget() -> None
     assert run.to_target(0.3) == 22 and run.to_target(0.1) is None
     assert run.best_of_first(2) == 0.5 and run.best_of_first(3) == 0.2
     assert run.best_within(12) == 0.5 and run.best_within(22) == 0.2
+
+
+def test_an_extrapolation_prune_is_judged_against_the_kth_best_before_it() -> None:
+    spec = sweep_efficiency.study_spec("digits", "tpe+convergence", 0, 6)  # extrapolation_top_k 3
+    outcome = sweep_efficiency.TrialOutcome
+    run = sweep_efficiency.Run("digits", "tpe+convergence", 0, spec, trials=[
+        outcome(0, "complete", 0.5, 10, {}, None), outcome(1, "complete", 0.3, 10, {}, None),
+        outcome(2, "pruned", None, 6, {}, {"rule": "extrapolation"}), outcome(3, "complete", 0.4, 10, {}, None),
+        outcome(4, "complete", 0.1, 10, {}, None), outcome(5, "pruned", None, 6, {}, {"rule": "extrapolation"}),
+    ])
+    assert sweep_efficiency.kth_best_before(run, run.trials[2]) is None  # two completed before it: no 3rd best
+    assert sweep_efficiency.kth_best_before(run, run.trials[5]) == 0.4  # 0.1, 0.3, 0.4
