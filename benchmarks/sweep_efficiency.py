@@ -21,15 +21,15 @@ space is wide. The data split and initial weights are the same in every run (`ta
 the sampler only. Every arm runs `--trials` N trials, then, if it has trained fewer epochs than
 `tpe`'s median total, more trials until it has.
 
-Per task, for every arm (medians over seeds): the seeds whose best reached the target (`tpe`'s median best after
-N trials, 2% worse), the epochs until then as a ratio to
-`tpe+hyperband`'s, the best after N trials against Hyperband's (equal trial budget), the best within
-`tpe`'s epochs (equal epoch budget), and the convergence pruner's wrong prunes, each pruned trial
-trained again in full: a diagnosis rule's prune is wrong when the rerun is healthy (the rule said it
-was not); an extrapolation prune is wrong when the rerun ends better than the k-th best completed
-value it was judged against (the forecast said it would not; a healthy trial that is merely not
-competitive is what this rule is for). Then the panel: the medians over tasks and the
-issue's targets for the default pruner, met or not.
+Per task, for every arm (medians over seeds): the seeds whose best reached the target (`tpe`'s
+median best after N trials, 2% worse), the epochs until then as a ratio to `tpe+hyperband`'s (0
+where only Hyperband's median run never got there), the best after N trials against Hyperband's
+(equal trial budget), the best within `tpe`'s epochs (equal epoch budget), and the convergence
+pruner's wrong prunes, each pruned trial trained again in full: a diagnosis rule's prune is wrong
+when the rerun is healthy (the rule said it was not); an extrapolation prune is wrong when the rerun
+ends better than the k-th best completed value it was judged against (the forecast said it would
+not; a healthy trial that is merely not competitive is what this rule is for). Then the panel: the
+medians over tasks and the issue's targets for the default pruner, met or not.
 
     .venv/bin/python benchmarks/sweep_efficiency.py [--seeds 8] [--first-seed 0] [--trials 24]
         [--tasks digits,friedman1,slow-starter,cnn,plugin] [--arms ...] [--threads 1]
@@ -268,6 +268,14 @@ def wrong_prunes(run: Run) -> tuple[int, int, int, int]:
     return diagnosed, healthy, extrapolated, mistaken
 
 
+def _ratio(epochs: float, reference: float) -> float | None:
+    """Epochs to the target over the reference's: 0 where only the reference's median run never got there
+    (the arm did better than any finite ratio), None where the arm's never did."""
+    if not math.isfinite(epochs):
+        return None
+    return epochs / reference if math.isfinite(reference) else 0.0
+
+
 def _median(values: list[float]) -> float:
     """The median, where a run that never got there counts as infinitely far."""
     return statistics.median(values) if values else math.inf
@@ -306,8 +314,7 @@ def report(task: str, runs: dict[str, list[Run]], n_trials: int) -> dict[str, An
     rows, figures = [header], {"target": target, "budget": budget, "arms": {}}
     for arm, arm_runs in runs.items():
         reached = sum(r.to_target(target) is not None for r in arm_runs)
-        ratio = to_target[arm] / to_target[RATIO_TO] if RATIO_TO in runs and math.isfinite(to_target[arm]) \
-            and math.isfinite(to_target[RATIO_TO]) else None
+        ratio = _ratio(to_target[arm], to_target[RATIO_TO]) if RATIO_TO in runs else None
         vs = _gap(at_trials[arm], at_trials.get(RATIO_TO), maximize)
         diagnosed, healthy, extrapolated, mistaken = (sum(c) for c in zip(*(wrong_prunes(r) for r in arm_runs)))
         figures["arms"][arm] = {"reached": reached, "seeds": len(arm_runs), "epochs_to_target": to_target[arm],
@@ -325,6 +332,8 @@ def report(task: str, runs: dict[str, list[Run]], n_trials: int) -> dict[str, An
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    if RATIO_TO in runs and not math.isfinite(to_target[RATIO_TO]):
+        print(f"  (/ {RATIO_TO} 0: the arm's median run reached the target, {RATIO_TO}'s did not)")
     return figures
 
 

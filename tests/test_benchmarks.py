@@ -50,3 +50,9 @@ def test_an_extrapolation_prune_is_judged_against_the_kth_best_before_it() -> No
     ])
     assert sweep_efficiency.kth_best_before(run, run.trials[2]) is None  # two completed before it: no 3rd best
     assert sweep_efficiency.kth_best_before(run, run.trials[5]) == 0.4  # 0.1, 0.3, 0.4
+
+
+def test_epochs_to_target_compare_to_hyperband_even_where_it_never_gets_there() -> None:
+    assert sweep_efficiency._ratio(60, 120) == 0.5
+    assert sweep_efficiency._ratio(60, math.inf) == 0.0  # only the reference never reached the target
+    assert sweep_efficiency._ratio(math.inf, 120) is None and sweep_efficiency._ratio(math.inf, math.inf) is None
