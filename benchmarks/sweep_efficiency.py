@@ -13,6 +13,9 @@ database, trial after trial in this process the way `converge sweep` runs them (
                         top quarter of the first epochs so far (`FirstEpochTopK`): a strong simple
                         baseline from the literature
 
+and, when named in `--arms`, ablations of the default pruner: `tpe+convergence-no-early-stop` and
+`tpe+convergence-no-extrapolation` (what its early stop and its extrapolation each buy).
+
 Tasks: `digits` (MLP), `friedman1` (MLP, a regression), `slow-starter` (an MLP plug-in on an
 unscaled 4-class tabular set, 2,400 rows: its loss barely moves for the first epochs), `cnn` (the
 CNN on the digits images) and `plugin` (the examples' tabular regression plug-in, objective
@@ -62,7 +65,7 @@ from converge.core.settings import Settings
 from converge.studies.diagnosis import diagnose
 from converge.studies.lifecycle import submit_study
 from converge.studies.objective import HISTORY_KEYS, train_config
-from converge.studies.pruning import CONVERGENCE_RULES, EXTRAPOLATION, PRUNED_BY_ATTR, STOPPED_EARLY_ATTR
+from converge.studies.pruning import CONVERGENCE_RULES, EXTRAPOLATION, PRUNED_BY_ATTR, STOPPED_EARLY_ATTR, kth_best
 from converge.studies.runner import run_slot, study_for
 from converge.studies.spec import MAX_TRIALS, StudySpec, parse_spec
 
@@ -93,6 +96,11 @@ ARMS: dict[str, dict[str, Any]] = {  # the spec's pruner (first-epoch: the study
     "tpe+sha": {"name": "sha"},
     "tpe+convergence": {"name": "convergence"},
     "tpe+first-epoch": {"name": "median"},
+}
+# Ablations of the default pruner, run only when named (`--arms`): what each of its parts buys.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "tpe+convergence-no-early-stop": {"name": "convergence", "early_stop": False},
+    "tpe+convergence-no-extrapolation": {"name": "convergence", "extrapolation": False},
 }
 UNPRUNED = ("tpe",)
 
@@ -190,7 +198,7 @@ def study_spec(task: str, arm: str, seed: int, n_trials: int) -> StudySpec:
                          "dropout": {"low": 0.0, "high": 0.5}},
         "n_trials": n_trials,
         "sampler": {"name": "tpe", "seed": seed},
-        "pruner": ARMS[arm],
+        "pruner": {**ARMS, **ABLATIONS}[arm],
     })
 
 
@@ -243,10 +251,8 @@ def full_rerun(run: Run, trial: TrialOutcome) -> tuple[bool, float | None]:
 
 def kth_best_before(run: Run, trial: TrialOutcome) -> float | None:
     """The study's k-th best completed value when `trial` ran (the trials before it; one process runs them in order)."""
-    k = run.spec.pruner.extrapolation_top_k
-    values = sorted((t.value for t in run.trials if t.number < trial.number and t.value is not None),
-                    reverse=run.maximize)
-    return values[k - 1] if len(values) >= k else None
+    return kth_best((t.value for t in run.trials if t.number < trial.number and t.value is not None),
+                    run.spec.pruner.extrapolation_top_k, run.spec.objective.direction)
 
 
 def wrong_prunes(run: Run) -> tuple[int, int, int, int]:
@@ -374,11 +380,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--first-seed", type=int, default=0, help="the first sampler seed (keep tuned seeds apart)")
     parser.add_argument("--trials", type=int, default=24, help="N: every arm's trial budget")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"of {','.join(TASKS)}")
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"of {','.join(ARMS)}; ablations of the default "
+                        f"pruner: {','.join(ABLATIONS)}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     tasks, arms = args.tasks.split(","), args.arms.split(",")
-    unknown = [t for t in tasks if t not in TASKS] + [a for a in arms if a not in ARMS]
+    unknown = [t for t in tasks if t not in TASKS] + [a for a in arms if a not in ARMS and a not in ABLATIONS]
     if unknown or REFERENCE not in arms:
         parser.error(f"unknown task or arm {unknown}; the arms must include {REFERENCE!r}")
     import torch

@@ -22,7 +22,8 @@ import numpy as np
 
 MIN_POINTS = 6  # finite values needed before a curve is extrapolated
 MAX_POINTS = 128  # a longer curve is thinned to this many points (the latest always kept)
-FLAT = 0.05  # a curve that has not moved this share of its size yet is a flat start: too early to tell
+FLAT = 0.10  # a curve that has not moved this share of its size yet is a flat start: too early to tell (a slow
+# starter at 6% after 10 of 40 epochs fell another 26% by its end; benchmarks/sweep_efficiency.py)
 
 
 def _power(x: np.ndarray, horizon: float) -> np.ndarray:

@@ -36,6 +36,7 @@ from converge.studies.pruning import (
     PruneDecision,
     behind_peers,
     best_until,
+    came_back,
     diagnosis_rule,
     early_stop_rule,
     extrapolation_rule,
@@ -243,7 +244,8 @@ class Objective:
                                   min_fraction=pruner.min_fraction, min_confidence=pruner.min_confidence,
                                   behind_peers=lambda: self._behind_peers(
                                       trial, epoch, best_until(reported, epoch, self.spec.objective.direction)),
-                                  still_falling=lambda: still_falling(diagnoser.losses(), diagnoser.max_epochs))
+                                  still_falling=lambda: still_falling(diagnoser.losses(), diagnoser.max_epochs),
+                                  came_back=lambda: came_back(diagnoser.losses("train_loss")))
             if rule is not None:
                 return EpochStop("pruned", epoch, rule)
         if not reportable:
@@ -402,10 +404,12 @@ class TrialDiagnoser:
         self.last = (epoch, result)
         return result
 
-    def losses(self) -> list[float | None]:
-        """The loss the verdicts read (`History.loss`): validation where measured, else training."""
-        measured = any(v is not None and math.isfinite(v) for v in (e.get("val_loss") for e in self.epochs))
-        key = "val_loss" if measured else "train_loss"
+    def losses(self, key: str | None = None) -> list[float | None]:
+        """`key`'s values by epoch; by default the loss the verdicts read (`History.loss`): validation
+        where measured, else training."""
+        if key is None:
+            measured = any(v is not None and math.isfinite(v) for v in (e.get("val_loss") for e in self.epochs))
+            key = "val_loss" if measured else "train_loss"
         return [e.get(key) for e in self.epochs]
 
     def save_final(self, engine: Engine, study_id: int, trial: optuna.Trial) -> None:

@@ -3,12 +3,15 @@
 The pruner is two things: a multi-fidelity Optuna pruner over epochs (the spec's `base`,
 Hyperband by default), which the objective reports to as with any pruner, and these rules,
 which the objective checks against each epoch's diagnosis first. A trial that diverged or
-whose gradients exploded or vanished will not recover, so it stops at once. One that learns
-too slowly, not enough, or oscillates stops only when all of these hold: the diagnosis is
-confident; the trial has run a fair share of its epochs (`min_fraction`), since early epochs
-of a healthy run can look slow; its loss is not still falling at a rate that would read as
-improving over its whole run (`still_falling`); and its best objective so far is behind the
-median of the study's ended trials' best by the same epoch (`behind_peers`).
+whose gradients exploded or vanished will not recover, so it stops at once; except a diverged
+trial whose training loss is back under its first epoch's (`came_back`): a first epoch blown far above
+an untrained network's loss that settles again is how unscaled inputs start, and some such runs go
+on to learn. That one, and one that learns too slowly, not enough, or oscillates, stops only when
+all of these hold: the diagnosis is confident; the trial has run a fair share of its epochs
+(`min_fraction`), since early epochs of a healthy run can look slow; its loss is not still
+falling at a rate that would read as improving over its whole run (`still_falling`); and its best
+objective so far is behind the median of the study's ended trials' best by the same epoch
+(`behind_peers`).
 
 A third rule reads the objective's curve rather than its diagnosis (`extrapolation_rule`): past
 `min_fraction`, the curve so far is extrapolated to the trial's last epoch (`studies.extrapolation`)
@@ -65,10 +68,13 @@ class PruneDecision:
 def diagnosis_rule(diagnosis: dict[str, Any], epoch: int, epochs_seen: int, max_epochs: int, *,
                    min_fraction: float, min_confidence: float,
                    behind_peers: Callable[[], bool] = lambda: False,
-                   still_falling: Callable[[], bool] = lambda: False) -> PruneDecision | None:
+                   still_falling: Callable[[], bool] = lambda: False,
+                   came_back: Callable[[], bool] = lambda: False) -> PruneDecision | None:
     """The rule that prunes the trial at this epoch, from its latest diagnosis; None to go on.
 
-    The two callables are asked only for a confident poor trial past `min_fraction`.
+    `came_back` (asked of a diverged trial only) says whether its training loss is back under its
+    first epoch's; such a trial is judged as a poor one. The other two callables are asked only for a
+    confident poor trial past `min_fraction`.
     `behind_peers` says whether its objective is worse than its peers' by this epoch: a trial's
     history alone cannot tell a slow run from a task whose best loss is high (a noisy regression
     target, a run with dropout whose training loss stays above its validation loss), and such
@@ -77,9 +83,10 @@ def diagnosis_rule(diagnosis: dict[str, Any], epoch: int, epochs_seen: int, max_
     """
     verdict = diagnosis["verdict"]
     confidence = float(diagnosis["confidence"])
-    if verdict in HOPELESS:
+    recovering = verdict == "diverged" and came_back()
+    if verdict in HOPELESS and not recovering:
         return PruneDecision(verdict, epoch, f"{verdict} (confidence {confidence:.2f}): {diagnosis['summary']}")
-    if (verdict in POOR and confidence >= min_confidence and epochs_seen >= min_fraction * max_epochs
+    if ((verdict in POOR or recovering) and confidence >= min_confidence and epochs_seen >= min_fraction * max_epochs
             and (verdict == "oscillating" or not still_falling()) and behind_peers()):
         return PruneDecision(verdict, epoch, f"{verdict} with confidence {confidence:.2f} after {epochs_seen} of "
                                              f"{max_epochs} epochs, behind the median of its peers: "
@@ -89,6 +96,12 @@ def diagnosis_rule(diagnosis: dict[str, Any], epoch: int, epochs_seen: int, max_
 
 def _ordinal(k: int) -> str:
     return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
+
+
+def kth_best(values: Iterable[float], k: int, direction: str) -> float | None:
+    """The k-th best finite value (the lowest first when minimising); None with fewer than `k`."""
+    ranked = sorted((v for v in values if math.isfinite(v)), reverse=direction == "maximize")
+    return ranked[k - 1] if len(ranked) >= k else None
 
 
 def extrapolation_rule(reported: Mapping[int, float], epoch: int, max_epochs: int,
@@ -108,16 +121,21 @@ def extrapolation_rule(reported: Mapping[int, float], epoch: int, max_epochs: in
     if isinstance(forecast, extrapolation.Abstain):
         log.debug("trial %s, epoch %d: no extrapolation: %s", trial_number, epoch, forecast.reason)
         return None
-    ranked = sorted(v for v in completed() if math.isfinite(v))
-    if len(ranked) < top_k:
-        log.debug("trial %s, epoch %d: no extrapolation: %d completed trials, fewer than %d", trial_number, epoch,
-                  len(ranked), top_k)
+    kth = kth_best(completed(), top_k, direction)
+    if kth is None:
+        log.debug("trial %s, epoch %d: no extrapolation: fewer than %d completed trials", trial_number, epoch, top_k)
         return None
-    kth = ranked[top_k - 1] if direction == "minimize" else ranked[-top_k]
     if forecast.probability_better_than(kth, direction) > 1.0 - probability:
         return None
     return PruneDecision(EXTRAPOLATION, epoch, f"predicted {forecast.mean:.4g} ± {forecast.std:.2g} at epoch "
                                                f"{forecast.epoch}; {_ordinal(top_k)} best is {kth:.4g}")
+
+
+def came_back(losses: Sequence[float | None]) -> bool:
+    """Whether the latest loss is finite and below the first: a run that blew up and is still up there,
+    or is not finite, has not."""
+    finite = [v for v in losses if v is not None and math.isfinite(v)]
+    return bool(finite) and losses[-1] is not None and math.isfinite(losses[-1]) and losses[-1] < finite[0]
 
 
 def _tail_span(epochs: int) -> int:

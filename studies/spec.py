@@ -358,12 +358,14 @@ class Sampler(_Strict):
 
 class Pruner(_Strict):
     """`convergence` (the default): the `base` pruner over epochs, plus stopping a trial whose live
-    diagnosis is diverged, exploding_gradients or vanishing_gradients, or slow_convergence,
-    underfitting or oscillating with at least `min_confidence` once `min_fraction` of its epochs
-    have run, its loss no longer falling at a rate that would read as improving by its last
-    epoch, and its best objective so far behind the median of the study's ended trials' best by
-    that epoch; and (`early_stop`) completing early a trial whose diagnosis says it is done:
-    converged or overfitting, past `early_stop_fraction` of its epochs."""
+    diagnosis is diverged (unless its training loss is back under its first epoch's),
+    exploding_gradients or vanishing_gradients, or slow_convergence, underfitting, oscillating (or
+    that diverged) with at least `min_confidence` once `min_fraction` of its epochs have run, its
+    loss no longer falling at a rate that would read as improving by its last epoch, and its best
+    objective so far behind the median of the study's ended trials' best by that epoch; the
+    learning-curve extrapolation (`extrapolation`); and (`early_stop`) completing early a trial
+    whose diagnosis says it is done: converged or overfitting, past `early_stop_fraction` of its
+    epochs."""
 
     name: str = "convergence"
     base: str = Field(default="hyperband", description="convergence only: the multi-fidelity pruner it wraps")

@@ -56,3 +56,14 @@ def test_epochs_to_target_compare_to_hyperband_even_where_it_never_gets_there() 
     assert sweep_efficiency._ratio(60, 120) == 0.5
     assert sweep_efficiency._ratio(60, math.inf) == 0.0  # only the reference never reached the target
     assert sweep_efficiency._ratio(math.inf, 120) is None and sweep_efficiency._ratio(math.inf, math.inf) is None
+
+
+def test_an_ablation_arm_is_the_default_pruner_less_one_part() -> None:
+    default = sweep_efficiency.study_spec("digits", "tpe+convergence", 0, 3).pruner
+    no_early = sweep_efficiency.study_spec("digits", "tpe+convergence-no-early-stop", 0, 3).pruner
+    no_curve = sweep_efficiency.study_spec("digits", "tpe+convergence-no-extrapolation", 0, 3).pruner
+    assert default.early_stop and default.extrapolation
+    assert no_early == default.model_copy(update={"early_stop": False})
+    assert no_curve == default.model_copy(update={"extrapolation": False})
+    with pytest.raises(SystemExit):  # an unknown arm is refused before anything runs
+        sweep_efficiency.main(["--arms", "tpe,tpe+nothing"])

@@ -15,7 +15,7 @@ from conftest import tiny_spec
 from converge.core.settings import Settings
 from converge.service.api.app import create_app
 from converge.studies.extrapolation import Abstain, Prediction, predict
-from converge.studies.pruning import EXTRAPOLATION, extrapolation_rule
+from converge.studies.pruning import EXTRAPOLATION, extrapolation_rule, kth_best
 
 
 def curve(f, epochs: int, noise: float = 0.0, seed: int = 0) -> dict[int, float]:  # type: ignore[no-untyped-def]
@@ -61,6 +61,8 @@ def test_an_accuracy_curve_rising_to_its_limit() -> None:
     ({**{e: 1.0 / (e + 1) for e in range(8)}, 5: math.inf}, 40, "not finite"),
     ({e: 2.0 - 0.001 * e for e in range(12)}, 49, "flat start"),  # a late drop's start: nothing to go on yet
     ({e: 0.7 for e in range(12)}, 49, "flat start"),
+    # The panel's slow starter (seed 2, trial 17) after 10 of 40 epochs, 6% down from ln 4: it ended at 0.968.
+    (dict(enumerate([1.396, 1.374, 1.371, 1.371, 1.327, 1.336, 1.319, 1.321, 1.306, 1.311])), 39, "flat start"),
     ({e: 1.0 / (e + 1) for e in range(10)}, 9, "last epoch"),
 ])
 def test_the_extrapolation_abstains_and_says_why(values: dict[int, float], last: int, why: str) -> None:
@@ -100,6 +102,13 @@ def test_a_trial_that_may_still_beat_the_kth_best_goes_on() -> None:
     assert decide(curve(lambda x: 1.0 + 2.0 * x ** -0.7, 10), [0.4, 0.45, 0.5], min_fraction=0.5) is None  # early
 
 
+def test_the_kth_best_skips_non_finite_values_and_reads_the_direction() -> None:
+    values = [0.5, math.nan, 0.2, math.inf, 0.9, 0.4]
+    assert kth_best(values, 1, "minimize") == 0.2 and kth_best(values, 3, "minimize") == 0.5
+    assert kth_best(values, 1, "maximize") == 0.9 and kth_best(values, 3, "maximize") == 0.4
+    assert kth_best(values, 5, "minimize") is None  # four finite values
+
+
 def test_maximising_reads_the_other_way() -> None:
     rising = curve(lambda x: 0.6 - 0.5 * x ** -0.8, 15)  # ends near 0.59
     assert decide(rising, [0.95, 0.93, 0.92], direction="maximize") is not None
@@ -109,7 +118,7 @@ def test_maximising_reads_the_other_way() -> None:
 def test_an_abstention_is_logged_for_debugging_not_raised(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG, logger="converge.pruning"):
         assert decide({e: 0.7 for e in range(20)}, [0.1, 0.2, 0.3]) is None
-    assert "trial 7, epoch 19: no extrapolation: the objective has moved less than 5%" in caplog.text
+    assert "trial 7, epoch 19: no extrapolation: the objective has moved less than 10%" in caplog.text
 
 
 def test_a_decision_costs_under_two_milliseconds() -> None:

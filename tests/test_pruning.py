@@ -14,6 +14,7 @@ from converge.studies.pruning import (
     STOPPED_EARLY_ATTR,
     behind_peers,
     best_until,
+    came_back,
     diagnosis_rule,
     early_stop_rule,
     still_falling,
@@ -29,10 +30,10 @@ def _diagnosis(verdict: str, confidence: float = 0.9) -> dict[str, Any]:
 
 
 def _rule(verdict: str, epochs_seen: int, confidence: float = 0.9, max_epochs: int = 10,
-          behind: bool = True, falling: bool = False) -> str | None:
+          behind: bool = True, falling: bool = False, back: bool = False) -> str | None:
     decision = diagnosis_rule(_diagnosis(verdict, confidence), epochs_seen - 1, epochs_seen, max_epochs,
                               min_fraction=0.5, min_confidence=0.8, behind_peers=lambda: behind,
-                              still_falling=lambda: falling)
+                              still_falling=lambda: falling, came_back=lambda: back)
     return None if decision is None else decision.rule
 
 
@@ -47,6 +48,26 @@ def test_a_poor_trial_is_pruned_only_when_confident_and_far_enough(verdict: str)
     assert _rule(verdict, epochs_seen=5, confidence=0.7) is None  # not confident enough
     assert _rule(verdict, epochs_seen=5) == verdict
     assert _rule(verdict, epochs_seen=5, behind=False) is None  # as good as its peers: the task, not the run
+
+
+def test_a_diverged_trial_whose_loss_came_back_is_judged_as_a_poor_one() -> None:
+    # The slow starter of benchmarks/sweep_efficiency.py: unscaled inputs blow the first epoch's training loss
+    # up to 3-4x ln 4 at the learning rates that end best; it is back near ln 4 by epoch 2, and some such runs go
+    # on to learn, others stay at chance. Diverged after 3 epochs of 40 is too early to say which.
+    assert _rule("diverged", epochs_seen=3, back=True) is None  # before min_fraction
+    assert _rule("diverged", epochs_seen=5, back=True, falling=True) is None
+    assert _rule("diverged", epochs_seen=5, back=True, behind=False) is None
+    assert _rule("diverged", epochs_seen=5, back=True, confidence=0.7) is None
+    assert _rule("diverged", epochs_seen=5, back=True) == "diverged"
+    assert _rule("exploding_gradients", epochs_seen=1, back=True) == "exploding_gradients"  # diverged only
+
+
+def test_came_back_means_a_finite_latest_loss_under_the_first() -> None:
+    assert came_back([4.7, 1.54, 1.41])  # the slow starter's training loss after a blown first epoch
+    assert not came_back([1.383, 1.388, 1.39])  # creeping up
+    assert not came_back([1.0, 3.0, 9.0]) and not came_back([1.0, 0.5, float("nan")])
+    assert came_back([None, float("inf"), 2.0, 1.5])  # the first finite loss is the start
+    assert not came_back([]) and not came_back([1.0])
 
 
 @pytest.mark.parametrize("verdict", ["slow_convergence", "underfitting"])
