@@ -343,8 +343,29 @@ def report(task: str, runs: dict[str, list[Run]], n_trials: int) -> dict[str, An
     return figures
 
 
+def print_summary(figures: dict[str, dict[str, Any]]) -> None:
+    """One line per arm, one column per task: seeds that reached the target, epochs to it over
+    Hyperband's, and the best at equal trial budget against Hyperband's (the README's table)."""
+    tasks = list(figures)
+    arms = list(dict.fromkeys(arm for t in tasks for arm in figures[t]["arms"]))
+    rows = [["arm", *tasks]]
+    for arm in arms:
+        cells = []
+        for t in tasks:
+            f = figures[t]["arms"].get(arm)
+            cells.append("" if f is None else f"{f['reached']}/{f['seeds']} · {_fmt(f['ratio_to_hyperband'], '.2f')} · "
+                                              f"{_fmt(f['vs_hyperband'], '+.1%')}")
+        rows.append([arm, *cells])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print(f"\nsummary: seeds reaching tpe's median best · epochs to it / {RATIO_TO}'s · best at equal trials vs "
+          f"{RATIO_TO}'s")
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
 def print_panel(figures: dict[str, dict[str, Any]], arm: str = "tpe+convergence") -> dict[str, Any]:
     """The medians over tasks and the issue's four targets for `arm` (the default pruner), met or not."""
+    print_summary(figures)
     tasks = [t for t in figures if arm in figures[t]["arms"] and RATIO_TO in figures[t]["arms"]]
     if not tasks:
         return {}

@@ -18,6 +18,8 @@ def test_sweep_efficiency_runs_every_arm_and_prints_its_table(capsys: pytest.Cap
     figures = sweep_efficiency.main(["--seeds", "1", "--trials", "2", "--tasks", "friedman1"])
     table = capsys.readouterr().out
     assert "friedman1: target val_loss" in table and "panel (friedman1), tpe+convergence:" in table
+    summary = table.split("\nsummary: ")[1].splitlines()
+    assert summary[1].split() == ["arm", "friedman1"] and summary[2].startswith("tpe ") and "1/1 · " in summary[2]
     for arm in sweep_efficiency.ARMS:
         assert arm in table and arm in figures["friedman1"]["arms"]
     tpe = figures["friedman1"]["arms"]["tpe"]
